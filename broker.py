@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""The chat server's entry point, and the broker: the one authoritative user list.
+
+``python broker.py --workers 4`` starts the supervisor (``chatlib.supervisor``),
+which starts an acceptor, the workers and one :class:`Broker` process.
+
+The broker holds the user list (login order, case-insensitive names) and routes
+between workers. It never touches a client socket and never parses a chat
+line: a worker sends ready-made ``MSG`` lines as one blob per batch and the
+broker passes each blob to every other worker, joined with whatever else that
+worker gets this turn, as one batch. So its cost is per batch, not per message
+and never per recipient: it is the design's serial ceiling, kept thin.
+"""
+
+import selectors
+import sys
+from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle
+
+from chatlib import link, protocol
+from chatlib.channel import Channel
+from chatlib.service import Service
+
+READ = selectors.EVENT_READ
+PAUSED_POLL = 0.005
+
+
+class _Run(list):
+    """Consecutive MSG blobs for one worker, joined into one at send time."""
+
+
+class Broker(Service):
+    role = "broker"
+
+    def __init__(self, config, ctrl, links):
+        super().__init__(config, ctrl)
+        self.initial_links = links      # {slot: Connection}
+        self.channels = {}              # slot -> Channel
+        self.outboxes = {}              # slot -> events for that worker this turn
+        self.users = {}                 # lower-case name -> (name, slot, cid), login order
+        self.owner = {}                 # (slot, cid) -> lower-case name
+        self.who_cache = None           # the USER lines, rebuilt after a change
+        self.paused = False
+
+    # -- set-up and control ---------------------------------------------------
+
+    def start(self):
+        for slot, conn in self.initial_links.items():
+            self.attach(slot, conn)
+        self.initial_links = None
+
+    def attach(self, slot, conn):
+        """Start routing to worker ``slot`` over ``conn`` (a new or restarted worker)."""
+        self.detach(slot)
+        channel = Channel(conn)
+        self.channels[slot] = channel
+        self.outboxes[slot] = []
+        if not self.paused:
+            self.sel.register(channel.fileno(), READ, partial(self.on_link, slot))
+
+    def detach(self, slot):
+        """Forget worker ``slot``: its users are gone, everyone else hears so."""
+        channel = self.channels.pop(slot, None)
+        if channel is None:
+            return
+        if not self.paused:
+            self.sel.unregister(channel.fileno())
+        channel.close()
+        self.outboxes.pop(slot, None)
+        for key in [k for k, (_, s, _) in self.users.items() if s == slot]:
+            name, _, cid = self.users[key]
+            self.log_out(slot, cid)
+        self.end_turn()
+
+    def on_order(self, order):
+        if order[0] == "attach":
+            self.attach(order[1], Connection(recv_handle(self.ctrl)))
+        elif order[0] == "detach":
+            self.detach(order[1])
+        else:
+            super().on_order(order)
+
+    def heartbeat_info(self):
+        return {"users": len(self.users)}
+
+    def finish(self):
+        for channel in self.channels.values():
+            channel.close()
+
+    # -- the loop -------------------------------------------------------------
+
+    def poll_timeout(self):
+        return PAUSED_POLL if self.paused else super().poll_timeout()
+
+    def on_events(self, events):
+        for key, _ in events:
+            key.data()
+        self.end_turn()
+
+    def tick(self, now):
+        """Backpressure: while a worker cannot take more, read from nobody."""
+        congested = any(ch.congested for ch in self.channels.values())
+        if congested != self.paused:
+            self.paused = congested
+            for slot, channel in self.channels.items():
+                if congested:
+                    self.sel.unregister(channel.fileno())
+                else:
+                    self.sel.register(channel.fileno(), READ, partial(self.on_link, slot))
+
+    def end_turn(self):
+        """Send each worker one batch with everything it got this turn."""
+        for slot, box in self.outboxes.items():
+            if box:
+                batch = [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box]
+                self.channels[slot].send(batch)
+                box.clear()
+
+    def on_link(self, slot):
+        channel = self.channels.get(slot)
+        if channel is None:
+            return
+        try:
+            batches = channel.recv()
+        except (EOFError, OSError):
+            self.log.warning("worker-%d link closed", slot)
+            self.detach(slot)
+            return
+        for batch in batches:
+            for event in batch:
+                self.route(slot, event)
+
+    # -- routing --------------------------------------------------------------
+
+    def route(self, slot, event):
+        tag = event[0]
+        if tag == link.MSG:
+            self.broadcast(event[1], skip=slot)
+        elif tag == link.LOGIN:
+            self.log_in(slot, event[1], event[2])
+        elif tag == link.WHO:
+            if self.who_cache is None:
+                self.who_cache = protocol.user_lines(n for n, _, _ in self.users.values())
+            self.answer(slot, event[1], self.who_cache)
+        elif tag == link.DM:
+            target = self.users.get(event[2])
+            if target is None:
+                self.answer(slot, event[1], protocol.ERR_USER_NOT_FOUND)
+            else:
+                _, tslot, tcid = target
+                self.outboxes[tslot].append((link.DELIVER, tcid, event[3]))
+                self.answer(slot, event[1], b"")
+        elif tag == link.BYE:
+            self.log_out(slot, event[1])
+        elif tag == link.SYNC:
+            for cid, name in event[1]:
+                self.register(name, slot, cid)
+        else:
+            self.log.error("unknown event from worker-%d: %r", slot, tag)
+
+    def answer(self, slot, cid, data):
+        self.outboxes[slot].append((link.ANSWER, cid, data))
+
+    def broadcast(self, blob, skip=None):
+        for slot, box in self.outboxes.items():
+            if slot == skip:
+                continue
+            if box and type(box[-1]) is _Run:
+                box[-1].append(blob)
+            else:
+                box.append(_Run((blob,)))
+
+    def register(self, name, slot, cid):
+        key = name.lower()
+        self.users[key] = (name, slot, cid)
+        self.owner[(slot, cid)] = key
+        self.who_cache = None
+
+    def log_in(self, slot, cid, name):
+        """Atomic across workers: the broker is the only one who decides."""
+        if name.lower() in self.users:
+            self.answer(slot, cid, protocol.ERR_USERNAME_TAKEN)
+        else:
+            self.register(name, slot, cid)
+            self.outboxes[slot].append((link.GRANTED, cid, name))
+
+    def log_out(self, slot, cid):
+        key = self.owner.pop((slot, cid), None)
+        if key is None:
+            return                              # never logged in
+        name, _, _ = self.users.pop(key)
+        self.who_cache = None
+        self.broadcast(protocol.info_disconnected(name))
+
+
+def main(argv=None):
+    from chatlib.config import parse_args
+    from chatlib.supervisor import Supervisor
+    return Supervisor(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Command line: every knob an operator has, with its default, in one place.
+
+The parsed options travel to every child process as one small picklable
+object, so nothing depends on state inherited through ``fork``.
+"""
+
+import argparse
+import multiprocessing
+import os
+
+from chatlib import __version__
+
+DEFAULT_PORT = 4000
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1, got %s" % text)
+    return value
+
+
+def _port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be 0..65535, got %s" % text)
+    return value
+
+
+def _seconds(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0, got %s" % text)
+    return value
+
+
+def _max_line(text):
+    value = int(text)
+    if value < 16:
+        raise argparse.ArgumentTypeError("must be at least 16 bytes, got %s" % text)
+    return value
+
+
+def _default_port():
+    env = os.environ.get("PORT")
+    return _port(env) if env else DEFAULT_PORT
+
+
+def build_parser():
+    methods = multiprocessing.get_all_start_methods()
+    p = argparse.ArgumentParser(
+        prog="broker.py",
+        description="Multi-process TCP chat server: one acceptor, N workers "
+                    "running the client connections, one broker routing "
+                    "between them. Connect with `nc HOST PORT`.",
+        epilog="Example: python broker.py --workers 4 --port 4000",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-p", "--port", type=_port, default=None,
+                   help="TCP port to listen on; 0 picks a free one "
+                        "(default: $PORT if set, else %d)" % DEFAULT_PORT)
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("-w", "--workers", type=_positive_int,
+                   default=os.cpu_count() or 1,
+                   help="worker processes running client connections "
+                        "(default: number of CPUs)")
+    p.add_argument("-t", "--idle-timeout", type=_seconds, default=60.0,
+                   help="seconds without a complete line before a client "
+                        "gets ERR idle-timeout and is closed")
+    p.add_argument("--max-clients", type=_positive_int, default=50000,
+                   help="connections beyond this get ERR server-full")
+    p.add_argument("--max-line", type=_max_line, default=4096,
+                   help="longest accepted line in bytes, terminator included")
+    p.add_argument("--max-pending", type=_positive_int, default=1 << 20,
+                   help="bytes of unsent output a client may owe before it "
+                        "gets ERR slow-consumer and is closed")
+    p.add_argument("--start-method", choices=methods, default=None,
+                   help="multiprocessing start method "
+                        "(default: the platform's, here %s)"
+                        % multiprocessing.get_start_method(allow_none=False))
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log verbosity (logs go to stderr)")
+    p.add_argument("--version", action="version",
+                   version="%(prog)s " + __version__)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.port is None:
+        try:
+            args.port = _default_port()
+        except (ValueError, argparse.ArgumentTypeError):
+            build_parser().error("PORT environment variable is not a valid port")
+    return args

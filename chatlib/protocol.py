@@ -1,0 +1,193 @@
+"""The chat protocol, sans-IO: bytes in, commands and reply lines out.
+
+Nothing here touches a socket, a clock or a process, in the style of ``h11``:
+the worker feeds received bytes to a :class:`LineReader`, hands each line to
+:func:`parse_line` and writes the bytes the ``*_line`` helpers build. That keeps
+every rule of ``PROTOCOL.md`` testable with plain function calls.
+
+Text stays ``bytes`` end to end: a line is decoded only when it is not pure
+ASCII, so the common case costs no codec round trip.
+"""
+
+import re
+from collections import namedtuple
+
+# --- Commands a client line can turn into --------------------------------
+
+Login = namedtuple("Login", "name")            # name: str, already validated
+Msg = namedtuple("Msg", "text")                # text: bytes, cleaned, non-empty
+Dm = namedtuple("Dm", "target text")           # target: str (valid name), text: bytes
+Who = namedtuple("Who", "")
+Ping = namedtuple("Ping", "")
+Quit = namedtuple("Quit", "")
+Reply = namedtuple("Reply", "data")            # answered at once, e.g. an ERR line
+
+WHO, PING, QUIT = Who(), Ping(), Quit()
+
+# --- Lines the server sends ------------------------------------------------
+
+OK = b"OK\n"
+PONG = b"PONG\n"
+ERR_USERNAME_TAKEN = b"ERR username-taken\n"
+ERR_INVALID_USERNAME = b"ERR invalid-username\n"
+ERR_ALREADY_LOGGED_IN = b"ERR already-logged-in\n"
+ERR_NOT_LOGGED_IN = b"ERR not-logged-in\n"
+ERR_EMPTY_MESSAGE = b"ERR empty-message\n"
+ERR_USER_NOT_FOUND = b"ERR user-not-found\n"
+ERR_UNKNOWN_COMMAND = b"ERR unknown-command\n"
+ERR_LINE_TOO_LONG = b"ERR line-too-long\n"
+ERR_IDLE_TIMEOUT = b"ERR idle-timeout\n"
+ERR_SERVER_FULL = b"ERR server-full\n"
+ERR_SLOW_CONSUMER = b"ERR slow-consumer\n"
+ERR_SERVER_SHUTDOWN = b"ERR server-shutdown\n"
+
+
+def msg_line(sender, text):
+    """``MSG <sender> <text>`` as delivered; sender and text are bytes."""
+    return b"MSG %s %s\n" % (sender, text)
+
+
+def dm_line(sender, text):
+    return b"DM %s %s\n" % (sender, text)
+
+
+def user_lines(names):
+    """The answer to ``WHO``: one ``USER`` line per name, in the given order."""
+    return b"".join([b"USER %s\n" % n.encode() for n in names])
+
+
+def info_disconnected(name):
+    return b"INFO %s disconnected\n" % name.encode()
+
+
+# --- Names and text ----------------------------------------------------------
+
+_NAME = re.compile(rb"[A-Za-z0-9_.\-]{1,32}\Z")
+
+
+def valid_name(name):
+    """True for 1 to 32 characters of ``A-Z a-z 0-9 _ - .`` (bytes)."""
+    return _NAME.match(name) is not None
+
+
+# Control characters but TAB, DEL, C1 controls, bidi overrides and isolates.
+_UNSAFE_CODES = ([c for c in range(0x20) if c != 0x09] + [0x7F]
+                 + list(range(0x80, 0xA0))
+                 + list(range(0x202A, 0x202F)) + list(range(0x2066, 0x206A)))
+_UNSAFE_TO_FFFD = {c: "\ufffd" for c in _UNSAFE_CODES}
+_ASCII_UNSAFE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def clean_text(text):
+    """Replace what could drive a terminal or reorder text with U+FFFD.
+
+    Input is the raw bytes of a message; output is UTF-8 bytes. Bytes that
+    are not valid UTF-8 become U+FFFD too, so the result is always valid.
+    """
+    if text.isascii():
+        if _ASCII_UNSAFE.search(text) is None:
+            return text                       # the hot path: nothing to do
+        return text.decode("ascii").translate(_UNSAFE_TO_FFFD).encode()
+    return text.decode("utf-8", "replace").translate(_UNSAFE_TO_FFFD).encode()
+
+
+# --- Lines -------------------------------------------------------------------
+
+_WS = b" \t"
+# Command word, then the rest of the line; whitespace is space and TAB only.
+_SPLIT_WORD = re.compile(rb"[ \t]*([^ \t]*)[ \t]*(.*)", re.S)
+
+
+def parse_line(line, logged_in):
+    """Turn one client line (no ``\\n``, ``\\r`` already removed) into a command.
+
+    Returns ``None`` for a blank line, which gets no answer. The order of the
+    checks is the contract's: ``already-logged-in`` and ``not-logged-in`` win
+    over any problem with the arguments.
+    """
+    word, rest = _SPLIT_WORD.match(line).groups()
+    if not word:
+        return None
+    verb = word.upper()
+    if verb == b"MSG":
+        if not logged_in:
+            return Reply(ERR_NOT_LOGGED_IN)
+        text = rest.rstrip(_WS)
+        if not text:
+            return Reply(ERR_EMPTY_MESSAGE)
+        return Msg(clean_text(text))
+    if verb == b"PING":
+        return PING
+    if verb == b"DM":
+        if not logged_in:
+            return Reply(ERR_NOT_LOGGED_IN)
+        target, text = _SPLIT_WORD.match(rest).groups()
+        text = text.rstrip(_WS)
+        if not text:
+            return Reply(ERR_EMPTY_MESSAGE)
+        if not valid_name(target):
+            return Reply(ERR_USER_NOT_FOUND)   # nobody can have that name
+        return Dm(target.decode("ascii"), clean_text(text))
+    if verb == b"WHO":
+        return WHO if logged_in else Reply(ERR_NOT_LOGGED_IN)
+    if verb == b"LOGIN":
+        if logged_in:
+            return Reply(ERR_ALREADY_LOGGED_IN)
+        name = rest.rstrip(_WS)
+        if not valid_name(name):
+            return Reply(ERR_INVALID_USERNAME)
+        return Login(name.decode("ascii"))
+    if verb == b"QUIT":
+        return QUIT
+    return Reply(ERR_UNKNOWN_COMMAND)
+
+
+TOO_LONG = object()
+"""Yielded by :class:`LineReader` in place of a line over the limit."""
+
+
+class LineReader:
+    """Split a byte stream into lines, enforcing ``max_line``.
+
+    ``max_line`` counts every byte up to and including the ``\\n``. A line
+    over it is dropped up to its ``\\n`` (buffering nothing meanwhile) and
+    reported as :data:`TOO_LONG` when that ``\\n`` arrives, so a client
+    cannot make the server hold more than ``max_line`` bytes for it.
+    """
+
+    __slots__ = ("max_line", "_partial", "_discarding")
+
+    def __init__(self, max_line):
+        self.max_line = max_line
+        self._partial = b""
+        self._discarding = False
+
+    def feed(self, data):
+        """Return the complete lines in ``data`` (without ``\\r\\n``/``\\n``)."""
+        if self._partial:
+            data = self._partial + data
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        limit = self.max_line - 1             # bytes allowed before the \n
+        if self._discarding and lines:
+            lines[0] = TOO_LONG
+            self._discarding = False
+        for i, line in enumerate(lines):
+            if line is TOO_LONG:
+                continue
+            if len(line) > limit:
+                lines[i] = TOO_LONG
+            elif line[-1:] == b"\r":
+                lines[i] = line[:-1]
+        if len(tail) > limit:
+            self._discarding = True
+            tail = b""
+        elif self._discarding:
+            tail = b""
+        self._partial = tail
+        return lines
+
+    @property
+    def buffered(self):
+        """Bytes held for a line not yet complete."""
+        return len(self._partial)

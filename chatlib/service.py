@@ -1,0 +1,125 @@
+"""What every child process (acceptor, worker, broker) does the same way.
+
+A :class:`Service` is started by the supervisor with :func:`run_service`, the
+one picklable entry point, so it works under ``fork``, ``spawn`` and
+``forkserver`` alike: everything a child needs arrives as arguments.
+
+Each child runs one selector loop that also watches two things besides its
+own work: its control pipe to the supervisor (orders in, heartbeats out) and
+the supervisor's sentinel (``parent_process().sentinel``), which becomes
+readable when the supervisor dies, even under ``forkserver`` where the child
+is not the supervisor's own child. So a child never outlives the server.
+"""
+
+import logging
+import multiprocessing
+import selectors
+import signal
+import sys
+import time
+
+from chatlib import logs
+
+HEARTBEAT_INTERVAL = 0.5      # seconds between heartbeats to the supervisor
+
+
+class Service:
+    """Base class: subclasses set :attr:`role`, register their descriptors
+    in :meth:`start`, handle events in :meth:`on_event`, and may override
+    :meth:`tick` (run every loop turn), :meth:`on_order` and :meth:`stop`."""
+
+    role = "service"
+
+    def __init__(self, config, ctrl, slot=None):
+        self.config = config
+        self.ctrl = ctrl
+        self.slot = slot
+        self.name = self.role if slot is None else "%s-%d" % (self.role, slot)
+        self.running = True
+        self.log = logging.getLogger(self.name)
+        self.sel = None
+        self._next_heartbeat = 0.0
+
+    # -- the process ----------------------------------------------------------
+
+    def main(self):
+        logs.setup(self.name, self.config.log_level)
+        logs.set_process_title("chat-" + self.name)
+        # Ctrl-C reaches the whole foreground process group; the supervisor
+        # alone decides how to stop, and tells us over the control pipe.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.ctrl.fileno(), selectors.EVENT_READ, self._on_control)
+        parent = multiprocessing.parent_process()
+        if parent is not None:
+            self.sel.register(parent.sentinel, selectors.EVENT_READ, self._on_parent_gone)
+        self.start()
+        self.ctrl.send(("ready",))
+        try:
+            while self.running:
+                self.on_events(self.sel.select(self.poll_timeout()))
+                now = time.monotonic()
+                self.tick(now)
+                if now >= self._next_heartbeat:
+                    self._next_heartbeat = now + HEARTBEAT_INTERVAL
+                    self._send_control(("heartbeat", self.heartbeat_info()))
+        finally:
+            self.finish()
+        logging.shutdown()
+        sys.exit(0)
+
+    def _on_control(self):
+        try:
+            order = self.ctrl.recv()
+        except (EOFError, OSError):
+            self._on_parent_gone()
+            return
+        if order[0] == "stop":
+            self.log.debug("asked to stop")
+            self.stop()
+        else:
+            self.on_order(order)
+
+    def _on_parent_gone(self):
+        self.log.warning("supervisor is gone; exiting")
+        self.running = False
+
+    def _send_control(self, message):
+        try:
+            self.ctrl.send(message)
+        except OSError:
+            self._on_parent_gone()
+
+    # -- hooks ----------------------------------------------------------------
+
+    def start(self):
+        """Register this service's descriptors on :attr:`sel`."""
+
+    def on_events(self, events):
+        """Default dispatch: every key's data is a callable."""
+        for key, _ in events:
+            key.data()
+
+    def poll_timeout(self):
+        return HEARTBEAT_INTERVAL
+
+    def tick(self, now):
+        """Called once per loop turn, after the events."""
+
+    def on_order(self, order):
+        self.log.error("unknown order from supervisor: %r", order)
+
+    def heartbeat_info(self):
+        return None
+
+    def stop(self):
+        """Asked to stop: by default, leave the loop."""
+        self.running = False
+
+    def finish(self):
+        """Last words before the process exits."""
+
+
+def run_service(service_cls, *args):
+    """Process target: build the service in the child and run it."""
+    service_cls(*args).main()

@@ -1,0 +1,273 @@
+"""The supervisor: the one place that starts, watches, restarts and stops processes.
+
+Modelled on gunicorn's arbiter: signal handlers only record the signal; the
+main loop acts on it. The loop sleeps in one ``multiprocessing.connection.wait``
+over every child's sentinel (a death), every child's control pipe (ready,
+heartbeats) and the signal wake-up socket.
+
+What it owns:
+
+* the listening socket, so that it survives the acceptor, and connection
+  attempts wait in the backlog while an acceptor is replaced;
+* every pipe between children: it creates them, hands each end to its process
+  (as a start argument, or later with ``send_handle`` over the control pipe),
+  and closes its own copies;
+* the shared per-worker "closed connections" counters the acceptor balances by.
+
+Nothing relies on state inherited through ``fork``: each child gets what it
+needs as arguments, so ``fork``, ``spawn`` and ``forkserver`` behave the same.
+"""
+
+import logging
+import multiprocessing
+import resource
+import signal
+import socket
+import time
+from multiprocessing.connection import wait
+from multiprocessing.reduction import send_handle
+
+from chatlib import logs
+from chatlib.acceptor import Acceptor
+from chatlib.service import run_service
+
+log = logging.getLogger("supervisor")
+
+READY_TIMEOUT = 30.0          # seconds for every process to come up
+STOP_GRACE = 4.0              # seconds for children to stop before SIGKILL
+RESTART_WINDOW = 1.0          # a child that dies sooner than this after start...
+MAX_QUICK_DEATHS = 5          # ...this many times in a row stops the server
+LOOP_TIMEOUT = 0.25
+
+
+class Child:
+    """One running process and what the supervisor knows about it."""
+
+    def __init__(self, role, slot, process, ctrl):
+        self.role = role
+        self.slot = slot
+        self.process = process
+        self.ctrl = ctrl
+        self.started = time.monotonic()
+        self.last_heartbeat = self.started
+        self.ready = False
+        self.info = None
+
+    @property
+    def name(self):
+        return self.role if self.slot is None else "%s-%d" % (self.role, self.slot)
+
+    def order(self, *message, handle=None):
+        """Send an order, and with ``handle`` a descriptor for the child to adopt."""
+        try:
+            self.ctrl.send(message)
+            if handle is not None:
+                send_handle(self.ctrl, handle.fileno(), self.process.pid)
+        except OSError:
+            pass              # it is dying; its sentinel will tell us
+
+
+def raise_nofile_limit():
+    """Thousands of clients need thousands of descriptors: use the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Supervisor:
+    def __init__(self, config):
+        self.config = config
+        self.ctx = multiprocessing.get_context(config.start_method)
+        self.children = {}            # (role, slot) -> Child
+        self.signals = []
+        self.stopping = False
+        self.quick_deaths = {}        # (role, slot) -> deaths soon after start, in a row
+        self.listener = None
+        self.closed_counts = None
+
+    # -- the whole life -------------------------------------------------------
+
+    def run(self):
+        cfg = self.config
+        logs.setup("main", cfg.log_level)
+        nofile = raise_nofile_limit()
+        try:
+            self.listener = self.listen()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
+            return 1
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.record_signal)
+        self.wake = wake_r
+        log.info("starting: %d workers, start method %s, open-file limit %d",
+                 cfg.workers, self.ctx.get_start_method(), nofile)
+        self.closed_counts = self.ctx.RawArray("q", cfg.workers)
+        try:
+            self.start_all()
+            if self.wait_ready():
+                host, port = self.listener.getsockname()[:2]
+                log.info("listening on %s:%d", host, port)
+                self.watch()
+            return 0 if not self.failed else 1
+        finally:
+            self.shutdown()
+
+    failed = False
+
+    def listen(self):
+        cfg = self.config
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+        sock.listen(socket.SOMAXCONN if socket.SOMAXCONN > 1024 else 1024)
+        return sock
+
+    def record_signal(self, signum, frame):
+        self.signals.append(signum)
+
+    # -- starting -------------------------------------------------------------
+
+    def spawn(self, cls, slot, *args):
+        parent_end, child_end = self.ctx.Pipe()
+        role = cls.role
+        name = role if slot is None else "%s-%d" % (role, slot)
+        if slot is None:
+            target_args = (cls, self.config, child_end) + args
+        else:
+            target_args = (cls, self.config, child_end, slot) + args
+        process = self.ctx.Process(target=run_service, args=target_args, name=name)
+        process.start()
+        child_end.close()
+        child = Child(role, slot, process, parent_end)
+        self.children[(role, slot)] = child
+        log.info("started %s (pid %d)", name, process.pid)
+        return child
+
+    def start_all(self):
+        from broker import Broker
+        from worker import Worker
+        slots = range(self.config.workers)
+        links = {k: self.ctx.Pipe() for k in slots}        # (broker end, worker end)
+        handoffs = {k: self.ctx.Pipe() for k in slots}     # (acceptor end, worker end)
+        self.spawn(Broker, None, {k: links[k][0] for k in slots})
+        for k in slots:
+            self.spawn(Worker, k, handoffs[k][1], links[k][1], self.closed_counts)
+        self.spawn(Acceptor, None, self.listener, {k: handoffs[k][0] for k in slots},
+                   self.closed_counts)
+        for pair in list(links.values()) + list(handoffs.values()):
+            for conn in pair:
+                conn.close()
+
+    def wait_ready(self):
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(c.ready for c in self.children.values()):
+            if self.signals or time.monotonic() > deadline:
+                if not self.signals:
+                    log.error("processes did not start within %.0f s", READY_TIMEOUT)
+                    self.failed = True
+                return False
+            self.poll(LOOP_TIMEOUT)
+            if self.failed:
+                return False
+        return True
+
+    # -- watching -------------------------------------------------------------
+
+    def watch(self):
+        while not self.failed:
+            self.poll(LOOP_TIMEOUT)
+            if self.handle_signals():
+                return
+
+    def poll(self, timeout):
+        by_ctrl = {c.ctrl: c for c in self.children.values()}
+        by_sentinel = {c.process.sentinel: c for c in self.children.values()}
+        for obj in wait(list(by_ctrl) + list(by_sentinel) + [self.wake], timeout):
+            if obj is self.wake:
+                try:
+                    self.wake.recv(512)
+                except OSError:
+                    pass
+            elif obj in by_ctrl:
+                self.on_message(by_ctrl[obj])
+            else:
+                self.on_death(by_sentinel[obj])
+
+    def on_message(self, child):
+        try:
+            message = child.ctrl.recv()
+        except (EOFError, OSError):
+            return                    # it died; the sentinel says so
+        child.last_heartbeat = time.monotonic()
+        if message[0] == "ready":
+            child.ready = True
+        elif message[0] == "heartbeat":
+            child.info = message[1]
+
+    def handle_signals(self):
+        """Act on the recorded signals; True when the server must stop."""
+        stop = False
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                stop = True
+        return stop
+
+    def on_death(self, child):
+        key = (child.role, child.slot)
+        if self.children.get(key) is not child:
+            return
+        child.process.join(0)
+        del self.children[key]
+        child.ctrl.close()
+        code = child.process.exitcode
+        how = "killed by %s" % signal.Signals(-code).name if code and code < 0 \
+            else "exited with status %s" % code
+        if self.stopping:
+            return
+        log.error("%s (pid %d) %s", child.name, child.process.pid, how)
+        if not child.ready or time.monotonic() - child.started < RESTART_WINDOW:
+            self.quick_deaths[key] = self.quick_deaths.get(key, 0) + 1
+        else:
+            self.quick_deaths[key] = 0
+        if self.quick_deaths[key] >= MAX_QUICK_DEATHS:
+            log.error("%s keeps dying at start-up; giving up", child.name)
+            self.failed = True
+            return
+        log.error("cannot recover from the death of %s; stopping", child.name)
+        self.failed = True
+
+    # -- stopping -------------------------------------------------------------
+
+    def shutdown(self):
+        """Acceptor first (no new clients), then workers (each client gets
+        ``ERR server-shutdown``), then the broker; SIGKILL for stragglers."""
+        self.stopping = True
+        deadline = time.monotonic() + STOP_GRACE
+        for role in ("acceptor", "worker", "broker"):
+            group = [c for c in self.children.values() if c.role == role]
+            for child in group:
+                child.order("stop")
+            for child in group:
+                child.process.join(max(0.0, deadline - time.monotonic()))
+        for child in self.children.values():
+            if child.process.is_alive():
+                log.warning("%s (pid %d) did not stop; killing it", child.name, child.process.pid)
+                child.process.kill()
+                child.process.join(1.0)
+        self.children.clear()
+        if self.listener is not None:
+            self.listener.close()
+        log.info("stopped")
