@@ -12,7 +12,6 @@ worker gets this turn, as one batch. So its cost is per batch, not per message
 and never per recipient: it is the design's serial ceiling, kept thin.
 """
 
-import selectors
 import sys
 from functools import partial
 from multiprocessing.connection import Connection
@@ -22,8 +21,6 @@ from chatlib import link, protocol
 from chatlib.channel import Channel
 from chatlib.service import Service
 
-READ = selectors.EVENT_READ
-PAUSED_POLL = 0.005
 
 
 class _Run(list):
@@ -53,25 +50,25 @@ class Broker(Service):
     def attach(self, slot, conn):
         """Start routing to worker ``slot`` over ``conn`` (a new or restarted worker)."""
         self.detach(slot)
-        channel = Channel(conn)
-        self.channels[slot] = channel
+        self.channels[slot] = Channel(conn, self.sel, partial(self.on_batches, slot),
+                                      partial(self.on_link_lost, slot))
         self.outboxes[slot] = []
-        if not self.paused:
-            self.sel.register(channel.fileno(), READ, partial(self.on_link, slot))
 
     def detach(self, slot):
         """Forget worker ``slot``: its users are gone, everyone else hears so."""
         channel = self.channels.pop(slot, None)
         if channel is None:
             return
-        if not self.paused:
-            self.sel.unregister(channel.fileno())
         channel.close()
         self.outboxes.pop(slot, None)
         for key in [k for k, (_, s, _) in self.users.items() if s == slot]:
-            name, _, cid = self.users[key]
+            _, _, cid = self.users[key]
             self.log_out(slot, cid)
         self.end_turn()
+
+    def on_link_lost(self, slot):
+        self.log.warning("worker-%d link lost", slot)
+        self.detach(slot)
 
     def on_order(self, order):
         if order[0] == "attach":
@@ -90,12 +87,9 @@ class Broker(Service):
 
     # -- the loop -------------------------------------------------------------
 
-    def poll_timeout(self):
-        return PAUSED_POLL if self.paused else super().poll_timeout()
-
     def on_events(self, events):
-        for key, _ in events:
-            key.data()
+        for key, mask in events:
+            key.data(mask)
         self.end_turn()
 
     def tick(self, now):
@@ -103,11 +97,8 @@ class Broker(Service):
         congested = any(ch.congested for ch in self.channels.values())
         if congested != self.paused:
             self.paused = congested
-            for slot, channel in self.channels.items():
-                if congested:
-                    self.sel.unregister(channel.fileno())
-                else:
-                    self.sel.register(channel.fileno(), READ, partial(self.on_link, slot))
+            for channel in self.channels.values():
+                channel.set_reading(not congested)
 
     def end_turn(self):
         """Send each worker one batch with everything it got this turn."""
@@ -117,16 +108,7 @@ class Broker(Service):
                 self.channels[slot].send(batch)
                 box.clear()
 
-    def on_link(self, slot):
-        channel = self.channels.get(slot)
-        if channel is None:
-            return
-        try:
-            batches = channel.recv()
-        except (EOFError, OSError):
-            self.log.warning("worker-%d link closed", slot)
-            self.detach(slot)
-            return
+    def on_batches(self, slot, batches):
         for batch in batches:
             for event in batch:
                 self.route(slot, event)

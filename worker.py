@@ -38,6 +38,7 @@ RECV_SIZE = 65536
 IOV_MAX = 512              # buffers per sendmsg; POSIX guarantees 16, Linux/macOS 1024
 HANDOFFS_PER_TURN = 256    # new sockets taken per turn, so clients are not starved
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
+OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 
 
 class Client:
@@ -91,20 +92,33 @@ class Worker(Service):
     def start(self):
         self.sel.register(self.handoff.fileno(), READ, self.on_handoff)
         self.attach_link(self.link_conn)
+        self.link_conn = None
         cfg = self.config
         self.sweep_every = min(1.0, max(0.05, cfg.idle_timeout / 4))
 
     def attach_link(self, conn):
-        """Use ``conn`` to reach the broker, and tell it who is here."""
+        """Reach the broker over ``conn``; tell it who is here and what we await.
+
+        A restarted broker learns our users from SYNC, and gets again the
+        requests its predecessor never answered.
+        """
         if self.link is not None:
-            self.sel.unregister(self.link.fileno())
             self.link.close()
-        self.link = Channel(conn)
-        self.sel.register(conn.fileno(), READ, self.on_link)
-        self.outbox.insert(0, (link.SYNC, [(c.cid, c.name) for c in self.users.values()]))
-        for c in self.clients.values():
-            if c.waiting:
-                self.outbox.append(c.request)
+        self.link = Channel(conn, self.sel, self.on_batches, self.on_link_lost)
+        queued = {id(event) for event in self.outbox}
+        resent = [c.request for c in self.clients.values()
+                  if c.waiting and id(c.request) not in queued]
+        self.outbox[:0] = [(link.SYNC, [(c.cid, c.name) for c in self.users.values()])] + resent
+
+    def on_link_lost(self):
+        self.log.warning("broker link lost; holding requests until a new broker")
+        self.link = None
+
+    def congested(self):
+        """True while the broker cannot take more from us: hold client lines."""
+        if self.link is None:
+            return len(self.outbox) > OUTBOX_LIMIT
+        return self.link.congested
 
     def on_order(self, order):
         if order[0] == "link":            # a new broker: here is our end
@@ -135,8 +149,7 @@ class Worker(Service):
 
     def finish(self):
         if self.link is not None:
-            self.link.close()
-            self.link.join(1.0)
+            self.link.flush_blocking(1.0)
 
     # -- the loop -------------------------------------------------------------
 
@@ -145,7 +158,7 @@ class Worker(Service):
         for key, mask in events:
             c = key.data
             if type(c) is not Client:
-                c()
+                c(mask)
             else:
                 if mask & READ and c.sock is not None:
                     self.on_readable(c)
@@ -154,7 +167,7 @@ class Worker(Service):
         self.end_turn()
 
     def tick(self, now):
-        if self.held and not self.link.congested:
+        if self.held and not self.congested():
             waiting, self.held = self.held, set()
             for c in waiting:
                 if c.sock is not None and not c.waiting:
@@ -188,7 +201,7 @@ class Worker(Service):
 
     # -- new connections ------------------------------------------------------
 
-    def on_handoff(self):
+    def on_handoff(self, mask=None):
         for _ in range(HANDOFFS_PER_TURN):
             try:
                 fd = recv_handle(self.handoff)
@@ -230,7 +243,7 @@ class Worker(Service):
         lines = c.reader.feed(data)
         if lines:
             c.last_line = self.now
-            if c.held is not None or c.waiting or self.link.congested:
+            if c.held is not None or c.waiting or self.congested():
                 self.hold(c, lines)
             else:
                 rest = self.run_lines(c, lines)
@@ -310,14 +323,7 @@ class Worker(Service):
 
     # -- what the broker sends ------------------------------------------------
 
-    def on_link(self):
-        try:
-            batches = self.link.recv()
-        except (EOFError, OSError):
-            self.sel.unregister(self.link.fileno())
-            self.link.close()
-            self.log.warning("broker link closed; waiting for a new broker")
-            return
+    def on_batches(self, batches):
         for batch in batches:
             for event in batch:
                 tag = event[0]

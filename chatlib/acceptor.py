@@ -79,7 +79,7 @@ class Acceptor(Service):
     def finish(self):
         self.listener.close()
 
-    def on_accept(self):
+    def on_accept(self, mask=None):
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, _ = self.listener.accept()

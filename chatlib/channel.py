@@ -1,99 +1,175 @@
-"""A batched, deadlock-free message link between two processes.
+"""A batched, non-blocking message link between two processes' event loops.
 
-Wraps one end of a ``multiprocessing.Pipe``. Each side's event loop collects
-every event of a loop turn into one list and calls :meth:`Channel.send` once:
-one pickle and one ``send_bytes`` per batch, never per message.
+Wraps one end of a ``multiprocessing.Pipe`` (a Unix socket pair). Each side's
+loop collects every event of a loop turn into one list and calls
+:meth:`Channel.send` once: one pickle and (usually) one ``sendmsg`` per batch,
+never one per message.
 
-Why a writer thread: a ``Connection`` needs a blocking descriptor, and two
-processes that block writing to each other while neither reads deadlock. The
-loop never writes; it hands pickled batches to a thread that does the blocking
-``send_bytes``. The loop keeps reading whatever happens, so no cycle of waits
-can form. The hand-off is bounded by :attr:`backlog` (bytes queued but not yet
-written): above ``limit`` the loop must stop producing (:attr:`congested`),
-which is how backpressure travels from a slow reader back to the clients.
+Why not ``Connection.send_bytes``/``recv_bytes``: they need a blocking
+descriptor, and two loops that block writing to each other while neither
+reads deadlock (so would two that block reading the rest of a frame). Here
+the descriptor is non-blocking both ways and frames (a 4-byte length, then a
+pickle) are cut and joined in user space: a loop never waits on its peer, so
+no cycle of waits can form, and there is no thread to pay the GIL for.
 
-Reading stays in the loop: when the descriptor is readable, :meth:`recv`
-returns the batches that have arrived. ``recv_bytes`` may block for the rest
-of a frame, but the peer's writer thread completes frames on its own.
+Backpressure: what the kernel will not take yet waits in :attr:`pending`;
+above ``limit`` bytes the channel is :attr:`congested` and its owner must stop
+producing (a worker stops reading its clients, the broker its workers).
 """
 
-import logging
+import os
 import pickle
-import queue
-import threading
+import selectors
+import socket
 
-log = logging.getLogger(__name__)
-
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+RECV_SIZE = 1 << 20
+_HEADER = 4
 _DUMP = pickle.HIGHEST_PROTOCOL
-_STOP = None
 
 
 class Channel:
-    __slots__ = ("conn", "limit", "_queue", "_queued", "_written",
-                 "_thread", "closed", "__weakref__")
+    """One end of a link, registered on ``sel``.
 
-    def __init__(self, conn, limit=8 << 20):
-        self.conn = conn
+    ``on_batches(batches)`` gets every complete batch read in one go;
+    ``on_closed()`` is called once when the peer has gone.
+    """
+
+    def __init__(self, conn, sel, on_batches, on_closed, limit=8 << 20):
+        # Take the descriptor over from the Connection as a socket of our own.
+        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+        conn.close()
+        self.sock.setblocking(False)
+        self.sel = sel
+        self.on_batches = on_batches
+        self.on_closed = on_closed
         self.limit = limit
-        self._queue = queue.SimpleQueue()
-        self._queued = 0          # bytes handed to the thread (loop writes it)
-        self._written = 0         # bytes the thread has written (thread writes it)
-        self.closed = False       # set once the peer is gone
-        self._thread = threading.Thread(target=self._write_forever,
-                                        name="channel-writer", daemon=True)
-        self._thread.start()
-
-    def fileno(self):
-        return self.conn.fileno()
-
-    @property
-    def backlog(self):
-        return self._queued - self._written
+        self.pending = []             # frames (header, body) not yet written
+        self.pending_bytes = 0
+        self.partial = b""            # the start of a frame not yet complete
+        self.closed = False
+        self.reading = True
+        self.frames_out = 0           # counters for statistics
+        self.bytes_out = 0
+        self.events = READ           # what the selector watches for
+        sel.register(self.sock, READ, self.on_ready)
 
     @property
     def congested(self):
-        return self.backlog > self.limit
+        return self.pending_bytes > self.limit
 
     def send(self, batch):
-        """Queue one batch (a list of events) for the peer; never blocks."""
+        """Frame and write one batch; what does not fit waits for writability."""
         if self.closed:
             return
-        data = pickle.dumps(batch, _DUMP)
-        self._queued += len(data)
-        self._queue.put(data)
+        body = pickle.dumps(batch, _DUMP)
+        self.frames_out += 1
+        self.bytes_out += len(body)
+        frame = [len(body).to_bytes(_HEADER, "big"), body]
+        if self.pending:
+            self.pending.extend(frame)
+            self.pending_bytes += _HEADER + len(body)
+            return
+        self.pending = frame
+        self.pending_bytes = _HEADER + len(body)
+        self._write()
 
-    def recv(self, most=16):
-        """Return the batches that have arrived (at least one frame is read).
+    def on_ready(self, mask):
+        if mask & WRITE and not self.closed:
+            self._write()
+        if mask & READ and not self.closed:
+            self._read()
 
-        Raises ``EOFError`` when the peer has gone.
-        """
-        conn = self.conn
-        batches = [pickle.loads(conn.recv_bytes())]
-        while len(batches) < most and conn.poll():
-            batches.append(pickle.loads(conn.recv_bytes()))
-        return batches
+    def _write(self):
+        if len(self.pending) > 512:           # stay under IOV_MAX
+            self.pending = [b"".join(self.pending)]
+        try:
+            sent = self.sock.sendmsg(self.pending)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._lost()
+            return
+        self.pending_bytes -= sent
+        if not self.pending_bytes:
+            self.pending = []
+            self._update()
+            return
+        pending = self.pending
+        i = 0
+        while sent >= len(pending[i]):
+            sent -= len(pending[i])
+            i += 1
+        del pending[:i]
+        if sent:
+            pending[0] = pending[0][sent:]
+        self._update()
+
+    def set_reading(self, reading):
+        """Stop (or resume) reading from the peer: backpressure upstream."""
+        self.reading = reading
+        self._update()
+
+    def _update(self):
+        if self.closed:
+            return
+        events = (READ if self.reading else 0) | (WRITE if self.pending else 0)
+        if events == self.events:
+            return
+        if not events:
+            self.sel.unregister(self.sock)
+        elif not self.events:
+            self.sel.register(self.sock, events, self.on_ready)
+        else:
+            self.sel.modify(self.sock, events, self.on_ready)
+        self.events = events
+
+    def _read(self):
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost()
+            return
+        if self.partial:
+            data = self.partial + data
+        view = memoryview(data)
+        batches = []
+        pos, end = 0, len(data)
+        while end - pos >= _HEADER:
+            size = int.from_bytes(view[pos:pos + _HEADER], "big")
+            if end - pos - _HEADER < size:
+                break
+            pos += _HEADER
+            batches.append(pickle.loads(view[pos:pos + size]))
+            pos += size
+        self.partial = data[pos:] if pos < end else b""
+        if batches:
+            self.on_batches(batches)
+
+    def _lost(self):
+        self.close()
+        self.on_closed()
 
     def close(self):
-        """Flush what is queued (the thread finishes it) and stop the thread."""
         if not self.closed:
             self.closed = True
-            self._queue.put(_STOP)
+            if self.events:
+                self.sel.unregister(self.sock)
+            self.sock.close()
+            self.pending = []
+            self.pending_bytes = 0
 
-    def join(self, timeout):
-        """Wait up to ``timeout`` s for queued batches to be written."""
-        self._thread.join(timeout)
-
-    def _write_forever(self):
-        get, send = self._queue.get, self.conn.send_bytes
-        while True:
-            data = get()
-            if data is _STOP:
-                return
-            try:
-                send(data)
-            except OSError:
-                # The peer is gone; the loop learns it from EOF on the read
-                # side. Drop what is left rather than block anybody.
-                self.closed = True
-                return
-            self._written += len(data)
+    def flush_blocking(self, timeout):
+        """At exit: give what is still pending up to ``timeout`` s to go out."""
+        if self.closed or not self.pending:
+            return
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(b"".join(self.pending))
+        except OSError:
+            pass

@@ -68,7 +68,7 @@ class Service:
         logging.shutdown()
         sys.exit(0)
 
-    def _on_control(self):
+    def _on_control(self, mask=None):
         try:
             order = self.ctrl.recv()
         except (EOFError, OSError):
@@ -80,7 +80,7 @@ class Service:
         else:
             self.on_order(order)
 
-    def _on_parent_gone(self):
+    def _on_parent_gone(self, mask=None):
         self.log.warning("supervisor is gone; exiting")
         self.running = False
 
@@ -96,9 +96,9 @@ class Service:
         """Register this service's descriptors on :attr:`sel`."""
 
     def on_events(self, events):
-        """Default dispatch: every key's data is a callable."""
-        for key, _ in events:
-            key.data()
+        """Default dispatch: every key's data is a callable taking the mask."""
+        for key, mask in events:
+            key.data(mask)
 
     def poll_timeout(self):
         return HEARTBEAT_INTERVAL
