@@ -30,9 +30,8 @@ class _Run(list):
 class Broker(Service):
     role = "broker"
 
-    def __init__(self, config, ctrl, links):
+    def __init__(self, config, ctrl):
         super().__init__(config, ctrl)
-        self.initial_links = links      # {slot: Connection}
         self.channels = {}              # slot -> Channel
         self.outboxes = {}              # slot -> events for that worker this turn
         self.users = {}                 # lower-case name -> (name, slot, cid), login order
@@ -41,11 +40,6 @@ class Broker(Service):
         self.paused = False
 
     # -- set-up and control ---------------------------------------------------
-
-    def start(self):
-        for slot, conn in self.initial_links.items():
-            self.attach(slot, conn)
-        self.initial_links = None
 
     def attach(self, slot, conn):
         """Start routing to worker ``slot`` over ``conn`` (a new or restarted worker)."""
@@ -67,7 +61,7 @@ class Broker(Service):
         self.end_turn()
 
     def on_link_lost(self, slot):
-        self.log.warning("worker-%d link lost", slot)
+        self.log.info("worker-%d link lost", slot)
         self.detach(slot)
 
     def on_order(self, order):

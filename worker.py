@@ -69,12 +69,11 @@ class Client:
 class Worker(Service):
     role = "worker"
 
-    def __init__(self, config, ctrl, slot, handoff, link_conn, closed_counts):
+    def __init__(self, config, ctrl, slot, board):
         super().__init__(config, ctrl, slot)
-        self.handoff = handoff
-        self.link_conn = link_conn
-        self.closed_counts = closed_counts
-        self.link = None
+        self.board = board
+        self.handoff = None        # Connection from the acceptor (an order brings it)
+        self.link = None           # Channel to the broker (an order brings it)
         self.clients = {}          # cid -> Client
         self.users = {}            # cid -> Client, the logged-in ones
         self.dirty = set()         # clients with output queued this turn
@@ -90,9 +89,7 @@ class Worker(Service):
     # -- set-up and control ---------------------------------------------------
 
     def start(self):
-        self.sel.register(self.handoff.fileno(), READ, self.on_handoff)
-        self.attach_link(self.link_conn)
-        self.link_conn = None
+        self.board.live[self.slot] = 0          # a replacement starts empty
         cfg = self.config
         self.sweep_every = min(1.0, max(0.05, cfg.idle_timeout / 4))
 
@@ -111,7 +108,7 @@ class Worker(Service):
         self.outbox[:0] = [(link.SYNC, [(c.cid, c.name) for c in self.users.values()])] + resent
 
     def on_link_lost(self):
-        self.log.warning("broker link lost; holding requests until a new broker")
+        self.log.info("broker link lost; holding requests until a new broker")
         self.link = None
 
     def congested(self):
@@ -121,16 +118,20 @@ class Worker(Service):
         return self.link.congested
 
     def on_order(self, order):
-        if order[0] == "link":            # a new broker: here is our end
+        if order[0] == "link":            # a broker: here is our end
             self.attach_link(Connection(recv_handle(self.ctrl)))
-            self.log.info("attached to the new broker")
-        elif order[0] == "handoff":       # a new acceptor: here is our end
-            self.sel.unregister(self.handoff.fileno())
-            self.handoff.close()
+        elif order[0] == "handoff":       # an acceptor: here is our end
+            self.detach_handoff()
             self.handoff = Connection(recv_handle(self.ctrl))
             self.sel.register(self.handoff.fileno(), READ, self.on_handoff)
         else:
             super().on_order(order)
+
+    def detach_handoff(self):
+        if self.handoff is not None:
+            self.sel.unregister(self.handoff.fileno())
+            self.handoff.close()
+            self.handoff = None
 
     def heartbeat_info(self):
         return {"clients": len(self.clients), "users": len(self.users)}
@@ -206,8 +207,8 @@ class Worker(Service):
             try:
                 fd = recv_handle(self.handoff)
             except (EOFError, OSError):
-                self.sel.unregister(self.handoff.fileno())
-                self.log.warning("acceptor link closed")
+                self.log.info("acceptor link lost; waiting for a new acceptor")
+                self.detach_handoff()
                 return
             self.add_client(socket.socket(fileno=fd))
             if not self.handoff.poll():
@@ -222,6 +223,8 @@ class Worker(Service):
         cid, self.next_cid = self.next_cid, self.next_cid + 1
         c = Client(sock, cid, peer, self.config.max_line, self.now)
         self.clients[cid] = c
+        self.board.received[self.slot] += 1
+        self.board.live[self.slot] += 1
         self.set_interest(c, READ)
 
     # -- reading and running lines --------------------------------------------
@@ -491,7 +494,7 @@ class Worker(Service):
         if self.users.pop(c.cid, None) is not None or c.waiting:
             if not self.stopping:
                 self.to_broker((link.BYE, c.cid))
-        self.closed_counts[self.slot] += 1
+        self.board.live[self.slot] -= 1
         if c.name is not None:
             self.log.info("%s disconnected (%s)", c.name, reason)
         else:

@@ -7,11 +7,11 @@ replaced. Each accepted socket goes to a worker with
 acceptor then closes its own copy (otherwise the TCP connection would outlive
 the worker's close).
 
-Spreading: least-loaded. Each worker counts the connections it has closed in
-a shared array (one writer per slot, no lock needed); the acceptor counts what
-it handed out; the difference is each worker's live load. Unlike round-robin
-this stays even under churn and fills a restarted worker first, and it gives
-``--max-clients`` its exact total for free.
+Spreading: least-loaded. Each worker publishes how many connections it holds
+and how many it has received on a :class:`~chatlib.loadboard.LoadBoard`; the
+acceptor adds what it handed out that the worker has not taken yet. Unlike
+round-robin this stays even under churn and fills a restarted worker first,
+and it gives ``--max-clients`` its exact total for free.
 """
 
 import errno
@@ -33,30 +33,37 @@ BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
 class Acceptor(Service):
     role = "acceptor"
 
-    def __init__(self, config, ctrl, listener, handoffs, closed_counts):
+    def __init__(self, config, ctrl, listener, board):
         super().__init__(config, ctrl)
         self.listener = listener
-        self.handoffs = dict(handoffs)      # slot -> Connection to that worker
-        self.closed_counts = closed_counts
-        self.handed = [closed_counts[i] for i in range(len(closed_counts))]
+        self.handoffs = {}                  # slot -> Connection to that worker
+        self.board = board
+        self.handed = list(board.received)   # sockets sent to each worker
         self.backoff = 0.0
         self.resume_at = 0.0
         self.listening = False
 
     def start(self):
         self.listener.setblocking(False)
-        self.listen()
 
-    def listen(self):
-        self.sel.register(self.listener, EVENT_READ, self.on_accept)
-        self.listening = True
+    def update_listening(self):
+        """Accept only with a worker to give sockets to and no back-off running;
+        meanwhile connection attempts wait in the kernel's backlog."""
+        want = bool(self.handoffs) and time.monotonic() >= self.resume_at
+        if want != self.listening:
+            if want:
+                self.sel.register(self.listener, EVENT_READ, self.on_accept)
+            else:
+                self.sel.unregister(self.listener)
+            self.listening = want
 
     def on_order(self, order):
         if order[0] == "attach":            # a new worker in this slot
             slot = order[1]
             self.detach(slot)
             self.handoffs[slot] = Connection(recv_handle(self.ctrl))
-            self.handed[slot] = self.closed_counts[slot]
+            self.handed[slot] = self.board.received[slot]   # in-flight ones died
+            self.update_listening()
         elif order[0] == "detach":
             self.detach(order[1])
         else:
@@ -66,21 +73,25 @@ class Acceptor(Service):
         old = self.handoffs.pop(slot, None)
         if old is not None:
             old.close()
+        self.update_listening()
 
     def poll_timeout(self):
-        if not self.listening:
-            return max(0.0, self.resume_at - time.monotonic())
+        if self.resume_at:
+            return max(0.0, min(self.resume_at - time.monotonic(), super().poll_timeout()))
         return super().poll_timeout()
 
     def tick(self, now):
-        if not self.listening and now >= self.resume_at:
-            self.listen()
+        if self.resume_at and now >= self.resume_at:
+            self.resume_at = 0.0
+            self.update_listening()
 
     def finish(self):
         self.listener.close()
 
     def on_accept(self, mask=None):
         for _ in range(ACCEPTS_PER_TURN):
+            if not self.listening:
+                return
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -104,19 +115,19 @@ class Acceptor(Service):
             self.log.error("accept failed (%s); backing off", exc.strerror)
         self.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self.backoff * 2))
         self.resume_at = time.monotonic() + self.backoff
-        self.sel.unregister(self.listener)
-        self.listening = False
+        self.update_listening()
 
-    def live(self, slot):
-        return self.handed[slot] - self.closed_counts[slot]
+    def load(self, slot):
+        board = self.board
+        return board.live[slot] + self.handed[slot] - board.received[slot]
 
     def dispatch(self, sock):
         while self.handoffs:
-            total = sum(self.live(s) for s in self.handoffs)
+            total = sum(self.load(s) for s in self.handoffs)
             if total >= self.config.max_clients:
                 self.refuse(sock, protocol.ERR_SERVER_FULL, "server full")
                 return
-            slot = min(self.handoffs, key=self.live)
+            slot = min(self.handoffs, key=self.load)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:

@@ -73,6 +73,9 @@ def build_parser():
     p.add_argument("--max-pending", type=_positive_int, default=1 << 20,
                    help="bytes of unsent output a client may owe before it "
                         "gets ERR slow-consumer and is closed")
+    p.add_argument("--heartbeat-timeout", type=_seconds, default=5.0,
+                   help="seconds a process may go without a heartbeat before "
+                        "it is considered hung, killed and replaced")
     p.add_argument("--start-method", choices=methods, default=None,
                    help="multiprocessing start method "
                         "(default: the platform's, here %s)"

@@ -12,7 +12,13 @@ What it owns:
 * every pipe between children: it creates them, hands each end to its process
   (as a start argument, or later with ``send_handle`` over the control pipe),
   and closes its own copies;
-* the shared per-worker "closed connections" counters the acceptor balances by.
+* the :class:`~chatlib.loadboard.LoadBoard` the acceptor balances by.
+
+When a child dies (or misses heartbeats and is killed) it is replaced, and
+the survivors are re-wired: a new worker's pipes go to the broker and the
+acceptor; a new broker gets a pipe to every worker; a new acceptor gets a
+pipe to every worker. A child that keeps dying right after start stops the
+server instead of looping forever.
 
 Nothing relies on state inherited through ``fork``: each child gets what it
 needs as arguments, so ``fork``, ``spawn`` and ``forkserver`` behave the same.
@@ -29,6 +35,7 @@ from multiprocessing.reduction import send_handle
 
 from chatlib import logs
 from chatlib.acceptor import Acceptor
+from chatlib.loadboard import LoadBoard
 from chatlib.service import run_service
 
 log = logging.getLogger("supervisor")
@@ -89,7 +96,7 @@ class Supervisor:
         self.stopping = False
         self.quick_deaths = {}        # (role, slot) -> deaths soon after start, in a row
         self.listener = None
-        self.closed_counts = None
+        self.board = None
 
     # -- the whole life -------------------------------------------------------
 
@@ -111,7 +118,7 @@ class Supervisor:
         self.wake = wake_r
         log.info("starting: %d workers, start method %s, open-file limit %d",
                  cfg.workers, self.ctx.get_start_method(), nofile)
-        self.closed_counts = self.ctx.RawArray("q", cfg.workers)
+        self.board = LoadBoard(self.ctx, cfg.workers)
         try:
             self.start_all()
             if self.wait_ready():
@@ -155,19 +162,52 @@ class Supervisor:
         return child
 
     def start_all(self):
-        from broker import Broker
+        self.start_broker()
+        for k in range(self.config.workers):
+            self.start_worker(k)
+        self.start_acceptor()
+
+    # Children start with no peers: every pipe between two children is made
+    # here and handed to both ends as an order, at start-up as after a restart.
+
+    def start_worker(self, slot):
         from worker import Worker
-        slots = range(self.config.workers)
-        links = {k: self.ctx.Pipe() for k in slots}        # (broker end, worker end)
-        handoffs = {k: self.ctx.Pipe() for k in slots}     # (acceptor end, worker end)
-        self.spawn(Broker, None, {k: links[k][0] for k in slots})
-        for k in slots:
-            self.spawn(Worker, k, handoffs[k][1], links[k][1], self.closed_counts)
-        self.spawn(Acceptor, None, self.listener, {k: handoffs[k][0] for k in slots},
-                   self.closed_counts)
-        for pair in list(links.values()) + list(handoffs.values()):
-            for conn in pair:
-                conn.close()
+        self.spawn(Worker, slot, self.board)
+        self.connect(slot, "broker")
+        self.connect(slot, "acceptor")
+
+    def start_broker(self):
+        from broker import Broker
+        self.spawn(Broker, None)
+        for slot in self.worker_slots():
+            self.connect(slot, "broker")
+
+    def start_acceptor(self):
+        self.spawn(Acceptor, None, self.listener, self.board)
+        for slot in self.worker_slots():
+            self.connect(slot, "acceptor")
+
+    def worker_slots(self):
+        return sorted(slot for role, slot in self.children if role == "worker")
+
+    def connect(self, slot, role):
+        """A new pipe between worker ``slot`` and the broker or the acceptor."""
+        peer = self.children.get((role, None))
+        worker = self.children.get(("worker", slot))
+        if peer is None or worker is None:
+            return
+        peer_end, worker_end = self.ctx.Pipe()
+        peer.order("attach", slot, handle=peer_end)
+        worker.order("link" if role == "broker" else "handoff", handle=worker_end)
+        peer_end.close()
+        worker_end.close()
+
+    def disconnect(self, slot):
+        """Worker ``slot`` is gone: the broker and the acceptor forget it."""
+        for role in ("broker", "acceptor"):
+            peer = self.children.get((role, None))
+            if peer is not None:
+                peer.order("detach", slot)
 
     def wait_ready(self):
         deadline = time.monotonic() + READY_TIMEOUT
@@ -189,6 +229,7 @@ class Supervisor:
             self.poll(LOOP_TIMEOUT)
             if self.handle_signals():
                 return
+            self.check_heartbeats()
 
     def poll(self, timeout):
         by_ctrl = {c.ctrl: c for c in self.children.values()}
@@ -246,8 +287,24 @@ class Supervisor:
             log.error("%s keeps dying at start-up; giving up", child.name)
             self.failed = True
             return
-        log.error("cannot recover from the death of %s; stopping", child.name)
-        self.failed = True
+        if child.role == "worker":
+            self.disconnect(child.slot)
+            self.start_worker(child.slot)
+        elif child.role == "broker":
+            self.start_broker()
+        else:
+            self.start_acceptor()
+
+    def check_heartbeats(self):
+        """A child whose loop has stopped (hung, or SIGSTOP) is killed; its
+        death is then handled like any other."""
+        limit = time.monotonic() - self.config.heartbeat_timeout
+        for child in list(self.children.values()):
+            if child.last_heartbeat < limit and child.process.is_alive():
+                log.error("%s (pid %d) missed its heartbeats for %.1f s; killing it",
+                          child.name, child.process.pid, self.config.heartbeat_timeout)
+                child.process.kill()
+                child.last_heartbeat = float("inf")   # once is enough
 
     # -- stopping -------------------------------------------------------------
 
