@@ -13,6 +13,7 @@ and never per recipient: it is the design's serial ceiling, kept thin.
 """
 
 import sys
+import time
 from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
@@ -30,11 +31,16 @@ class _Run(list):
 class Broker(Service):
     role = "broker"
 
-    def __init__(self, config, ctrl):
+    def __init__(self, config, ctrl, expected=()):
         super().__init__(config, ctrl)
         self.channels = {}              # slot -> Channel
         self.outboxes = {}              # slot -> events for that worker this turn
-        self.users = {}                 # lower-case name -> (name, slot, cid), login order
+        # A restarted broker must not decide anything (a LOGIN above all)
+        # before every worker has told it who is logged in there.
+        self.unsynced = set(expected)   # workers whose SYNC we still await
+        self.deferred = []              # (slot, event) held until then
+        self.last_stamp = 0             # login times, to keep WHO in login order
+        self.users = {}                 # lower-case name -> (name, slot, cid, stamp), login order
         self.owner = {}                 # (slot, cid) -> lower-case name
         self.who_cache = None           # the USER lines, rebuilt after a change
         self.paused = False
@@ -47,6 +53,7 @@ class Broker(Service):
         self.channels[slot] = Channel(conn, self.sel, partial(self.on_batches, slot),
                                       partial(self.on_link_lost, slot))
         self.outboxes[slot] = []
+        self.unsynced.add(slot)
 
     def detach(self, slot):
         """Forget worker ``slot``: its users are gone, everyone else hears so."""
@@ -55,9 +62,11 @@ class Broker(Service):
             return
         channel.close()
         self.outboxes.pop(slot, None)
-        for key in [k for k, (_, s, _) in self.users.items() if s == slot]:
-            _, _, cid = self.users[key]
-            self.log_out(slot, cid)
+        self.unsynced.discard(slot)
+        self.deferred = [(s, event) for s, event in self.deferred if s != slot]
+        for key in [k for k, user in self.users.items() if user[1] == slot]:
+            self.log_out(slot, self.users[key][2])
+        self.run_deferred()
         self.end_turn()
 
     def on_link_lost(self, slot):
@@ -105,6 +114,16 @@ class Broker(Service):
     def on_batches(self, slot, batches):
         for batch in batches:
             for event in batch:
+                if self.unsynced and event[0] != link.SYNC:
+                    self.deferred.append((slot, event))
+                else:
+                    self.route(slot, event)
+        self.run_deferred()
+
+    def run_deferred(self):
+        if self.deferred and not self.unsynced:
+            deferred, self.deferred = self.deferred, []
+            for slot, event in deferred:
                 self.route(slot, event)
 
     # -- routing --------------------------------------------------------------
@@ -117,21 +136,20 @@ class Broker(Service):
             self.log_in(slot, event[1], event[2])
         elif tag == link.WHO:
             if self.who_cache is None:
-                self.who_cache = protocol.user_lines(n for n, _, _ in self.users.values())
+                self.who_cache = protocol.user_lines(user[0] for user in self.users.values())
             self.answer(slot, event[1], self.who_cache)
         elif tag == link.DM:
             target = self.users.get(event[2])
             if target is None:
                 self.answer(slot, event[1], protocol.ERR_USER_NOT_FOUND)
             else:
-                _, tslot, tcid = target
+                _, tslot, tcid, _ = target
                 self.outboxes[tslot].append((link.DELIVER, tcid, event[3]))
                 self.answer(slot, event[1], b"")
         elif tag == link.BYE:
             self.log_out(slot, event[1])
         elif tag == link.SYNC:
-            for cid, name in event[1]:
-                self.register(name, slot, cid)
+            self.sync(slot, event[1])
         else:
             self.log.error("unknown event from worker-%d: %r", slot, tag)
 
@@ -147,25 +165,35 @@ class Broker(Service):
             else:
                 box.append(_Run((blob,)))
 
-    def register(self, name, slot, cid):
+    def register(self, name, slot, cid, stamp):
         key = name.lower()
-        self.users[key] = (name, slot, cid)
+        self.users[key] = (name, slot, cid, stamp)
         self.owner[(slot, cid)] = key
         self.who_cache = None
+        self.last_stamp = max(self.last_stamp, stamp)
+
+    def sync(self, slot, users):
+        """A worker's users, as it holds them (a restarted broker learns them)."""
+        for cid, name, stamp in users:
+            self.register(name, slot, cid, stamp)
+        if users:
+            self.users = dict(sorted(self.users.items(), key=lambda item: item[1][3]))
+        self.unsynced.discard(slot)
 
     def log_in(self, slot, cid, name):
         """Atomic across workers: the broker is the only one who decides."""
         if name.lower() in self.users:
             self.answer(slot, cid, protocol.ERR_USERNAME_TAKEN)
         else:
-            self.register(name, slot, cid)
-            self.outboxes[slot].append((link.GRANTED, cid, name))
+            stamp = max(time.time_ns(), self.last_stamp + 1)
+            self.register(name, slot, cid, stamp)
+            self.outboxes[slot].append((link.GRANTED, cid, name, stamp))
 
     def log_out(self, slot, cid):
         key = self.owner.pop((slot, cid), None)
         if key is None:
             return                              # never logged in
-        name, _, _ = self.users.pop(key)
+        name = self.users.pop(key)[0]
         self.who_cache = None
         self.broadcast(protocol.info_disconnected(name))
 

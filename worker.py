@@ -30,7 +30,7 @@ from chatlib import link, protocol
 from chatlib.channel import Channel
 from chatlib.protocol import (TOO_LONG, Dm, LineReader, Login, Msg, Ping,
                               Quit, Reply, Who, parse_line)
-from chatlib.service import HEARTBEAT_INTERVAL, Service
+from chatlib.service import Service
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
@@ -44,7 +44,7 @@ OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 class Client:
     """One connection. Kept small: twenty thousand of these must fit."""
 
-    __slots__ = ("sock", "cid", "peer", "name", "name_b", "reader", "out",
+    __slots__ = ("sock", "cid", "peer", "name", "name_b", "login_stamp", "reader", "out",
                  "out_bytes", "midline", "last_line", "held", "waiting",
                  "request", "closing", "interest")
 
@@ -54,6 +54,7 @@ class Client:
         self.peer = peer
         self.name = None           # str once logged in
         self.name_b = None         # the same, as bytes, for formatting lines
+        self.login_stamp = 0       # when the broker granted the name (WHO order)
         self.reader = LineReader(max_line)
         self.out = []              # bytes owed to the socket, in order
         self.out_bytes = 0
@@ -105,7 +106,8 @@ class Worker(Service):
         queued = {id(event) for event in self.outbox}
         resent = [c.request for c in self.clients.values()
                   if c.waiting and id(c.request) not in queued]
-        self.outbox[:0] = [(link.SYNC, [(c.cid, c.name) for c in self.users.values()])] + resent
+        users = [(c.cid, c.name, c.login_stamp) for c in self.users.values()]
+        self.outbox[:0] = [(link.SYNC, users)] + resent
 
     def on_link_lost(self):
         self.log.info("broker link lost; holding requests until a new broker")
@@ -139,7 +141,7 @@ class Worker(Service):
     def poll_timeout(self):
         if self.held:
             return PAUSED_POLL
-        return max(0.0, min(HEARTBEAT_INTERVAL, self.next_sweep - time.monotonic()))
+        return max(0.0, min(self.heartbeat_interval, self.next_sweep - time.monotonic()))
 
     def stop(self):
         """Shutdown: every client gets ``ERR server-shutdown``, then we exit."""
@@ -347,6 +349,7 @@ class Worker(Service):
                     if c is not None and c.waiting:
                         c.name = event[2]
                         c.name_b = c.name.encode()
+                        c.login_stamp = event[3]
                         self.users[c.cid] = c
                         self.send(c, protocol.OK)
                         self.log.info("%s logged in from %s", c.name, c.peer)

@@ -12,7 +12,8 @@ Worker -> broker
     (DM, cid, key, line)        deliver ``line`` to user ``key`` (lower-case
                                 name); answered by ANSWER (empty, or an ERR)
     (BYE, cid)                  the connection is gone
-    (SYNC, [(cid, name), ...])  first event on a new link: the users this
+    (SYNC, [(cid, name, stamp), ...])
+                                first event on a new link: the users this
                                 worker holds (a restarted broker learns them)
 
 Broker -> worker
@@ -20,7 +21,8 @@ Broker -> worker
                                 (other workers' ``MSG`` lines, ``INFO`` lines)
     (DELIVER, cid, line)        a line for one user (a ``DM``)
     (ANSWER, cid, data)         the answer to the connection's pending request
-    (GRANTED, cid, name)        the pending ``LOGIN`` succeeded
+    (GRANTED, cid, name, stamp) the pending ``LOGIN`` succeeded; ``stamp``
+                                orders logins for ``WHO`` across broker restarts
 
 Every request (LOGIN, WHO, DM) gets exactly one answer, in order, so the
 worker can hold the connection's later lines until it comes and keep each

@@ -13,6 +13,7 @@ is not the supervisor's own child. So a child never outlives the server.
 
 import logging
 import multiprocessing
+import os
 import selectors
 import signal
 import sys
@@ -20,7 +21,7 @@ import time
 
 from chatlib import logs
 
-HEARTBEAT_INTERVAL = 0.5      # seconds between heartbeats to the supervisor
+MAX_HEARTBEAT_INTERVAL = 0.5  # seconds between heartbeats to the supervisor
 
 
 class Service:
@@ -39,10 +40,14 @@ class Service:
         self.log = logging.getLogger(self.name)
         self.sel = None
         self._next_heartbeat = 0.0
+        # Four heartbeats per timeout: one late turn is not taken for a hang.
+        self.heartbeat_interval = min(MAX_HEARTBEAT_INTERVAL, config.heartbeat_timeout / 4)
 
     # -- the process ----------------------------------------------------------
 
     def main(self):
+        if os.environ.get("CHAT_CRASH_AT_START") == self.role:
+            os._exit(3)      # fault injection, for the restart-storm test
         logs.setup(self.name, self.config.log_level)
         logs.set_process_title("chat-" + self.name)
         # Ctrl-C reaches the whole foreground process group; the supervisor
@@ -61,7 +66,7 @@ class Service:
                 now = time.monotonic()
                 self.tick(now)
                 if now >= self._next_heartbeat:
-                    self._next_heartbeat = now + HEARTBEAT_INTERVAL
+                    self._next_heartbeat = now + self.heartbeat_interval
                     self._send_control(("heartbeat", self.heartbeat_info()))
         finally:
             self.finish()
@@ -101,7 +106,7 @@ class Service:
             key.data(mask)
 
     def poll_timeout(self):
-        return HEARTBEAT_INTERVAL
+        return self.heartbeat_interval
 
     def tick(self, now):
         """Called once per loop turn, after the events."""

@@ -178,7 +178,7 @@ class Supervisor:
 
     def start_broker(self):
         from broker import Broker
-        self.spawn(Broker, None)
+        self.spawn(Broker, None, self.worker_slots())
         for slot in self.worker_slots():
             self.connect(slot, "broker")
 

@@ -52,13 +52,14 @@ def process_role(pid):
 class Server:
     """``python broker.py`` on a free port; ``with Server(...) as s:``."""
 
-    def __init__(self, *args, workers=2, start_method=None, idle_timeout=None):
+    def __init__(self, *args, workers=2, start_method=None, idle_timeout=None, env=None):
         self.args = ["--host", "127.0.0.1", "--port", "0", "--workers", str(workers)]
         if start_method:
             self.args += ["--start-method", start_method]
         if idle_timeout is not None:
             self.args += ["--idle-timeout", str(idle_timeout)]
         self.args += [str(a) for a in args]
+        self.env = dict(os.environ, **(env or {}))
         self.proc = None
         self.port = None
         self.log_lines = []
@@ -71,12 +72,17 @@ class Server:
     def __exit__(self, *exc):
         self.kill()
 
-    def start(self, timeout=30):
+    def launch(self):
+        """Start the process without waiting for it to listen."""
         self.proc = subprocess.Popen(
-            [sys.executable, BROKER] + self.args, cwd=ROOT,
+            [sys.executable, BROKER] + self.args, cwd=ROOT, env=self.env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True)
         threading.Thread(target=self._read_log, daemon=True).start()
+        return self
+
+    def start(self, timeout=30):
+        self.launch()
         if not self._listening.wait(timeout):
             self.kill()
             raise AssertionError("server did not start:\n" + self.log())

@@ -1,0 +1,144 @@
+"""Recovery: SIGKILL (or SIGSTOP) any process and the server carries on."""
+
+import os
+import signal
+import time
+import unittest
+
+from support import Server, TestCase, process_role
+
+RECOVERY_TIME = 1.0      # seconds within which a replacement must be running
+
+
+class Recovery(TestCase):
+
+    def roles(self, server):
+        return {process_role(pid): pid for pid in server.pids()}
+
+    def wait_for_replacement(self, server, role, old_pid, within=RECOVERY_TIME):
+        """The pid of the new process titled ``role``, once it is running."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            pid = self.roles(server).get(role)
+            if pid is not None and pid != old_pid:
+                return pid
+            time.sleep(0.02)
+        self.fail("no new %s within %.1f s:\n%s" % (role, within, server.log()))
+
+    def logged_in(self, server, n):
+        return [self.client(server, "user%d" % i) for i in range(n)]
+
+    def split_by_survival(self, clients):
+        """Clients whose connection the server closed, and the others with
+        the lines each got before its PONG."""
+        lost, alive = [], {}
+        for c in clients:
+            c.send("PING")
+            try:
+                lines = []
+                while True:
+                    line = c.read_line()
+                    if line == "PONG":
+                        break
+                    lines.append(line)
+                alive[c] = lines
+            except (AssertionError, OSError):
+                lost.append(c)
+        return lost, alive
+
+    def assert_told_once(self, lost, alive):
+        """Each survivor hears exactly one INFO per lost user, and nothing else."""
+        expected = sorted("INFO %s disconnected" % c.name for c in lost)
+        for c, before in alive.items():
+            got = before + c.read_lines(len(lost) - len(before))
+            self.assertEqual(sorted(got), expected)
+            c.expect_nothing_more()
+
+    def test_worker_death(self):
+        s = self.server(workers=2)
+        clients = self.logged_in(s, 6)
+        old = self.roles(s)["chat-worker-0"]
+        os.kill(old, signal.SIGKILL)
+        self.wait_for_replacement(s, "chat-worker-0", old)
+        lost, alive = self.split_by_survival(clients)
+        self.assertEqual(len(lost), 3, "least-loaded hand-off puts 3 of 6 on each worker")
+        self.assert_told_once(lost, alive)
+        # The names are free again, and new clients reach the new worker too.
+        for c in lost:
+            self.client(s, c.name)
+        witness = next(iter(alive))
+        witness.send("WHO")
+        self.assertEqual(len(witness.read_lines(6)), 6)
+
+    def test_broker_death(self):
+        s = self.server(workers=2)
+        clients = self.logged_in(s, 4)
+        old = self.roles(s)["chat-broker"]
+        os.kill(old, signal.SIGKILL)
+        self.wait_for_replacement(s, "chat-broker", old)
+        # Connections survive; the new broker knows every user again.
+        c0, c1, c2, c3 = clients
+        c0.send("WHO")
+        self.assertEqual(c0.read_lines(4), ["USER user%d" % i for i in range(4)])
+        taken = self.client(s)
+        taken.send("LOGIN USER1")
+        taken.expect("ERR username-taken")
+        c1.send("MSG still here")
+        for c in (c0, c2, c3):
+            c.expect("MSG user1 still here")
+        c2.send("DM user3 psst")
+        c3.expect("DM user2 psst")
+        for c in clients:
+            c.expect_nothing_more()
+
+    def test_requests_wait_for_the_new_broker(self):
+        s = self.server(workers=1)
+        a = self.client(s, "a")
+        b = self.client(s, "b")
+        broker = self.roles(s)["chat-broker"]
+        os.kill(broker, signal.SIGSTOP)        # no broker answers meanwhile
+        try:
+            late = self.client(s)
+            late.send("LOGIN a", "LOGIN c")
+            a.send("MSG while the broker was away")
+            a.send("WHO")
+        finally:
+            os.kill(broker, signal.SIGKILL)
+        late.expect("ERR username-taken", "OK")
+        a.expect("USER a", "USER b", "USER c")
+        b.expect("MSG a while the broker was away")
+
+    def test_acceptor_death(self):
+        s = self.server(workers=2)
+        a = self.client(s, "a")
+        old = self.roles(s)["chat-acceptor"]
+        os.kill(old, signal.SIGKILL)
+        # Connection attempts meanwhile wait in the backlog, never refused.
+        b = self.client(s, "b")
+        self.wait_for_replacement(s, "chat-acceptor", old)
+        b.send("MSG hi")
+        a.expect("MSG b hi")
+        a.expect_nothing_more()
+
+    def test_hung_worker_is_replaced(self):
+        s = self.server("--heartbeat-timeout", "0.5", workers=2)
+        clients = self.logged_in(s, 4)
+        old = self.roles(s)["chat-worker-1"]
+        os.kill(old, signal.SIGSTOP)
+        self.wait_for_replacement(s, "chat-worker-1", old, within=3.0)
+        s.wait_log(r"worker-1 \(pid %d\) missed its heartbeats" % old)
+        lost, alive = self.split_by_survival(clients)
+        self.assertEqual(len(lost), 2)
+        self.assert_told_once(lost, alive)
+
+    def test_restart_storm_stops_the_server(self):
+        s = Server(workers=1, env={"CHAT_CRASH_AT_START": "worker"})
+        self.addCleanup(s.kill)
+        s.launch()
+        self.assertEqual(s.proc.wait(30), 1)
+        s.wait_log(r"worker-0 keeps dying at start-up; giving up")
+        self.assertNotIn("Traceback", s.log())
+
+
+if __name__ == "__main__":
+    unittest.main()
