@@ -20,6 +20,8 @@ order of its commands; a client with held lines is not read any further, so a
 worker holds at most one read's worth of unprocessed input per client.
 """
 
+import heapq
+import os
 import selectors
 import socket
 import time
@@ -27,9 +29,10 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 
 from chatlib import link, protocol
+from chatlib.acceptor import note_gone, note_open
 from chatlib.channel import Channel
-from chatlib.protocol import (TOO_LONG, Dm, LineReader, Login, Msg, Ping,
-                              Quit, Reply, Who, parse_line)
+from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,
+                              Ping, Quit, Reply, Who, parse_line)
 from chatlib.service import Service
 
 READ = selectors.EVENT_READ
@@ -39,19 +42,23 @@ IOV_MAX = 512              # buffers per sendmsg; POSIX guarantees 16, Linux/mac
 HANDOFFS_PER_TURN = 256    # new sockets taken per turn, so clients are not starved
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
+FLOOD_GRACE = 10.0         # seconds a client may stay over --rate before ERR flood
+QUIT_REASON = "quit"
+HANGUP_REASON = "not a chat client"
 
 
 class Client:
     """One connection. Kept small: twenty thousand of these must fit."""
 
-    __slots__ = ("sock", "cid", "peer", "name", "name_b", "login_stamp", "reader", "out",
-                 "out_bytes", "midline", "last_line", "held", "waiting",
-                 "request", "closing", "interest")
+    __slots__ = ("sock", "cid", "ip", "name", "name_b", "login_stamp", "reader",
+                 "out", "out_bytes", "midline", "connected", "last_line", "held",
+                 "waiting", "request", "closing", "interest", "tokens",
+                 "refilled", "throttled_since")
 
-    def __init__(self, sock, cid, peer, max_line, now):
+    def __init__(self, sock, cid, ip, max_line, now, burst):
         self.sock = sock
         self.cid = cid
-        self.peer = peer
+        self.ip = ip
         self.name = None           # str once logged in
         self.name_b = None         # the same, as bytes, for formatting lines
         self.login_stamp = 0       # when the broker granted the name (WHO order)
@@ -59,21 +66,26 @@ class Client:
         self.out = []              # bytes owed to the socket, in order
         self.out_bytes = 0
         self.midline = False       # out[0] starts in the middle of a line
+        self.connected = now       # for the login timeout
         self.last_line = now       # for the idle timeout
         self.held = None           # lines read but not yet run
         self.waiting = False       # a request to the broker is unanswered
         self.request = None        # that request, to resend to a new broker
         self.closing = None        # why we stop reading it (QUIT, EOF)
         self.interest = 0          # selector events registered
+        self.tokens = burst        # flood control: lines it may send now
+        self.refilled = now
+        self.throttled_since = None
 
 
 class Worker(Service):
     role = "worker"
 
-    def __init__(self, config, ctrl, slot, board):
+    def __init__(self, config, ctrl, slot):
         super().__init__(config, ctrl, slot)
-        self.board = board
         self.handoff = None        # Connection from the acceptor (an order brings it)
+        self.notes = None          # the same pipe, for telling the acceptor who left
+        self.unsent_notes = b""    # what it could not take yet
         self.link = None           # Channel to the broker (an order brings it)
         self.clients = {}          # cid -> Client
         self.users = {}            # cid -> Client, the logged-in ones
@@ -82,6 +94,9 @@ class Worker(Service):
         self.msg_run = []          # MSG lines not yet closed into an event
         self.local = []            # (sender, line) for this turn's local fan-out
         self.held = set()          # clients holding lines until the link drains
+        self.throttled = []        # heap of (when, cid): flood-controlled clients
+        self.rate = config.rate
+        self.burst = config.burst
         self.next_cid = 1
         self.now = time.monotonic()
         self.next_sweep = self.now
@@ -90,9 +105,9 @@ class Worker(Service):
     # -- set-up and control ---------------------------------------------------
 
     def start(self):
-        self.board.live[self.slot] = 0          # a replacement starts empty
         cfg = self.config
-        self.sweep_every = min(1.0, max(0.05, cfg.idle_timeout / 4))
+        shortest = min(cfg.idle_timeout, cfg.login_timeout or cfg.idle_timeout)
+        self.sweep_every = min(1.0, max(0.05, shortest / 4))
 
     def attach_link(self, conn):
         """Reach the broker over ``conn``; tell it who is here and what we await.
@@ -125,7 +140,10 @@ class Worker(Service):
         elif order[0] == "handoff":       # an acceptor: here is our end
             self.detach_handoff()
             self.handoff = Connection(recv_handle(self.ctrl))
+            self.notes = socket.socket(fileno=os.dup(self.handoff.fileno()))
             self.sel.register(self.handoff.fileno(), READ, self.on_handoff)
+            # A new acceptor learns which connections we hold.
+            self.unsent_notes = b"".join(note_open(c.ip) for c in self.clients.values())
         else:
             super().on_order(order)
 
@@ -133,7 +151,9 @@ class Worker(Service):
         if self.handoff is not None:
             self.sel.unregister(self.handoff.fileno())
             self.handoff.close()
-            self.handoff = None
+            self.notes.close()
+            self.handoff = self.notes = None
+            self.unsent_notes = b""
 
     def heartbeat_info(self):
         return {"clients": len(self.clients), "users": len(self.users)}
@@ -141,7 +161,8 @@ class Worker(Service):
     def poll_timeout(self):
         if self.held:
             return PAUSED_POLL
-        return max(0.0, min(self.heartbeat_interval, self.next_sweep - time.monotonic()))
+        until = min(self.next_sweep, self.throttled[0][0]) if self.throttled else self.next_sweep
+        return max(0.0, min(self.heartbeat_interval, until - time.monotonic()))
 
     def stop(self):
         """Shutdown: every client gets ``ERR server-shutdown``, then we exit."""
@@ -170,11 +191,18 @@ class Worker(Service):
         self.end_turn()
 
     def tick(self, now):
+        self.now = now
         if self.held and not self.congested():
             waiting, self.held = self.held, set()
             for c in waiting:
-                if c.sock is not None and not c.waiting:
-                    self.resume(c)
+                if c.sock is not None and c.held:
+                    self.pump(c)
+            self.end_turn()
+        if self.throttled and self.throttled[0][0] <= now:
+            while self.throttled and self.throttled[0][0] <= now:
+                c = self.clients.get(heapq.heappop(self.throttled)[1])
+                if c is not None and c.held:
+                    self.pump(c)
             self.end_turn()
         if now >= self.next_sweep:
             self.next_sweep = now + self.sweep_every
@@ -194,12 +222,28 @@ class Worker(Service):
         if self.outbox and self.link is not None:
             self.link.send(self.outbox)
             self.outbox = []
+        if self.unsent_notes:
+            self.send_notes()
+
+    def send_notes(self):
+        """Tell the acceptor who left, without ever blocking on it."""
+        try:
+            sent = self.notes.send(self.unsent_notes, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            sent = len(self.unsent_notes)     # it is gone; a new one gets a snapshot
+        self.unsent_notes = self.unsent_notes[sent:]
 
     def sweep_idle(self, now):
         """One pass over all connections instead of a timer per connection."""
         deadline = now - self.config.idle_timeout
-        for c in [c for c in self.clients.values() if c.last_line < deadline]:
-            self.cut(c, protocol.ERR_IDLE_TIMEOUT, "idle timeout")
+        login_deadline = now - (self.config.login_timeout or float("inf"))
+        for c in list(self.clients.values()):
+            if c.last_line < deadline:
+                self.cut(c, protocol.ERR_IDLE_TIMEOUT, "idle timeout")
+            elif c.name is None and c.connected < login_deadline and not c.waiting:
+                self.cut(c, protocol.ERR_LOGIN_TIMEOUT, "login timeout")
         self.end_turn()
 
     # -- new connections ------------------------------------------------------
@@ -212,6 +256,12 @@ class Worker(Service):
                 self.log.info("acceptor link lost; waiting for a new acceptor")
                 self.detach_handoff()
                 return
+            except RuntimeError:
+                # Out of descriptors: the kernel dropped the socket in transit
+                # (the client sees it closed). Tell the acceptor it is gone.
+                self.log.warning("could not receive a connection: out of file descriptors")
+                self.unsent_notes += note_gone("?")
+                continue
             self.add_client(socket.socket(fileno=fd))
             if not self.handoff.poll():
                 return
@@ -219,14 +269,12 @@ class Worker(Service):
     def add_client(self, sock):
         sock.setblocking(False)
         try:
-            peer = "%s:%s" % sock.getpeername()[:2]
-        except OSError:
-            peer = "?"
+            ip = sock.getpeername()[0]
+        except (OSError, IndexError):
+            ip = "?"
         cid, self.next_cid = self.next_cid, self.next_cid + 1
-        c = Client(sock, cid, peer, self.config.max_line, self.now)
+        c = Client(sock, cid, ip, self.config.max_line, self.now, self.burst)
         self.clients[cid] = c
-        self.board.received[self.slot] += 1
-        self.board.live[self.slot] += 1
         self.set_interest(c, READ)
 
     # -- reading and running lines --------------------------------------------
@@ -248,31 +296,60 @@ class Worker(Service):
         lines = c.reader.feed(data)
         if lines:
             c.last_line = self.now
-            if c.held is not None or c.waiting or self.congested():
-                self.hold(c, lines)
+            if c.held is None:
+                c.held = lines
             else:
-                rest = self.run_lines(c, lines)
-                if rest:
-                    self.hold(c, rest)
+                c.held.extend(lines)
+            self.pump(c)
 
-    def hold(self, c, lines):
-        if c.held is None:
-            c.held = lines
-            self.update_interest(c)
-        else:
-            c.held.extend(lines)
-        if not c.waiting:
-            self.held.add(c)         # held only for the link: tick resumes it
+    def pump(self, c):
+        """Run ``c``'s unrun lines as far as nothing stops them.
 
-    def resume(self, c):
-        """Run the lines held for ``c`` now that nothing stops them."""
+        Three things hold lines back: an unanswered broker request (the answer
+        pumps again), a congested broker link (``tick`` pumps again), and
+        flood control (``tick`` pumps again when tokens are back). A client
+        with held lines is not read, so one read's worth is all it can park.
+        """
         lines, c.held = c.held, None
-        rest = self.run_lines(c, lines) if lines else None
+        if c.waiting or self.congested():
+            rest = lines
+        elif self.rate:
+            allowed = self.allowance(c)
+            rest = self.run_lines(c, lines[:allowed])
+            ran = min(allowed, len(lines)) - (len(rest) if rest else 0)
+            c.tokens -= ran
+            if len(lines) > allowed and c.closing not in (QUIT_REASON, HANGUP_REASON):
+                rest = (rest or []) + lines[allowed:]
+        else:
+            rest = self.run_lines(c, lines)
         if rest:
             c.held = rest
+            if c.waiting:
+                pass
+            elif self.congested():
+                self.held.add(c)
+            else:
+                self.throttle(c)
         else:
+            c.throttled_since = None
+        if c.sock is not None:
             self.update_interest(c)
-        self.dirty.add(c)
+
+    def allowance(self, c):
+        """Token bucket: whole lines ``c`` may run now (``--rate``, ``--burst``)."""
+        tokens = min(self.burst, c.tokens + (self.now - c.refilled) * self.rate)
+        c.tokens, c.refilled = tokens, self.now
+        return int(tokens) if tokens > 0 else 0
+
+    def throttle(self, c):
+        """Over the rate: read nothing more until a token is back ("fakelag");
+        a client that stays over it for long is cut."""
+        if c.throttled_since is None:
+            c.throttled_since = self.now
+        elif self.now - c.throttled_since > FLOOD_GRACE:
+            self.cut(c, protocol.ERR_FLOOD, "flood")
+            return
+        heapq.heappush(self.throttled, (self.now + (1 - c.tokens) / self.rate, c.cid))
 
     def run_lines(self, c, lines):
         """Run lines in order until one needs the broker; return the rest."""
@@ -292,9 +369,10 @@ class Worker(Service):
                 self.send(c, cmd.data)
             elif kind is Ping:
                 self.send(c, protocol.PONG)
-            elif kind is Quit:
-                c.closing = "quit"
-                self.update_interest(c)
+            elif kind is Quit or kind is Hangup:
+                if kind is Hangup:
+                    self.send(c, cmd.data)
+                c.closing = QUIT_REASON if kind is Quit else HANGUP_REASON
                 self.dirty.add(c)
                 return None            # lines after QUIT are not run
             else:
@@ -352,16 +430,15 @@ class Worker(Service):
                         c.login_stamp = event[3]
                         self.users[c.cid] = c
                         self.send(c, protocol.OK)
-                        self.log.info("%s logged in from %s", c.name, c.peer)
+                        self.log.info("%s logged in from %s", c.name, c.ip)
                         self.answered(c)
 
     def answered(self, c):
         c.waiting = False
         c.request = None
+        self.dirty.add(c)
         if c.held is not None:
-            self.resume(c)
-        else:
-            self.dirty.add(c)
+            self.pump(c)
 
     # -- writing --------------------------------------------------------------
 
@@ -497,8 +574,9 @@ class Worker(Service):
         if self.users.pop(c.cid, None) is not None or c.waiting:
             if not self.stopping:
                 self.to_broker((link.BYE, c.cid))
-        self.board.live[self.slot] -= 1
+        if self.notes is not None:
+            self.unsent_notes += note_gone(c.ip)
         if c.name is not None:
             self.log.info("%s disconnected (%s)", c.name, reason)
         else:
-            self.log.debug("%s disconnected before login (%s)", c.peer, reason)
+            self.log.debug("%s disconnected before login (%s)", c.ip, reason)

@@ -7,19 +7,24 @@ replaced. Each accepted socket goes to a worker with
 acceptor then closes its own copy (otherwise the TCP connection would outlive
 the worker's close).
 
-Spreading: least-loaded. Each worker publishes how many connections it holds
-and how many it has received on a :class:`~chatlib.loadboard.LoadBoard`; the
-acceptor adds what it handed out that the worker has not taken yet. Unlike
-round-robin this stays even under churn and fills a restarted worker first,
-and it gives ``--max-clients`` its exact total for free.
+The same pipe carries *notes* back, one line per connection: ``-IP`` when a
+worker closed a connection from IP, ``+IP`` for each connection it holds when
+it first meets a new acceptor. From them the acceptor knows, exactly, how many
+connections each worker holds and each address has open, which gives:
+
+* least-loaded spreading: stays even under churn and fills a restarted worker
+  first, where round-robin would not;
+* ``--max-clients`` (``ERR server-full``) and ``--max-per-ip``
+  (``ERR too-many-connections``) without asking anyone.
 """
 
 import errno
 import socket
 import time
-from selectors import EVENT_READ
+from collections import Counter
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
+from selectors import EVENT_READ
 
 from chatlib import protocol
 from chatlib.service import Service
@@ -30,15 +35,37 @@ _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
 
 
+def note_open(ip):
+    return b"+%s\n" % ip.encode()
+
+
+def note_gone(ip):
+    return b"-%s\n" % ip.encode()
+
+
+class WorkerPipe:
+    """The acceptor's end of one worker's pipe, and what it knows of that worker."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.sock = socket.socket(fileno=conn.fileno())    # for the notes
+        self.partial = b""
+        self.ips = Counter()        # address -> connections this worker holds
+        self.load = 0               # connections this worker holds
+
+    def close(self):
+        self.sock.detach()
+        self.conn.close()
+
+
 class Acceptor(Service):
     role = "acceptor"
 
-    def __init__(self, config, ctrl, listener, board):
+    def __init__(self, config, ctrl, listener):
         super().__init__(config, ctrl)
         self.listener = listener
-        self.handoffs = {}                  # slot -> Connection to that worker
-        self.board = board
-        self.handed = list(board.received)   # sockets sent to each worker
+        self.workers = {}                   # slot -> WorkerPipe
+        self.per_ip = Counter()             # address -> open connections
         self.backoff = 0.0
         self.resume_at = 0.0
         self.listening = False
@@ -46,23 +73,18 @@ class Acceptor(Service):
     def start(self):
         self.listener.setblocking(False)
 
-    def update_listening(self):
-        """Accept only with a worker to give sockets to and no back-off running;
-        meanwhile connection attempts wait in the kernel's backlog."""
-        want = bool(self.handoffs) and time.monotonic() >= self.resume_at
-        if want != self.listening:
-            if want:
-                self.sel.register(self.listener, EVENT_READ, self.on_accept)
-            else:
-                self.sel.unregister(self.listener)
-            self.listening = want
+    def finish(self):
+        self.listener.close()
+
+    # -- workers come and go --------------------------------------------------
 
     def on_order(self, order):
-        if order[0] == "attach":            # a new worker in this slot
+        if order[0] == "attach":            # a (new) worker in this slot
             slot = order[1]
             self.detach(slot)
-            self.handoffs[slot] = Connection(recv_handle(self.ctrl))
-            self.handed[slot] = self.board.received[slot]   # in-flight ones died
+            pipe = WorkerPipe(Connection(recv_handle(self.ctrl)))
+            self.workers[slot] = pipe
+            self.sel.register(pipe.sock, EVENT_READ, lambda mask: self.on_notes(slot, pipe))
             self.update_listening()
         elif order[0] == "detach":
             self.detach(order[1])
@@ -70,10 +92,54 @@ class Acceptor(Service):
             super().on_order(order)
 
     def detach(self, slot):
-        old = self.handoffs.pop(slot, None)
-        if old is not None:
-            old.close()
+        """Worker ``slot`` is gone, and so are its connections."""
+        pipe = self.workers.pop(slot, None)
+        if pipe is not None:
+            self.sel.unregister(pipe.sock)
+            self.per_ip -= pipe.ips
+            pipe.close()
         self.update_listening()
+
+    def on_notes(self, slot, pipe):
+        if self.workers.get(slot) is not pipe:
+            return                          # detached earlier in this turn
+        try:
+            data = pipe.sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.detach(slot)               # the worker died; the supervisor knows
+            return
+        lines = (pipe.partial + data).split(b"\n")
+        pipe.partial = lines.pop()
+        for line in lines:
+            ip = line[1:].decode()
+            if line[:1] == b"+":
+                pipe.load += 1
+                pipe.ips[ip] += 1
+                self.per_ip[ip] += 1
+            else:
+                pipe.load -= 1
+                if pipe.ips[ip] > 0:
+                    pipe.ips[ip] -= 1
+                    self.per_ip[ip] -= 1
+                    if not self.per_ip[ip]:
+                        del self.per_ip[ip], pipe.ips[ip]
+
+    # -- accepting ------------------------------------------------------------
+
+    def update_listening(self):
+        """Accept only with a worker to give sockets to and no back-off running;
+        meanwhile connection attempts wait in the kernel's backlog."""
+        want = bool(self.workers) and time.monotonic() >= self.resume_at
+        if want != self.listening:
+            if want:
+                self.sel.register(self.listener, EVENT_READ, self.on_accept)
+            else:
+                self.sel.unregister(self.listener)
+            self.listening = want
 
     def poll_timeout(self):
         if self.resume_at:
@@ -85,15 +151,12 @@ class Acceptor(Service):
             self.resume_at = 0.0
             self.update_listening()
 
-    def finish(self):
-        self.listener.close()
-
     def on_accept(self, mask=None):
         for _ in range(ACCEPTS_PER_TURN):
             if not self.listening:
                 return
             try:
-                sock, _ = self.listener.accept()
+                sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -103,45 +166,50 @@ class Acceptor(Service):
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 raise
-            self.backoff = 0.0
+            if self.backoff:
+                self.log.info("accepting again")
+                self.backoff = 0.0
             try:
-                self.dispatch(sock)
+                self.dispatch(sock, address[0] if isinstance(address, tuple) else "?")
             finally:
                 sock.close()
 
     def back_off(self, exc):
-        """Out of descriptors: stop accepting a while (10 ms doubling to 1 s)."""
+        """Out of descriptors: stop accepting a while (10 ms doubling to 1 s),
+        logging once, instead of spinning or dying."""
         if not self.backoff:
             self.log.error("accept failed (%s); backing off", exc.strerror)
         self.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self.backoff * 2))
         self.resume_at = time.monotonic() + self.backoff
         self.update_listening()
 
-    def load(self, slot):
-        board = self.board
-        return board.live[slot] + self.handed[slot] - board.received[slot]
-
-    def dispatch(self, sock):
-        while self.handoffs:
-            total = sum(self.load(s) for s in self.handoffs)
-            if total >= self.config.max_clients:
-                self.refuse(sock, protocol.ERR_SERVER_FULL, "server full")
-                return
-            slot = min(self.handoffs, key=self.load)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def dispatch(self, sock, ip):
+        cfg = self.config
+        if sum(pipe.load for pipe in self.workers.values()) >= cfg.max_clients:
+            self.refuse(sock, protocol.ERR_SERVER_FULL, "server full", ip)
+            return
+        if cfg.max_per_ip and self.per_ip[ip] >= cfg.max_per_ip:
+            self.refuse(sock, protocol.ERR_TOO_MANY_CONNECTIONS,
+                        "too many connections from this address", ip)
+            return
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while self.workers:
+            slot = min(self.workers, key=lambda k: self.workers[k].load)
+            pipe = self.workers[slot]
             try:
-                send_handle(self.handoffs[slot], sock.fileno(), None)
+                send_handle(pipe.conn, sock.fileno(), None)
             except OSError as exc:
                 self.log.warning("worker-%d unreachable (%s)", slot, exc)
                 self.detach(slot)
                 continue
-            self.handed[slot] += 1
+            pipe.load += 1
+            pipe.ips[ip] += 1
+            self.per_ip[ip] += 1
             return
-        self.refuse(sock, protocol.ERR_SERVER_FULL, "no worker available")
 
-    def refuse(self, sock, line, reason):
-        self.log.warning("refused a connection: %s", reason)
+    def refuse(self, sock, line, reason, ip):
+        self.log.debug("refused a connection from %s: %s", ip, reason)
         try:
             sock.setblocking(False)
             sock.send(line)

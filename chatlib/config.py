@@ -34,6 +34,20 @@ def _seconds(text):
     return value
 
 
+def _non_negative(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more, got %s" % text)
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more, got %s" % text)
+    return value
+
+
 def _max_line(text):
     value = int(text)
     if value < 16:
@@ -73,6 +87,19 @@ def build_parser():
     p.add_argument("--max-pending", type=_positive_int, default=1 << 20,
                    help="bytes of unsent output a client may owe before it "
                         "gets ERR slow-consumer and is closed")
+    p.add_argument("--login-timeout", type=_non_negative, default=30.0,
+                   help="seconds a connection may take to log in before it "
+                        "gets ERR login-timeout and is closed (0: no limit)")
+    p.add_argument("--rate", type=_non_negative, default=1000.0,
+                   help="flood control: lines per second a client may send on "
+                        "average; over it the server reads it more slowly, and "
+                        "cuts it with ERR flood after 10 s (0: no limit)")
+    p.add_argument("--burst", type=_positive_int, default=2000,
+                   help="flood control: lines a client may send at once "
+                        "above --rate")
+    p.add_argument("--max-per-ip", type=_non_negative_int, default=64,
+                   help="connections from one address beyond this get "
+                        "ERR too-many-connections (0: no limit)")
     p.add_argument("--heartbeat-timeout", type=_seconds, default=5.0,
                    help="seconds a process may go without a heartbeat before "
                         "it is considered hung, killed and replaced")

@@ -21,6 +21,7 @@ Who = namedtuple("Who", "")
 Ping = namedtuple("Ping", "")
 Quit = namedtuple("Quit", "")
 Reply = namedtuple("Reply", "data")            # answered at once, e.g. an ERR line
+Hangup = namedtuple("Hangup", "data")          # answered, then the connection closes
 
 WHO, PING, QUIT = Who(), Ping(), Quit()
 
@@ -40,6 +41,10 @@ ERR_IDLE_TIMEOUT = b"ERR idle-timeout\n"
 ERR_SERVER_FULL = b"ERR server-full\n"
 ERR_SLOW_CONSUMER = b"ERR slow-consumer\n"
 ERR_SERVER_SHUTDOWN = b"ERR server-shutdown\n"
+ERR_FLOOD = b"ERR flood\n"
+ERR_LOGIN_TIMEOUT = b"ERR login-timeout\n"
+ERR_TOO_MANY_CONNECTIONS = b"ERR too-many-connections\n"
+ERR_NOT_A_CHAT_CLIENT = b"ERR not-a-chat-client\n"
 
 
 def msg_line(sender, text):
@@ -96,6 +101,8 @@ def clean_text(text):
 _WS = b" \t"
 # Command word, then the rest of the line; whitespace is space and TAB only.
 _SPLIT_WORD = re.compile(rb"[ \t]*([^ \t]*)[ \t]*(.*)", re.S)
+# An HTTP request line: somebody pointed a browser or a proxy at the port.
+_HTTP_REQUEST = re.compile(rb"[A-Z]+ \S+ HTTP/\d(\.\d)?\Z")
 
 
 def parse_line(line, logged_in):
@@ -139,6 +146,8 @@ def parse_line(line, logged_in):
         return Login(name.decode("ascii"))
     if verb == b"QUIT":
         return QUIT
+    if not logged_in and _HTTP_REQUEST.match(line):
+        return Hangup(ERR_NOT_A_CHAT_CLIENT)
     return Reply(ERR_UNKNOWN_COMMAND)
 
 

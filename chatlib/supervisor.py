@@ -12,7 +12,6 @@ What it owns:
 * every pipe between children: it creates them, hands each end to its process
   (as a start argument, or later with ``send_handle`` over the control pipe),
   and closes its own copies;
-* the :class:`~chatlib.loadboard.LoadBoard` the acceptor balances by.
 
 When a child dies (or misses heartbeats and is killed) it is replaced, and
 the survivors are re-wired: a new worker's pipes go to the broker and the
@@ -35,7 +34,6 @@ from multiprocessing.reduction import send_handle
 
 from chatlib import logs
 from chatlib.acceptor import Acceptor
-from chatlib.loadboard import LoadBoard
 from chatlib.service import run_service
 
 log = logging.getLogger("supervisor")
@@ -96,7 +94,6 @@ class Supervisor:
         self.stopping = False
         self.quick_deaths = {}        # (role, slot) -> deaths soon after start, in a row
         self.listener = None
-        self.board = None
 
     # -- the whole life -------------------------------------------------------
 
@@ -118,7 +115,6 @@ class Supervisor:
         self.wake = wake_r
         log.info("starting: %d workers, start method %s, open-file limit %d",
                  cfg.workers, self.ctx.get_start_method(), nofile)
-        self.board = LoadBoard(self.ctx, cfg.workers)
         try:
             self.start_all()
             if self.wait_ready():
@@ -172,7 +168,7 @@ class Supervisor:
 
     def start_worker(self, slot):
         from worker import Worker
-        self.spawn(Worker, slot, self.board)
+        self.spawn(Worker, slot)
         self.connect(slot, "broker")
         self.connect(slot, "acceptor")
 
@@ -183,7 +179,7 @@ class Supervisor:
             self.connect(slot, "broker")
 
     def start_acceptor(self):
-        self.spawn(Acceptor, None, self.listener, self.board)
+        self.spawn(Acceptor, None, self.listener)
         for slot in self.worker_slots():
             self.connect(slot, "acceptor")
 
