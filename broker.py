@@ -70,7 +70,7 @@ class Broker(Service):
         self.end_turn()
 
     def on_link_lost(self, slot):
-        self.log.info("worker-%d link lost", slot)
+        self.log.debug("worker-%d link lost", slot)
         self.detach(slot)
 
     def on_order(self, order):

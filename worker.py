@@ -43,6 +43,8 @@ HANDOFFS_PER_TURN = 256    # new sockets taken per turn, so clients are not star
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 FLOOD_GRACE = 10.0         # seconds a client may stay over --rate before ERR flood
+COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
+            "flood_cuts", "batches", "events")
 QUIT_REASON = "quit"
 HANGUP_REASON = "not a chat client"
 
@@ -97,6 +99,7 @@ class Worker(Service):
         self.throttled = []        # heap of (when, cid): flood-controlled clients
         self.rate = config.rate
         self.burst = config.burst
+        self.counters = dict.fromkeys(COUNTERS, 0)   # for --stats-interval
         self.next_cid = 1
         self.now = time.monotonic()
         self.next_sweep = self.now
@@ -125,7 +128,7 @@ class Worker(Service):
         self.outbox[:0] = [(link.SYNC, users)] + resent
 
     def on_link_lost(self):
-        self.log.info("broker link lost; holding requests until a new broker")
+        self.log.debug("broker link lost; holding requests until a new broker")
         self.link = None
 
     def congested(self):
@@ -156,7 +159,11 @@ class Worker(Service):
             self.unsent_notes = b""
 
     def heartbeat_info(self):
-        return {"clients": len(self.clients), "users": len(self.users)}
+        info = dict(self.counters)
+        if self.link is not None:
+            info["batches"] = self.link.frames_out
+        info.update(clients=len(self.clients), users=len(self.users))
+        return info
 
     def poll_timeout(self):
         if self.held:
@@ -220,6 +227,7 @@ class Worker(Service):
         if self.msg_run:
             self.close_msg_run()
         if self.outbox and self.link is not None:
+            self.counters["events"] += len(self.outbox)
             self.link.send(self.outbox)
             self.outbox = []
         if self.unsent_notes:
@@ -253,7 +261,7 @@ class Worker(Service):
             try:
                 fd = recv_handle(self.handoff)
             except (EOFError, OSError):
-                self.log.info("acceptor link lost; waiting for a new acceptor")
+                self.log.debug("acceptor link lost; waiting for a new acceptor")
                 self.detach_handoff()
                 return
             except RuntimeError:
@@ -282,6 +290,7 @@ class Worker(Service):
     def on_readable(self, c):
         try:
             data = c.sock.recv(RECV_SIZE)
+            self.counters["bytes_in"] += len(data)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -347,6 +356,7 @@ class Worker(Service):
         if c.throttled_since is None:
             c.throttled_since = self.now
         elif self.now - c.throttled_since > FLOOD_GRACE:
+            self.counters["flood_cuts"] += 1
             self.cut(c, protocol.ERR_FLOOD, "flood")
             return
         heapq.heappush(self.throttled, (self.now + (1 - c.tokens) / self.rate, c.cid))
@@ -364,6 +374,7 @@ class Worker(Service):
             if kind is Msg:
                 out = protocol.msg_line(c.name_b, cmd.text)
                 self.local.append((c, out))
+                self.counters["msgs"] += 1
                 self.msg_run.append(out)
             elif kind is Reply:
                 self.send(c, cmd.data)
@@ -416,6 +427,7 @@ class Worker(Service):
                     c = self.users.get(event[1])
                     if c is not None:
                         self.send(c, event[2])
+                        self.counters["deliveries"] += 1
                 elif tag == link.ANSWER:
                     c = self.clients.get(event[1])
                     if c is not None and c.waiting:
@@ -454,31 +466,28 @@ class Worker(Service):
             c.out.append(blob)
             c.out_bytes += n
         self.dirty.update(self.users.values())
+        self.counters["deliveries"] += blob.count(b"\n") * len(self.users)
 
     def fan_out_local(self):
-        """This turn's MSG lines to the local users, each sender's own left out."""
+        """This turn's MSG lines to the local users, each sender's own left out.
+
+        Everyone shares one blob; only the (few) senders get a copy of their
+        own, without their lines.
+        """
         local, self.local = self.local, []
-        senders = {}
-        for sender, line in local:
-            senders[sender] = None
-        if len(senders) == 1:
-            (only,) = senders
-            blob = b"".join([line for _, line in local])
-            for c in self.users.values():
-                if c is not only:
-                    c.out.append(blob)
-                    c.out_bytes += len(blob)
-        else:
-            blob = b"".join([line for _, line in local])
-            for c in self.users.values():
-                if c in senders:
-                    mine = b"".join([line for s, line in local if s is not c])
-                    c.out.append(mine)
-                    c.out_bytes += len(mine)
-                else:
-                    c.out.append(blob)
-                    c.out_bytes += len(blob)
+        senders = {sender for sender, _ in local}
+        blob = b"".join([line for _, line in local])
+        for c in self.users.values():
+            if c in senders:
+                data = b"".join([line for s, line in local if s is not c])
+                if not data:
+                    continue
+            else:
+                data = blob
+            c.out.append(data)
+            c.out_bytes += len(data)
         self.dirty.update(self.users.values())
+        self.counters["deliveries"] += len(local) * (len(self.users) - 1)
 
     def flush(self, c, writable):
         """Write what ``c`` is owed: one syscall, no copy of the buffers."""
@@ -493,6 +502,7 @@ class Worker(Service):
             except OSError as exc:
                 self.drop(c, "connection error: %s" % (exc.strerror or exc))
                 return
+            self.counters["bytes_out"] += sent
             if sent == c.out_bytes:
                 out.clear()
                 c.out_bytes = 0
@@ -500,6 +510,7 @@ class Worker(Service):
             else:
                 self.consume(c, sent)
         if c.out_bytes > self.config.max_pending:
+            self.counters["slow_cuts"] += 1
             self.cut(c, protocol.ERR_SLOW_CONSUMER, "slow consumer")
             return
         if c.closing and not c.out and not c.waiting and not c.held:

@@ -109,7 +109,13 @@ def build_parser():
                         % multiprocessing.get_start_method(allow_none=False))
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="log verbosity (logs go to stderr)")
+                   help="log verbosity")
+    p.add_argument("--log-file", default=None, metavar="PATH",
+                   help="append logs to this file instead of stderr; SIGHUP "
+                        "reopens it (for logrotate)")
+    p.add_argument("--stats-interval", type=_non_negative, default=0.0, metavar="S",
+                   help="log a statistics line every S seconds (0: off; "
+                        "SIGUSR1 logs one at once)")
     p.add_argument("--version", action="version",
                    version="%(prog)s " + __version__)
     return p

@@ -22,16 +22,24 @@ class _RoleFilter(logging.Filter):
         return True
 
 
-def setup(role, level="INFO"):
-    """Send this process's log lines to stderr, tagged with ``role``."""
+def setup(role, level="INFO", path=None):
+    """Send this process's log lines to stderr (or to the file ``path``),
+    tagged with ``role``."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(_RoleFilter(role))
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def reopen():
+    """After logrotate moved the file: the next line opens it anew."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()      # FileHandler reopens on the next emit
 
 
 def set_process_title(title):

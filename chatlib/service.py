@@ -48,11 +48,12 @@ class Service:
     def main(self):
         if os.environ.get("CHAT_CRASH_AT_START") == self.role:
             os._exit(3)      # fault injection, for the restart-storm test
-        logs.setup(self.name, self.config.log_level)
+        logs.setup(self.name, self.config.log_level, self.config.log_file)
         logs.set_process_title("chat-" + self.name)
         # Ctrl-C reaches the whole foreground process group; the supervisor
         # alone decides how to stop, and tells us over the control pipe.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.ctrl.fileno(), selectors.EVENT_READ, self._on_control)
         parent = multiprocessing.parent_process()
@@ -82,6 +83,8 @@ class Service:
         if order[0] == "stop":
             self.log.debug("asked to stop")
             self.stop()
+        elif order[0] == "reopen-log":
+            logs.reopen()
         else:
             self.on_order(order)
 

@@ -35,6 +35,8 @@ from multiprocessing.reduction import send_handle
 from chatlib import logs
 from chatlib.acceptor import Acceptor
 from chatlib.service import run_service
+from chatlib.stats import StatsReport
+from chatlib.systemd import notify
 
 log = logging.getLogger("supervisor")
 
@@ -93,13 +95,17 @@ class Supervisor:
         self.signals = []
         self.stopping = False
         self.quick_deaths = {}        # (role, slot) -> deaths soon after start, in a row
+        self.restarts = {}            # (role, slot) -> times replaced
+        self.started = time.monotonic()
+        self.stats = StatsReport()
+        self.next_stats = float("inf")
         self.listener = None
 
     # -- the whole life -------------------------------------------------------
 
     def run(self):
         cfg = self.config
-        logs.setup("main", cfg.log_level)
+        logs.setup("main", cfg.log_level, cfg.log_file)
         nofile = raise_nofile_limit()
         try:
             self.listener = self.listen()
@@ -110,7 +116,7 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno())
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self.record_signal)
         self.wake = wake_r
         log.info("starting: %d workers, start method %s, open-file limit %d",
@@ -120,6 +126,9 @@ class Supervisor:
             if self.wait_ready():
                 host, port = self.listener.getsockname()[:2]
                 log.info("listening on %s:%d", host, port)
+                notify("READY=1\nSTATUS=listening on %s:%d" % (host, port))
+                if cfg.stats_interval:
+                    self.next_stats = time.monotonic() + cfg.stats_interval
                 self.watch()
             return 0 if not self.failed else 1
         finally:
@@ -226,6 +235,9 @@ class Supervisor:
             if self.handle_signals():
                 return
             self.check_heartbeats()
+            if time.monotonic() >= self.next_stats:
+                self.next_stats += self.config.stats_interval
+                self.log_stats()
 
     def poll(self, timeout):
         by_ctrl = {c.ctrl: c for c in self.children.values()}
@@ -260,7 +272,34 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 stop = True
+            elif signum == signal.SIGHUP:
+                logs.reopen()
+                for child in self.children.values():
+                    child.order("reopen-log")
+                log.info("received SIGHUP: log file reopened")
+            elif signum == signal.SIGUSR1:
+                self.log_stats()
+                self.log_processes()
         return stop
+
+    def workers_info(self):
+        return {c.slot: c.info or {} for c in self.children.values() if c.role == "worker"}
+
+    def log_stats(self):
+        broker = self.children.get(("broker", None))
+        users = (broker.info or {}).get("users", 0) if broker else 0
+        workers = self.workers_info()
+        log.info("%s", self.stats.line(workers, users))
+        notify("STATUS=%d clients, %d users" % (StatsReport.clients(workers), users))
+
+    def log_processes(self):
+        now = time.monotonic()
+        log.info("process main pid=%d uptime=%.0fs", multiprocessing.current_process().pid,
+                 now - self.started)
+        for key in sorted(self.children, key=lambda k: (k[0], k[1] if k[1] is not None else -1)):
+            child = self.children[key]
+            log.info("process %s pid=%d uptime=%.0fs restarts=%d", child.name,
+                     child.process.pid, now - child.started, self.restarts.get(key, 0))
 
     def on_death(self, child):
         key = (child.role, child.slot)
@@ -283,6 +322,7 @@ class Supervisor:
             log.error("%s keeps dying at start-up; giving up", child.name)
             self.failed = True
             return
+        self.restarts[key] = self.restarts.get(key, 0) + 1
         if child.role == "worker":
             self.disconnect(child.slot)
             self.start_worker(child.slot)
@@ -308,6 +348,7 @@ class Supervisor:
         """Acceptor first (no new clients), then workers (each client gets
         ``ERR server-shutdown``), then the broker; SIGKILL for stragglers."""
         self.stopping = True
+        notify("STOPPING=1")
         deadline = time.monotonic() + STOP_GRACE
         for role in ("acceptor", "worker", "broker"):
             group = [c for c in self.children.values() if c.role == role]

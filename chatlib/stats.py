@@ -1,0 +1,39 @@
+"""Live statistics, from the figures every child sends with its heartbeat.
+
+The workers count cumulatively (messages in, deliveries, bytes, cuts, IPC
+batches); a :class:`StatsReport` remembers the last totals it saw so it can
+turn them into rates since the previous line. No second protocol on the chat
+port: the figures go to the log, where only the operator looks.
+"""
+
+import time
+
+SUMMED = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
+          "flood_cuts", "batches", "events")
+
+
+class StatsReport:
+    def __init__(self):
+        self.last_totals = dict.fromkeys(SUMMED, 0)
+        self.last_time = time.monotonic()
+
+    def line(self, workers, users):
+        """One log line; ``workers`` maps slot to that worker's last heartbeat info."""
+        now = time.monotonic()
+        elapsed = max(now - self.last_time, 1e-9)
+        totals = {key: sum(info.get(key, 0) for info in workers.values()) for key in SUMMED}
+        rate = {key: max(0, totals[key] - self.last_totals[key]) / elapsed for key in SUMMED}
+        self.last_totals, self.last_time = totals, now
+        per_worker = ",".join(str(workers[k].get("clients", 0)) for k in sorted(workers))
+        batch = totals["events"] / totals["batches"] if totals["batches"] else 0.0
+        return ("stats: clients=%d users=%d per-worker=[%s] msgs=%d (%.1f/s) "
+                "deliveries=%d (%.1f/s) bytes-in=%d bytes-out=%d slow-cuts=%d "
+                "flood-cuts=%d ipc-batches=%d events-per-batch=%.1f"
+                % (self.clients(workers), users, per_worker, totals["msgs"], rate["msgs"],
+                   totals["deliveries"], rate["deliveries"], totals["bytes_in"],
+                   totals["bytes_out"], totals["slow_cuts"], totals["flood_cuts"],
+                   totals["batches"], batch))
+
+    @staticmethod
+    def clients(workers):
+        return sum(info.get("clients", 0) for info in workers.values())
