@@ -39,6 +39,7 @@ class Broker(Service):
         # before every worker has told it who is logged in there.
         self.unsynced = set(expected)   # workers whose SYNC we still await
         self.deferred = []              # (slot, event) held until then
+        self.unlisted = set()           # synced workers still owed the directory
         self.last_stamp = 0             # login times, to keep WHO in login order
         self.users = {}                 # lower-case name -> (name, slot, cid, stamp), login order
         self.owner = {}                 # (slot, cid) -> lower-case name
@@ -121,6 +122,7 @@ class Broker(Service):
         self.run_deferred()
 
     def run_deferred(self):
+        self.send_directories()
         if self.deferred and not self.unsynced:
             deferred, self.deferred = self.deferred, []
             for slot, event in deferred:
@@ -139,13 +141,18 @@ class Broker(Service):
                 self.who_cache = protocol.user_lines(user[0] for user in self.users.values())
             self.answer(slot, event[1], self.who_cache)
         elif tag == link.DM:
-            target = self.users.get(event[2])
-            if target is None:
-                self.answer(slot, event[1], protocol.ERR_USER_NOT_FOUND)
-            else:
+            _, cid, key, line, awaited = event
+            target = self.users.get(key)
+            if target is not None:
                 _, tslot, tcid, _ = target
-                self.outboxes[tslot].append((link.DELIVER, tcid, event[3]))
-                self.answer(slot, event[1], b"")
+                self.outboxes[tslot].append((link.DELIVER, tcid, line))
+                if awaited:
+                    self.answer(slot, cid, b"")
+            elif awaited:
+                self.answer(slot, cid, protocol.ERR_USER_NOT_FOUND)
+            else:
+                # The sender's directory was a moment behind: tell it anyway.
+                self.outboxes[slot].append((link.DELIVER, cid, protocol.ERR_USER_NOT_FOUND))
         elif tag == link.BYE:
             self.log_out(slot, event[1])
         elif tag == link.SYNC:
@@ -155,6 +162,11 @@ class Broker(Service):
 
     def answer(self, slot, cid, data):
         self.outboxes[slot].append((link.ANSWER, cid, data))
+
+    def tell_all(self, event):
+        """An event for every worker (the directory's changes)."""
+        for box in self.outboxes.values():
+            box.append(event)
 
     def broadcast(self, blob, skip=None):
         for slot, box in self.outboxes.items():
@@ -179,6 +191,16 @@ class Broker(Service):
         if users:
             self.users = dict(sorted(self.users.items(), key=lambda item: item[1][3]))
         self.unsynced.discard(slot)
+        self.unlisted.add(slot)
+
+    def send_directories(self):
+        """Once every worker has synced, the ones that lack it get the directory."""
+        if self.unlisted and not self.unsynced:
+            names = list(self.users)
+            for slot in self.unlisted:
+                if slot in self.outboxes:
+                    self.outboxes[slot].append((link.DIRECTORY, names))
+            self.unlisted.clear()
 
     def log_in(self, slot, cid, name):
         """Atomic across workers: the broker is the only one who decides."""
@@ -188,6 +210,7 @@ class Broker(Service):
             stamp = max(time.time_ns(), self.last_stamp + 1)
             self.register(name, slot, cid, stamp)
             self.outboxes[slot].append((link.GRANTED, cid, name, stamp))
+            self.tell_all((link.JOINED, name.lower()))
 
     def log_out(self, slot, cid):
         key = self.owner.pop((slot, cid), None)
@@ -195,6 +218,7 @@ class Broker(Service):
             return                              # never logged in
         name = self.users.pop(key)[0]
         self.who_cache = None
+        self.tell_all((link.LEFT, key))
         self.broadcast(protocol.info_disconnected(name))
 
 

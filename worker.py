@@ -91,6 +91,9 @@ class Worker(Service):
         self.link = None           # Channel to the broker (an order brings it)
         self.clients = {}          # cid -> Client
         self.users = {}            # cid -> Client, the logged-in ones
+        self.local_names = {}      # lower-case name -> Client, the same by name
+        self.directory = set()     # lower-case names logged in anywhere (a
+                                   # replica the broker keeps up to date)
         self.dirty = set()         # clients with output queued this turn
         self.outbox = []           # events for the broker this turn
         self.msg_run = []          # MSG lines not yet closed into an event
@@ -386,10 +389,34 @@ class Worker(Service):
                 c.closing = QUIT_REASON if kind is Quit else HANGUP_REASON
                 self.dirty.add(c)
                 return None            # lines after QUIT are not run
+            elif kind is Dm and self.send_dm(c, cmd):
+                continue
             else:
                 self.ask_broker(c, cmd)
                 return lines[i + 1:]
         return None
+
+    def send_dm(self, c, cmd):
+        """The DM fast path; False when the broker must be asked and waited for.
+
+        A target on this worker gets the line at once (after this turn's
+        pending MSG lines, to keep the sender's order). A target the directory
+        knows elsewhere gets it through the broker with no answer awaited: the
+        sender is not held, and nothing travels back. Only a name the
+        directory does not know costs a round trip, for ``ERR user-not-found``.
+        """
+        key = cmd.target.lower()
+        target = self.local_names.get(key)
+        if target is not None:
+            if self.local:
+                self.fan_out_local()
+            self.send(target, protocol.dm_line(c.name_b, cmd.text))
+            self.counters["deliveries"] += 1
+            return True
+        if key in self.directory:
+            self.to_broker((link.DM, c.cid, key, protocol.dm_line(c.name_b, cmd.text), False))
+            return True
+        return False
 
     def ask_broker(self, c, cmd):
         kind = type(cmd)
@@ -399,7 +426,7 @@ class Worker(Service):
             request = (link.WHO, c.cid)
         elif kind is Dm:
             request = (link.DM, c.cid, cmd.target.lower(),
-                       protocol.dm_line(c.name_b, cmd.text))
+                       protocol.dm_line(c.name_b, cmd.text), True)
         else:
             raise TypeError(cmd)
         c.waiting = True
@@ -434,6 +461,12 @@ class Worker(Service):
                         if event[2]:
                             self.send(c, event[2])
                         self.answered(c)
+                elif tag == link.JOINED:
+                    self.directory.add(event[1])
+                elif tag == link.LEFT:
+                    self.directory.discard(event[1])
+                elif tag == link.DIRECTORY:
+                    self.directory = set(event[1])
                 elif tag == link.GRANTED:
                     c = self.clients.get(event[1])
                     if c is not None and c.waiting:
@@ -441,6 +474,7 @@ class Worker(Service):
                         c.name_b = c.name.encode()
                         c.login_stamp = event[3]
                         self.users[c.cid] = c
+                        self.local_names[c.name.lower()] = c
                         self.send(c, protocol.OK)
                         self.log.info("%s logged in from %s", c.name, c.ip)
                         self.answered(c)
@@ -582,6 +616,8 @@ class Worker(Service):
         c.sock = None
         del self.clients[c.cid]
         self.held.discard(c)
+        if c.name is not None:
+            self.local_names.pop(c.name.lower(), None)
         if self.users.pop(c.cid, None) is not None or c.waiting:
             if not self.stopping:
                 self.to_broker((link.BYE, c.cid))

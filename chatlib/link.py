@@ -9,8 +9,13 @@ Worker -> broker
     (MSG, blob)                 ready-made ``MSG`` lines, to every other worker
     (LOGIN, cid, name)          claim a name; answered by GRANTED or ANSWER
     (WHO, cid)                  answered by ANSWER with the ``USER`` lines
-    (DM, cid, key, line)        deliver ``line`` to user ``key`` (lower-case
-                                name); answered by ANSWER (empty, or an ERR)
+    (DM, cid, key, line, awaited)
+                                deliver ``line`` to user ``key`` (lower-case
+                                name). ``awaited``: answered by ANSWER (empty,
+                                or ``ERR user-not-found``). Otherwise the
+                                worker's directory said the user exists and
+                                nothing comes back, unless the user has just
+                                left: then a DELIVER of the ERR line.
     (BYE, cid)                  the connection is gone
     (SYNC, [(cid, name, stamp), ...])
                                 first event on a new link: the users this
@@ -19,10 +24,13 @@ Worker -> broker
 Broker -> worker
     (MSG, blob)                 lines for every logged-in user of this worker
                                 (other workers' ``MSG`` lines, ``INFO`` lines)
-    (DELIVER, cid, line)        a line for one user (a ``DM``)
+    (DELIVER, cid, line)        a line for one connection (a ``DM``)
     (ANSWER, cid, data)         the answer to the connection's pending request
     (GRANTED, cid, name, stamp) the pending ``LOGIN`` succeeded; ``stamp``
                                 orders logins for ``WHO`` across broker restarts
+    (JOINED, key) / (LEFT, key) the directory: who is logged in anywhere, so a
+    (DIRECTORY, [key, ...])     worker can send a ``DM`` without waiting for an
+                                answer; the whole of it after a (re)start
 
 Every request (LOGIN, WHO, DM) gets exactly one answer, in order, so the
 worker can hold the connection's later lines until it comes and keep each
@@ -38,3 +46,6 @@ SYNC = "S"
 DELIVER = "V"
 ANSWER = "A"
 GRANTED = "G"
+JOINED = "J"
+LEFT = "X"
+DIRECTORY = "Y"
