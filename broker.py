@@ -68,7 +68,6 @@ class Broker(Service):
         for key in [k for k, user in self.users.items() if user[1] == slot]:
             self.log_out(slot, self.users[key][2])
         self.run_deferred()
-        self.end_turn()
 
     def on_link_lost(self, slot):
         self.log.debug("worker-%d link lost", slot)
@@ -105,12 +104,18 @@ class Broker(Service):
                 channel.set_reading(not congested)
 
     def end_turn(self):
-        """Send each worker one batch with everything it got this turn."""
-        for slot, box in self.outboxes.items():
-            if box:
-                batch = [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box]
-                self.channels[slot].send(batch)
-                box.clear()
+        """Send each worker one batch with everything it got this turn.
+
+        A send can find a link dead, and detaching that worker queues INFO
+        lines for the others: loop until every outbox is empty.
+        """
+        while any(self.outboxes.values()):
+            for slot in list(self.outboxes):
+                box = self.outboxes.get(slot)
+                if box:
+                    self.outboxes[slot] = []
+                    self.channels[slot].send(
+                        [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box])
 
     def on_batches(self, slot, batches):
         for batch in batches:

@@ -42,6 +42,7 @@ IOV_MAX = 512              # buffers per sendmsg; POSIX guarantees 16, Linux/mac
 HANDOFFS_PER_TURN = 256    # new sockets taken per turn, so clients are not starved
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
+LINGER = 2.0               # seconds a cut connection may take to drain its last line
 FLOOD_GRACE = 10.0         # seconds a client may stay over --rate before ERR flood
 COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
             "flood_cuts", "batches", "events")
@@ -107,6 +108,7 @@ class Worker(Service):
         self.now = time.monotonic()
         self.next_sweep = self.now
         self.stopping = False
+        self.lingering = {}        # Client -> when to close it, cut but draining
 
     # -- set-up and control ---------------------------------------------------
 
@@ -250,6 +252,9 @@ class Worker(Service):
         """One pass over all connections instead of a timer per connection."""
         deadline = now - self.config.idle_timeout
         login_deadline = now - (self.config.login_timeout or float("inf"))
+        for c, until in list(self.lingering.items()):
+            if until <= now:
+                self.drop(c, c.closing)
         for c in list(self.clients.values()):
             if c.last_line < deadline:
                 self.cut(c, protocol.ERR_IDLE_TIMEOUT, "idle timeout")
@@ -591,21 +596,37 @@ class Worker(Service):
         c.interest = want
 
     def cut(self, c, line, reason):
-        """Send ``line`` as best we can without blocking, then close."""
-        if c.interest & WRITE:
-            # The socket is full: finish the line in flight, then ours.
-            tail = c.out[0][:c.out[0].find(b"\n") + 1] if c.midline else b""
-            data = tail + line
-        else:
-            data = b"".join(c.out) + line
+        """Stop serving ``c`` with a last ``line``, then close it.
+
+        The user is gone at once (the others get its INFO now). What its
+        socket cannot take at once -- a slow consumer's is full -- is cut to
+        the line in flight and ``line``, and gets LINGER seconds to drain.
+        """
+        data = b"".join(c.out) + line
         try:
-            c.sock.send(data)
+            sent = c.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
         except OSError:
-            pass
-        self.drop(c, reason)
+            sent = len(data)
+        if sent == len(data):
+            self.drop(c, reason)
+            return
+        rest = data[sent:]
+        if len(rest) > len(line):
+            in_flight = c.midline if not sent else data[sent - 1:sent] != b"\n"
+            rest = (rest[:rest.find(b"\n") + 1] if in_flight else b"") + line
+        self.forget(c, reason)
+        c.out[:] = [rest]
+        c.out_bytes = len(rest)
+        c.closing = reason
+        self.set_interest(c, WRITE)
+        self.lingering[c] = self.now + LINGER
 
     def drop(self, c, reason):
         """Close the connection and forget it; the broker announces the user."""
+        self.forget(c, reason)
+        self.lingering.pop(c, None)
         if c.interest:
             self.sel.unregister(c.sock)
             c.interest = 0
@@ -614,13 +635,19 @@ class Worker(Service):
         except OSError:
             pass
         c.sock = None
-        del self.clients[c.cid]
+
+    def forget(self, c, reason):
+        """Take ``c`` out of service (once): no more lines in or out but its last."""
+        if self.clients.pop(c.cid, None) is None:
+            return
         self.held.discard(c)
+        c.held = None
         if c.name is not None:
             self.local_names.pop(c.name.lower(), None)
         if self.users.pop(c.cid, None) is not None or c.waiting:
             if not self.stopping:
                 self.to_broker((link.BYE, c.cid))
+        c.waiting = False
         if self.notes is not None:
             self.unsent_notes += note_gone(c.ip)
         if c.name is not None:

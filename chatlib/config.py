@@ -107,9 +107,9 @@ def build_parser():
                    help="multiprocessing start method "
                         "(default: the platform's, here %s)"
                         % multiprocessing.get_start_method(allow_none=False))
-    p.add_argument("--log-level", default="INFO",
+    p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="log verbosity")
+                   help="log verbosity (any case)")
     p.add_argument("--log-file", default=None, metavar="PATH",
                    help="append logs to this file instead of stderr; SIGHUP "
                         "reopens it (for logrotate)")

@@ -78,7 +78,8 @@ class Server:
             [sys.executable, BROKER] + self.args, cwd=ROOT, env=self.env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True)
-        threading.Thread(target=self._read_log, daemon=True).start()
+        self._log_reader = threading.Thread(target=self._read_log, daemon=True)
+        self._log_reader.start()
         return self
 
     def start(self, timeout=30):
@@ -102,6 +103,14 @@ class Server:
     def log(self):
         with self._log_changed:
             return "\n".join(self.log_lines)
+
+    def wait_log_end(self, timeout=IO_TIMEOUT):
+        """Wait until every process has closed the log pipe; True if so.
+
+        Once the processes are gone, this makes :meth:`log` complete.
+        """
+        self._log_reader.join(timeout)
+        return not self._log_reader.is_alive()
 
     def wait_log(self, pattern, timeout=IO_TIMEOUT):
         """Wait until a log line matches ``pattern``; return the match."""
@@ -145,14 +154,14 @@ class Server:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             pass
-        if self.proc.stdout:
+        # The reader thread closes the pipe at EOF: closing it under the
+        # thread's feet would make its read fail.
+        if self.wait_log_end():
             self.proc.stdout.close()
 
 
 class Client:
     """A line-oriented TCP client with timeouts everywhere."""
-
-    _tokens = 0
 
     def __init__(self, port, host="127.0.0.1"):
         self.sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
@@ -213,20 +222,26 @@ class Client:
         return self
 
     def barrier(self):
-        """Lines that arrive before a DM to ourselves comes back.
+        """Lines that arrive before the answers to a ``WHO`` and a ``PING``.
 
-        The DM goes through the broker, so everything the broker routed to
-        us before it has arrived by then: no sleeping and hoping.
+        The broker answers ``WHO`` after everything it routed to us before,
+        on the same link, and the worker runs the ``PING`` only once that
+        answer is in: so when ``PONG`` comes, all of it has arrived. No
+        sleeping and hoping. (A DM to oneself would not do: the worker
+        delivers a DM to a local user without asking the broker.)
         """
-        Client._tokens += 1
-        token = "barrier-%d-%d" % (os.getpid(), Client._tokens)
-        self.send("DM %s %s" % (self.name, token))
+        self.send("WHO", "PING")
         before = []
         while True:
             line = self.read_line()
-            if line == "DM %s %s" % (self.name, token):
-                return before
+            if line == "PONG":
+                break
             before.append(line)
+        if before and before[-1] == "ERR not-logged-in":
+            before.pop()
+        while before and before[-1].startswith("USER "):
+            before.pop()
+        return before
 
     def expect_nothing_more(self):
         extra = self.barrier()
