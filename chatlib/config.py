@@ -7,6 +7,7 @@ object, so nothing depends on state inherited through ``fork``.
 import argparse
 import multiprocessing
 import os
+import sys
 
 from chatlib import __version__
 
@@ -60,14 +61,23 @@ def _default_port():
     return _port(env) if env else DEFAULT_PORT
 
 
+def program_name():
+    """What the operator typed: ``broker.py``, ``chat-server`` or
+    ``python -m chatlib``, for usage lines, errors and ``--version``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if name == "__main__.py":
+        return "python -m chatlib"
+    return name if name and name != "-c" else "chat-server"
+
+
 def build_parser():
     methods = multiprocessing.get_all_start_methods()
     p = argparse.ArgumentParser(
-        prog="broker.py",
+        prog=program_name(),
         description="Multi-process TCP chat server: one acceptor, N workers "
                     "running the client connections, one broker routing "
                     "between them. Connect with `nc HOST PORT`.",
-        epilog="Example: python broker.py --workers 4 --port 4000",
+        epilog="Example: %(prog)s --workers 4 --port 4000",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-p", "--port", type=_port, default=None,
                    help="TCP port to listen on; 0 picks a free one "
