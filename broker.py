@@ -35,6 +35,8 @@ class Broker(Service):
         super().__init__(config, ctrl)
         self.channels = {}              # slot -> Channel
         self.outboxes = {}              # slot -> events for that worker this turn
+        self.received = {}              # slot -> batches taken from it on this link
+        self.acked = {}                 # slot -> how many of those it has been told of
         # A restarted broker must not decide anything (a LOGIN above all)
         # before every worker has told it who is logged in there.
         self.unsynced = set(expected)   # workers whose SYNC we still await
@@ -54,6 +56,7 @@ class Broker(Service):
         self.channels[slot] = Channel(conn, self.sel, partial(self.on_batches, slot),
                                       partial(self.on_link_lost, slot))
         self.outboxes[slot] = []
+        self.received[slot] = self.acked[slot] = 0
         self.unsynced.add(slot)
 
     def detach(self, slot):
@@ -63,6 +66,8 @@ class Broker(Service):
             return
         channel.close()
         self.outboxes.pop(slot, None)
+        self.received.pop(slot, None)
+        self.acked.pop(slot, None)
         self.unsynced.discard(slot)
         self.deferred = [(s, event) for s, event in self.deferred if s != slot]
         for key in [k for k, user in self.users.items() if user[1] == slot]:
@@ -107,7 +112,8 @@ class Broker(Service):
         """Send each worker one batch with everything it got this turn.
 
         A send can find a link dead, and detaching that worker queues INFO
-        lines for the others: loop until every outbox is empty.
+        lines for the others: loop until every outbox is empty. Then, once
+        all of it is in the kernel, acknowledge what the workers sent.
         """
         while any(self.outboxes.values()):
             for slot in list(self.outboxes):
@@ -116,8 +122,20 @@ class Broker(Service):
                     self.outboxes[slot] = []
                     self.channels[slot].send(
                         [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box])
+            if not any(self.outboxes.values()):
+                self.acknowledge()
+
+    def acknowledge(self):
+        """Tell each worker how many of its batches are safely routed."""
+        if self.deferred or any(ch.pending_bytes for ch in self.channels.values()):
+            return
+        for slot, n in self.received.items():
+            if n != self.acked[slot]:
+                self.acked[slot] = n
+                self.outboxes[slot].append((link.ACK, n))
 
     def on_batches(self, slot, batches):
+        self.received[slot] += len(batches)
         for batch in batches:
             for event in batch:
                 if self.unsynced and event[0] != link.SYNC:

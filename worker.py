@@ -25,6 +25,7 @@ import os
 import selectors
 import socket
 import time
+from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 
@@ -44,6 +45,8 @@ PAUSED_POLL = 0.005        # while the broker link is congested, look again this
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
 FLOOD_GRACE = 10.0         # seconds a client may stay over --rate before ERR flood
+RESENT = (link.MSG, link.DM, link.BYE)   # a new broker gets them again if unacknowledged
+                                         # (awaited DMs go again as requests)
 COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
             "flood_cuts", "batches", "events")
 QUIT_REASON = "quit"
@@ -97,6 +100,7 @@ class Worker(Service):
                                    # replica the broker keeps up to date)
         self.dirty = set()         # clients with output queued this turn
         self.outbox = []           # events for the broker this turn
+        self.unacked = deque()     # (batch number, its MSG/DM/BYE events) until ACK
         self.msg_run = []          # MSG lines not yet closed into an event
         self.local = []            # (sender, line) for this turn's local fan-out
         self.held = set()          # clients holding lines until the link drains
@@ -120,17 +124,22 @@ class Worker(Service):
     def attach_link(self, conn):
         """Reach the broker over ``conn``; tell it who is here and what we await.
 
-        A restarted broker learns our users from SYNC, and gets again the
-        requests its predecessor never answered.
+        A restarted broker learns our users from SYNC, gets again the
+        requests its predecessor never answered and the MSG, DM and BYE
+        events it never acknowledged. Users whose BYE is among them are in
+        the SYNC too, so that the new broker announces their departure.
         """
         if self.link is not None:
             self.link.close()
         self.link = Channel(conn, self.sel, self.on_batches, self.on_link_lost)
+        unacked = [e for _, events in self.unacked for e in events]
+        self.unacked.clear()
         queued = {id(event) for event in self.outbox}
         resent = [c.request for c in self.clients.values()
                   if c.waiting and id(c.request) not in queued]
         users = [(c.cid, c.name, c.login_stamp) for c in self.users.values()]
-        self.outbox[:0] = [(link.SYNC, users)] + resent
+        users += [e[1:] for e in unacked + self.outbox if e[0] == link.BYE and e[2] is not None]
+        self.outbox[:0] = [(link.SYNC, users)] + resent + unacked
 
     def on_link_lost(self):
         self.log.debug("broker link lost; holding requests until a new broker")
@@ -234,6 +243,9 @@ class Worker(Service):
         if self.outbox and self.link is not None:
             self.counters["events"] += len(self.outbox)
             self.link.send(self.outbox)
+            kept = [e for e in self.outbox if e[0] in RESENT and not (e[0] == link.DM and e[4])]
+            if kept:
+                self.unacked.append((self.link.frames_out, kept))
             self.outbox = []
         if self.unsent_notes:
             self.send_notes()
@@ -466,6 +478,9 @@ class Worker(Service):
                         if event[2]:
                             self.send(c, event[2])
                         self.answered(c)
+                elif tag == link.ACK:
+                    while self.unacked and self.unacked[0][0] <= event[1]:
+                        self.unacked.popleft()
                 elif tag == link.JOINED:
                     self.directory.add(event[1])
                 elif tag == link.LEFT:
@@ -646,7 +661,7 @@ class Worker(Service):
             self.local_names.pop(c.name.lower(), None)
         if self.users.pop(c.cid, None) is not None or c.waiting:
             if not self.stopping:
-                self.to_broker((link.BYE, c.cid))
+                self.to_broker((link.BYE, c.cid, c.name, c.login_stamp))
         c.waiting = False
         if self.notes is not None:
             self.unsent_notes += note_gone(c.ip)

@@ -16,10 +16,12 @@ Worker -> broker
                                 worker's directory said the user exists and
                                 nothing comes back, unless the user has just
                                 left: then a DELIVER of the ERR line.
-    (BYE, cid)                  the connection is gone
+    (BYE, cid, name, stamp)     the connection is gone (``name`` None if it
+                                never logged in)
     (SYNC, [(cid, name, stamp), ...])
                                 first event on a new link: the users this
-                                worker holds (a restarted broker learns them)
+                                worker holds (a restarted broker learns them),
+                                and those whose BYE it is about to resend
 
 Broker -> worker
     (MSG, blob)                 lines for every logged-in user of this worker
@@ -31,6 +33,14 @@ Broker -> worker
     (JOINED, key) / (LEFT, key) the directory: who is logged in anywhere, so a
     (DIRECTORY, [key, ...])     worker can send a ``DM`` without waiting for an
                                 answer; the whole of it after a (re)start
+    (ACK, n)                    the first ``n`` batches this worker sent on
+                                this link are routed and their lines are in
+                                the kernel's socket buffers: a broker killed
+                                now loses none of them
+
+Nothing accepted from a client is lost with a broker: a worker keeps the
+MSG, DM and BYE events of every batch until it is acknowledged, and sends the
+unacknowledged ones again to the next broker (requests are sent again anyway).
 
 Every request (LOGIN, WHO, DM) gets exactly one answer, in order, so the
 worker can hold the connection's later lines until it comes and keep each
@@ -49,3 +59,4 @@ GRANTED = "G"
 JOINED = "J"
 LEFT = "X"
 DIRECTORY = "Y"
+ACK = "K"

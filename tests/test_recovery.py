@@ -108,6 +108,38 @@ class Recovery(TestCase):
         a.expect("USER a", "USER b", "USER c")
         b.expect("MSG a while the broker was away")
 
+    def test_nothing_accepted_is_lost_with_the_broker(self):
+        """Lines a worker handed to a broker that dies before routing them go
+        to the next broker; a user who left meanwhile is still announced."""
+        s = self.server(workers=2)
+        clients = self.logged_in(s, 4)
+        leaver = self.client(s, "leaver")
+        broker = self.roles(s)["chat-broker"]
+        os.kill(broker, signal.SIGSTOP)        # it takes nothing from its links now
+        try:
+            clients[0].send("DM user1 psst")
+            for i, c in enumerate(clients):
+                c.send("MSG from %d" % i, "PING")
+            leaver.close()
+            s.wait_log(r"leaver disconnected")
+            got = {}
+            for c in clients:                  # PONG: its lines are in the link
+                got[c] = []
+                line = c.read_line()
+                while line != "PONG":
+                    got[c].append(line)        # from users on the same worker
+                    line = c.read_line()
+        finally:
+            os.kill(broker, signal.SIGKILL)
+        for i, c in enumerate(clients):
+            want = ["MSG user%d from %d" % (j, j) for j in range(4) if j != i]
+            want.append("INFO leaver disconnected")
+            if i == 1:
+                want.append("DM user0 psst")
+            got[c] += c.read_lines(len(want) - len(got[c]))
+            self.assertEqual(sorted(got[c]), sorted(want))
+            c.expect_nothing_more()
+
     def test_acceptor_death(self):
         s = self.server(workers=2)
         a = self.client(s, "a")
