@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: this server against a reference server, same run.
+
+The machines we measure on are shared and noisy, so a single absolute figure
+means little. This script starts a fresh server for every run, alternates the
+servers (A B A B ...), drives each with the same load generator and prints
+the median of every figure and the ratio ours/reference.
+
+    python3 scripts/compare.py fanout --clients 1000 --senders 10 --duration 5
+    python3 scripts/compare.py dm --pairs 50 --duration 5 --runs 5
+    python3 scripts/compare.py ping --clients 100 --duration 5 --ours-arg=--workers=2
+
+Everything after the scenario name goes to the load generator unchanged.
+The load generator and the references live outside the product, in
+``--bench`` (default ``../shared/bench`` next to the repository).
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = ("deliveries_per_s", "delivery_ratio", "lat_p50_ms", "lat_p99_ms",
+           "rtt_p50_ms", "rtt_p99_ms", "pings_per_s", "logins_per_s",
+           "rss_per_conn_kb", "server_cpu_s_per_m_deliveries", "server_cpu_pct",
+           "loadgen_cpu_pct")
+
+
+def free_port():
+    """A port outside the ephemeral range is safer, but any free one will do."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited with status %s" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server not listening on %d" % port)
+
+
+def server_command(kind, port, args):
+    if kind == "ours":
+        return [sys.executable, os.path.join(ROOT, "broker.py"), "--host", "127.0.0.1",
+                "--port", str(port), "--idle-timeout", "600", "--rate", "0",
+                "--max-per-ip", "0", "--log-level", "WARNING"] + args.ours_arg
+    path = os.path.join(args.bench, "ref", "%s_server.py" % kind)
+    return [sys.executable, path, "--port", str(port), "--idle-timeout", "600"]
+
+
+def run_once(kind, args):
+    """Start a fresh server, run the load generator once, stop the server."""
+    port = free_port()
+    server = subprocess.Popen(server_command(kind, port, args), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, server)
+        gen = subprocess.run(
+            [sys.executable, os.path.join(args.bench, "loadgen.py"), args.scenario,
+             "--port", str(port), "--server-pid", str(server.pid)] + args.loadgen_args,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=args.timeout)
+        lines = gen.stdout.decode().strip().splitlines()
+        result = json.loads(lines[-1]) if lines else {}
+        result["exit"] = gen.returncode
+        return result
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def cpu_per_million(result):
+    """Server CPU seconds per million deliveries, if the generator says enough."""
+    cpu, rate = result.get("server_cpu_pct"), result.get("deliveries_per_s")
+    if cpu and rate:
+        return cpu / 100.0 / rate * 1e6
+    return None
+
+
+def summarise(results):
+    """Median of every numeric figure over the runs."""
+    out = {}
+    for name in FIGURES:
+        values = [r[name] for r in results if isinstance(r.get(name), (int, float))]
+        if values:
+            out[name] = statistics.median(values)
+    out["exits"] = [r["exit"] for r in results]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("scenario", choices=["fanout", "dm", "connect", "ping"])
+    p.add_argument("--runs", type=int, default=3, help="runs per server (default 3)")
+    p.add_argument("--reference", default="asyncio", choices=["asyncio", "threaded"])
+    p.add_argument("--ours-arg", action="append", default=[],
+                   help="extra option for broker.py, e.g. --ours-arg=--workers=2")
+    p.add_argument("--bench", default=os.path.join(os.path.dirname(ROOT), "shared", "bench"),
+                   help="folder holding loadgen.py and ref/ (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per run")
+    args, args.loadgen_args = p.parse_known_args(argv)
+    if not any(a.startswith("--workers") for a in args.ours_arg):
+        args.ours_arg.append("--workers=4")
+    runs = {"ours": [], args.reference: []}
+    for _ in range(args.runs):
+        for kind in runs:
+            result = run_once(kind, args)
+            result["server_cpu_s_per_m_deliveries"] = cpu_per_million(result)
+            runs[kind].append(result)
+    ours, ref = summarise(runs["ours"]), summarise(runs[args.reference])
+    print("%-32s %14s %14s %8s" % ("median of %d runs" % args.runs, "ours", args.reference, "ratio"))
+    for name in FIGURES:
+        if name in ours or name in ref:
+            a, b = ours.get(name), ref.get(name)
+            ratio = "%.2f" % (a / b) if a is not None and b else "-"
+            print("%-32s %14s %14s %8s" % (name, "%.4g" % a if a is not None else "-",
+                                           "%.4g" % b if b is not None else "-", ratio))
+    print("%-32s %14s %14s" % ("generator exit codes", ours["exits"], ref["exits"]))
+    return 0 if all(e == 0 for e in ours["exits"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
