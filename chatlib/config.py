@@ -70,6 +70,15 @@ def program_name():
     return name if name and name != "-c" else "chat-server"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each default once: some help texts already say theirs."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     methods = multiprocessing.get_all_start_methods()
     p = argparse.ArgumentParser(
@@ -78,7 +87,7 @@ def build_parser():
                     "running the client connections, one broker routing "
                     "between them. Connect with `nc HOST PORT`.",
         epilog="Example: %(prog)s --workers 4 --port 4000",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("-p", "--port", type=_port, default=None,
                    help="TCP port to listen on; 0 picks a free one "
                         "(default: $PORT if set, else %d)" % DEFAULT_PORT)
