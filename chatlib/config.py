@@ -131,7 +131,7 @@ def build_parser():
                    help="log verbosity (any case)")
     p.add_argument("--log-file", default=None, metavar="PATH",
                    help="append logs to this file instead of stderr; SIGHUP "
-                        "reopens it (for logrotate)")
+                        "reopens it, for logrotate (default: stderr)")
     p.add_argument("--stats-interval", type=_non_negative, default=0.0, metavar="S",
                    help="log a statistics line every S seconds (0: off; "
                         "SIGUSR1 logs one at once)")

@@ -23,6 +23,7 @@ Nothing relies on state inherited through ``fork``: each child gets what it
 needs as arguments, so ``fork``, ``spawn`` and ``forkserver`` behave the same.
 """
 
+import contextlib
 import logging
 import multiprocessing
 import resource
@@ -85,6 +86,24 @@ def raise_nofile_limit():
         except (ValueError, OSError):
             pass
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@contextlib.contextmanager
+def hangup_deferred():
+    """Start processes with SIGHUP blocked, so that they inherit it blocked.
+
+    ``start()`` may launch multiprocessing's helpers, the forkserver and the
+    resource tracker: fresh interpreters that keep SIGHUP's default action,
+    death. ``systemctl kill -s HUP`` (logrotate) or a terminal hang-up signals
+    every process, and a dead forkserver takes all its children with it: they
+    watch it as their parent. A signal blocked across ``exec`` stays blocked,
+    so they never see it; ours waits until the block is lifted, nothing lost.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class Supervisor:
@@ -159,7 +178,8 @@ class Supervisor:
         else:
             target_args = (cls, self.config, child_end, slot) + args
         process = self.ctx.Process(target=run_service, args=target_args, name=name)
-        process.start()
+        with hangup_deferred():
+            process.start()
         child_end.close()
         child = Child(role, slot, process, parent_end)
         self.children[(role, slot)] = child
