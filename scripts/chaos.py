@@ -1,0 +1,900 @@
+#!/usr/bin/env python3
+"""Chaos run: SIGKILL server processes under steady chat load, and check
+that the server keeps the promises of PROTOCOL.md meanwhile (issue 5).
+
+    python3 scripts/chaos.py --duration 60 --workers 4 [--interval 3] [--seed N]
+
+Starts ``broker.py`` in a session of its own, keeps ``--clients`` users
+chatting from one selectors loop (numbered ``MSG`` and ``DM`` lines, ``WHO``,
+and now and then a ``LOGIN`` of a name somebody holds), and every few seconds
+SIGKILLs a worker, the broker or the acceptor, found by its process title.
+A user whose connection dies comes back under a new name (``u07-2``). Then
+the load stops, two ``WHO``/``PING`` barriers make sure everything sent has
+arrived, and it checks:
+
+* per sender, receiver and kind (MSG, DM), the numbers received go up by one:
+  no duplicate, no gap; and all a sender sent after the receiver's ``OK``
+  arrives, but for the tail of a sender whose connection died;
+* every user that left is announced exactly once to every survivor that had
+  logged in before, and nobody who is still there is announced;
+* no ``WHO`` lists a name twice, or a user its asker was told had left, or
+  misses a user logged in before it who never left; a ``LOGIN`` of a held
+  name gets ``ERR username-taken``;
+* afterwards a new session works, and every killed process has exactly one
+  replacement.
+
+Each violation is printed with the kills around it; exit status 1 if any,
+2 if the server would not start.
+"""
+
+import argparse
+import os
+import random
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict, deque
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BROKER = os.path.join(ROOT, "broker.py")
+ROLES = ("worker", "broker", "acceptor")
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+IO_TIMEOUT = 5.0        # any blocking socket call
+START_TIMEOUT = 30.0    # for "listening on"
+MIN_AGE = 1.5           # the supervisor gives up on a child that keeps dying
+                        # within 1 s of its start: never kill one that young
+REPLACE_TIMEOUT = 10.0  # a killed process must have a successor by then
+LOGIN_TIMEOUT = 20.0    # a LOGIN must be answered by then, broker restart or not
+PHASE_TIMEOUT = 30.0    # settling, and each barrier
+CUT_WINDOW = 5.0        # a connection lost this soon after a worker kill is explained
+STATUS_EVERY = 10.0
+SHOWN = 25              # violations printed per kind; the rest are counted
+
+
+# -- the server's processes -----------------------------------------------------
+
+def session_pids(sid):
+    """Live processes of session ``sid``, from /proc (Linux)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+def process_title(pid):
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def process_age(pid):
+    """Seconds since ``pid`` started, from /proc; 0 if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except OSError:
+        return 0.0
+    start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    """``broker.py`` in its own session; its merged log read without blocking."""
+
+    def __init__(self, args):
+        self.cmd = [sys.executable, BROKER, "--host", "127.0.0.1", "--port", "0",
+                    "--workers", str(args.workers),
+                    "--heartbeat-timeout", str(args.heartbeat_timeout),
+                    "--max-per-ip", "0"]          # every client comes from 127.0.0.1
+        self.log_file = open(args.server_log, "w") if args.server_log else None
+        self.proc = None
+        self.port = None
+        self.partial = b""
+        self.lines = []
+
+    def start(self):
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        sel = selectors.DefaultSelector()
+        sel.register(self.fd, READ)
+        deadline = time.monotonic() + START_TIMEOUT
+        while self.port is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                raise RuntimeError("server did not start:\n" + "\n".join(self.lines[-30:]))
+            if sel.select(min(left, 0.5)):
+                self.read_log()
+        sel.close()
+        return self.port
+
+    def read_log(self):
+        """Take all the server has logged so far; False once the pipe is closed."""
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return True
+            if not data:
+                return False
+            if self.log_file:
+                self.log_file.write(data.decode("utf-8", "replace"))
+            *lines, self.partial = (self.partial + data).split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace")
+                self.lines.append(line)
+                m = re.search(r"listening on [^ ]+:(\d+)", line)
+                if m and self.port is None:
+                    self.port = int(m.group(1))
+
+    def titles(self):
+        """Process title -> pids, for the server's whole session."""
+        found = defaultdict(list)
+        for pid in session_pids(self.proc.pid):
+            found[process_title(pid)].append(pid)
+        return found
+
+    def kill(self):
+        """SIGKILL the whole session, whatever state it is in."""
+        if self.proc is None:
+            return
+        for pid in [self.proc.pid] + session_pids(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(IO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc.stdout.close()
+        if self.log_file:
+            self.log_file.close()
+
+
+# -- what the checker knows ------------------------------------------------------
+
+class Kill:
+    def __init__(self, number, at, title, pid):
+        self.number = number
+        self.at = at                # seconds since the start of the load
+        self.title = title
+        self.pid = pid
+        self.replaced_by = None
+        self.replaced_in = None
+        self.cut = []               # names whose connection died right after
+
+    def __str__(self):
+        return "kill #%d (%s pid %d at %.2f s)" % (self.number, self.title[5:], self.pid, self.at)
+
+
+class User:
+    """One name, and the one connection that holds (or claims) it.
+
+    ``tick`` values order the checker's own events: a line queued with a
+    tick above a user's ``ok_tick`` was sent after that user saw its ``OK``.
+    """
+
+    def __init__(self, name, base, gen, probe_of=None):
+        self.name = name
+        self.base = base
+        self.gen = gen
+        self.probe_of = probe_of    # for a duplicate-LOGIN probe: the holder
+        self.sock = None
+        self.inbuf = b""
+        self.outbuf = b""
+        self.state = "login"        # then "in", then "gone"
+        self.login_deadline = 0.0
+        self.refused = False        # a probe that got ERR username-taken
+        self.ok_tick = None
+        self.ok_at = None
+        self.left_tick = None
+        self.left_at = None
+        self.msgs = []              # (tick, at) of MSG number i+1
+        self.dms = defaultdict(list)   # target name -> (tick, at) of DM number i+1
+        self.got = {}               # (sender, kind) -> [first, last] number received
+        self.infos = Counter()      # name -> INFO lines received
+        self.info_tick = {}         # name -> tick of the first one
+        self.who = None             # (tick sent, names so far) while a WHO is out
+        self.pongs = deque()        # what each awaited PONG completes
+        self.barriers = 0           # WHO/PING round trips completed
+        self.next_action = 0.0
+
+
+class Chaos:
+    def __init__(self, args):
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.server = Server(args)
+        self.sel = selectors.DefaultSelector()
+        self.users = {}             # every name ever used -> User
+        self.active = set()         # the Users with a connection
+        self.next_timers = 0.0
+        self.next_watch = 0.0
+        self.tick = 0
+        self.t0 = time.monotonic()
+        self.phase = "starting"
+        self.kills = []
+        self.role_turn = 0
+        self.next_kill = self.next_probe = self.next_status = float("inf")
+        self.reconnects = []        # (when, base, gen)
+        self.violations = defaultdict(list)   # kind -> messages
+        self.who_missing = []       # (asker, answered at, names it lacked)
+        self.counts = Counter()
+
+    # -- output -------------------------------------------------------------------
+
+    def now(self):
+        return time.monotonic() - self.t0
+
+    def say(self, text):
+        print("[%7.2f s] %s" % (self.now(), text), flush=True)
+
+    def violation(self, kind, text):
+        self.violations[kind].append(text)
+        if len(self.violations[kind]) <= SHOWN:
+            self.say("VIOLATION %s: %s" % (kind, text))
+
+    def kills_around(self, at):
+        """The kills just before and just after ``at``: where to look for the cause."""
+        before = [k for k in self.kills if k.at <= at]
+        after = [k for k in self.kills if k.at > at]
+        parts = []
+        if before:
+            parts.append("%.2f s after %s" % (at - before[-1].at, before[-1]))
+        if after:
+            parts.append("%.2f s before %s" % (after[0].at - at, after[0]))
+        return "; ".join(parts) or "no kill yet"
+
+    def live(self):
+        return [u for u in self.active if u.state == "in" and u.probe_of is None]
+
+    # -- connections --------------------------------------------------------------
+
+    def connect(self, name, base, gen, probe_of=None):
+        u = User(name, base, gen, probe_of)
+        self.users[name] = u
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.server.port), timeout=IO_TIMEOUT)
+        except OSError as exc:
+            self.violation("connect", "%s could not connect: %s" % (name, exc))
+            self.gone(u)
+            return u
+        sock.setblocking(False)
+        u.sock = sock
+        self.active.add(u)
+        self.sel.register(sock, READ, u)
+        u.login_deadline = time.monotonic() + LOGIN_TIMEOUT
+        self.send(u, "LOGIN " + name)
+        return u
+
+    def send(self, u, line):
+        self.tick += 1
+        u.outbuf += line.encode() + b"\n"
+        self.flush(u)
+
+    def flush(self, u):
+        try:
+            sent = u.sock.send(u.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.lost(u, "send failed: %s" % exc)
+            return
+        u.outbuf = u.outbuf[sent:]
+        self.sel.modify(u.sock, READ | (WRITE if u.outbuf else 0), u)
+
+    def close(self, u):
+        self.sel.unregister(u.sock)
+        u.sock.close()
+        u.sock = None
+        self.active.discard(u)
+        self.gone(u)
+
+    def gone(self, u):
+        self.tick += 1
+        u.state = "gone"
+        u.left_tick = self.tick
+        u.left_at = self.now()
+
+    def lost(self, u, why):
+        """The server closed ``u``: fine if a worker was just killed; either way
+        the user comes back under a new name."""
+        was_in = u.state == "in"
+        self.close(u)
+        if u.probe_of is not None:
+            return
+        self.counts["connections lost"] += 1
+        recent = [k for k in self.kills
+                  if k.title.startswith("chat-worker") and u.left_at - k.at <= CUT_WINDOW]
+        if recent:
+            recent[-1].cut.append(u.name)
+        else:
+            self.violation("cut", "%s (%s) lost its connection (%s) with no worker "
+                           "killed in the last %.0f s; %s"
+                           % (u.name, "logged in" if was_in else "logging in", why,
+                              CUT_WINDOW, self.kills_around(u.left_at)))
+        self.reconnects.append((time.monotonic() + self.rng.uniform(0.2, 1.0), u.base, u.gen + 1))
+
+    def on_ready(self, u, mask):
+        if mask & WRITE:
+            self.flush(u)
+            if u.sock is None:
+                return
+        if not mask & READ:
+            return
+        try:
+            data = u.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.lost(u, str(exc))
+            return
+        if not data:
+            self.lost(u, "closed by the server")
+            return
+        *lines, u.inbuf = (u.inbuf + data).split(b"\n")
+        for raw in lines:
+            self.tick += 1
+            self.on_line(u, raw.decode("utf-8", "replace"))
+            if u.sock is None:
+                return
+
+    # -- what users receive -------------------------------------------------------
+
+    def on_line(self, u, line):
+        if u.probe_of is not None:
+            self.on_probe_answer(u, line)
+            return
+        word, _, rest = line.partition(" ")
+        if word in ("MSG", "DM") and u.state == "in":
+            sender, _, text = rest.partition(" ")
+            self.on_chat(u, word, sender, text)
+        elif word == "INFO" and rest.endswith(" disconnected") and u.state == "in":
+            self.on_info(u, rest[:-len(" disconnected")])
+        elif line == "OK" and u.state == "login":
+            u.state = "in"
+            u.ok_tick = self.tick
+            u.ok_at = self.now()
+            u.next_action = time.monotonic() + self.rng.uniform(0, 1.0 / self.args.rate)
+        elif word == "USER" and u.who is not None:
+            u.who[1].append(rest)
+        elif line == "PONG" and u.pongs:
+            self.on_pong(u, u.pongs.popleft())
+        elif line == "ERR user-not-found":
+            self.counts["DM told user-not-found"] += 1   # its target had just left
+        else:
+            self.violation("unexpected", "%s (%s) got %r" % (u.name, u.state, line))
+
+    def on_chat(self, r, kind, sender, text):
+        """Check one MSG/DM line against what its sender sent, and its stream so far."""
+        self.counts[kind + " received"] += 1
+        s = self.users.get(sender)
+        prefix = "m" if kind == "MSG" else "d"
+        sent = None
+        if s is not None and text[:1] == prefix and text[1:].isdigit():
+            sent = s.msgs if kind == "MSG" else s.dms.get(r.name, ())
+            seq = int(text[1:])
+        if not sent or not 1 <= seq <= len(sent) or (kind == "MSG" and s is r):
+            self.violation("corrupt", "%s got %s %s %s, which was never sent to it"
+                           % (r.name, kind, sender, text))
+            return
+        if r.infos[sender]:
+            self.violation("order", "%s got %s %s %s after INFO %s disconnected"
+                           % (r.name, kind, sender, text, sender))
+        span = r.got.get((sender, kind))
+        if span is None:
+            r.got[(sender, kind)] = [seq, seq]
+        elif seq <= span[1]:
+            self.violation("duplicate", "%s got %s %s #%d again or out of order (after #%d)"
+                           % (r.name, kind, sender, seq, span[1]))
+        else:
+            if seq > span[1] + 1:
+                self.report_loss(s, r, kind, span[1] + 1, seq - 1, "then #%d arrived" % seq)
+            span[1] = seq
+
+    def report_loss(self, s, r, kind, lo, hi, how):
+        sent = s.msgs if kind == "MSG" else s.dms[r.name]
+        first_at, last_at = sent[lo - 1][1], sent[hi - 1][1]
+        numbers = "#%d" % lo if lo == hi else "#%d-#%d" % (lo, hi)
+        self.violation("lost", "%s %s->%s %s lost (sent at %.2f-%.2f s, %s): %s"
+                       % (kind, s.name, r.name, numbers, first_at, last_at, how,
+                          self.kills_around(first_at)))
+        self.counts["lines lost"] += hi - lo + 1
+
+    def on_info(self, r, name):
+        self.counts["INFO received"] += 1
+        r.infos[name] += 1
+        if r.infos[name] > 1:
+            self.violation("info", "%s got INFO %s disconnected %d times"
+                           % (r.name, name, r.infos[name]))
+        else:
+            r.info_tick[name] = self.tick
+
+    def on_pong(self, u, what):
+        if what == "who":
+            sent_tick, names = u.who
+            u.who = None
+            self.check_who(u, sent_tick, names)
+            u.barriers += 1
+
+    def check_who(self, r, sent_tick, names):
+        self.counts["WHO answers checked"] += 1
+        seen = Counter(n.lower() for n in names)
+        twice = sorted(n for n, c in seen.items() if c > 1)
+        if twice:
+            self.violation("who", "%s's WHO lists %s more than once" % (r.name, ", ".join(twice)))
+        if r.name not in names:
+            self.violation("who", "%s's WHO leaves out %s itself" % (r.name, r.name))
+        told = [n for n in names if r.info_tick.get(n, sent_tick) < sent_tick]
+        if told:
+            self.violation("who", "%s's WHO lists %s, announced as disconnected before"
+                           % (r.name, ", ".join(told)))
+        unknown = [n for n in names if n not in self.users]
+        if unknown:
+            self.violation("who", "%s's WHO lists unknown %s" % (r.name, ", ".join(unknown)))
+        listed = set(names)
+        missing = [u.name for u in self.users.values() if u.state == "in"
+                   and u.ok_tick < sent_tick and u.name not in listed]
+        if missing:
+            self.who_missing.append((r.name, self.now(), missing))
+
+    def ask_who(self, u):
+        u.who = (self.tick + 1, [])
+        u.pongs.append("who")
+        self.send(u, "WHO")
+        self.send(u, "PING")
+
+    # -- load, probes, kills ------------------------------------------------------
+
+    def act(self, u):
+        """One random action of a logged-in user: a MSG, a DM or a WHO."""
+        r = self.rng.random()
+        if r < 0.5:
+            u.msgs.append((self.tick + 1, self.now()))
+            self.send(u, "MSG m%d" % len(u.msgs))
+            self.counts["MSG sent"] += 1
+        elif r < 0.9:
+            others = [v for v in self.live() if v is not u]
+            if others:
+                target = self.rng.choice(others)
+                sent = u.dms[target.name]
+                sent.append((self.tick + 1, self.now()))
+                self.send(u, "DM %s d%d" % (target.name, len(sent)))
+                self.counts["DM sent"] += 1
+        elif u.who is None:
+            self.ask_who(u)
+            self.counts["WHO sent"] += 1
+
+    def probe(self):
+        """A LOGIN of a name some live user holds, spelt in another case."""
+        holders = self.live()
+        if not holders:
+            return
+        holder = self.rng.choice(holders)
+        for _ in range(10):
+            name = "".join(self.rng.choice((c.lower(), c.upper())) for c in holder.name)
+            if name not in self.users:
+                self.counts["duplicate LOGINs tried"] += 1
+                self.connect(name, name, 1, probe_of=holder)
+                return
+
+    def on_probe_answer(self, p, line):
+        if line == "ERR username-taken":
+            p.refused = True
+            self.counts["duplicate LOGINs refused"] += 1
+        elif line == "OK":
+            p.ok_tick, p.ok_at = self.tick, self.now()
+            self.counts["duplicate LOGINs granted"] += 1
+            self.say("LOGIN %s got OK while %s holds the name (checked at the end)"
+                     % (p.name, p.probe_of.name))
+        else:
+            self.violation("unexpected", "LOGIN %s got %r" % (p.name, line))
+        self.close(p)
+
+    def kill_one(self):
+        """SIGKILL the next role's process, if one is old enough to die safely."""
+        roles = self.args.roles
+        if self.args.kill_order == "cycle":
+            role = roles[self.role_turn % len(roles)]
+        else:
+            role = self.rng.choice(roles)
+        titles = self.server.titles()
+        candidates = sorted((title, pid) for title, pids in titles.items() if title
+                            and (title == "chat-" + role or title.startswith("chat-%s-" % role))
+                            for pid in pids if process_age(pid) >= MIN_AGE)
+        if not candidates:
+            self.next_kill = time.monotonic() + 0.2      # its successor is still young
+            return
+        title, pid = self.rng.choice(candidates)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            self.next_kill = time.monotonic() + 0.2
+            return
+        self.role_turn += 1
+        kill = Kill(len(self.kills) + 1, self.now(), title, pid)
+        self.kills.append(kill)
+        self.say("kill #%d: SIGKILL %s (pid %d)" % (kill.number, title, pid))
+        self.next_kill = time.monotonic() + self.args.interval * self.rng.uniform(0.8, 1.2)
+
+    def watch_replacements(self):
+        pending = [k for k in self.kills if k.replaced_by is None]
+        if not pending:
+            return
+        titles = self.server.titles()
+        killed = {k.pid for k in self.kills}
+        for k in pending:
+            fresh = [pid for pid in titles.get(k.title, ()) if pid not in killed]
+            if fresh:
+                k.replaced_by, k.replaced_in = fresh[0], self.now() - k.at
+                self.say("%s replaced by pid %d after %.2f s; %d connections lost with it"
+                         % (k, fresh[0], k.replaced_in, len(k.cut)) if k.title.startswith("chat-worker")
+                         else "%s replaced by pid %d after %.2f s" % (k, fresh[0], k.replaced_in))
+            elif self.now() - k.at > REPLACE_TIMEOUT:
+                k.replaced_by = 0
+                self.violation("replace", "%s: no successor within %.0f s" % (k, REPLACE_TIMEOUT))
+
+    # -- the loop -------------------------------------------------------------------
+
+    def step(self):
+        """One loop turn: I/O, then whatever timers are due in this phase."""
+        for key, mask in self.sel.select(0.02):
+            if key.data is None:
+                if not self.server.read_log():
+                    self.sel.unregister(self.server.fd)
+            else:
+                self.on_ready(key.data, mask)
+        mono = time.monotonic()
+        if mono < self.next_timers:
+            return
+        self.next_timers = mono + 0.01
+        if self.server.proc.poll() is not None:
+            raise RuntimeError("the server exited with status %s" % self.server.proc.returncode)
+        for u in list(self.active):
+            if u.state == "login" and mono > u.login_deadline:
+                self.violation("login", "LOGIN %s unanswered after %.0f s; %s"
+                               % (u.name, LOGIN_TIMEOUT, self.kills_around(self.now())))
+                self.lost(u, "login unanswered")
+            elif u.state == "in" and self.phase == "load" and mono >= u.next_action \
+                    and u.probe_of is None:
+                u.next_action = mono + self.rng.uniform(0.5, 1.5) / self.args.rate
+                self.act(u)
+        due = [r for r in self.reconnects if r[0] <= mono]
+        if due:
+            self.reconnects = [r for r in self.reconnects if r[0] > mono]
+            for _, base, gen in due:
+                self.connect("%s-%d" % (base, gen), base, gen)
+        if self.phase == "load":
+            if mono >= self.next_kill:
+                self.kill_one()
+            if mono >= self.next_probe:
+                self.next_probe = mono + self.args.probe_interval
+                self.probe()
+            if mono >= self.next_status:
+                self.next_status = mono + STATUS_EVERY
+                self.status()
+        if mono >= self.next_watch:
+            self.next_watch = mono + 0.05
+            self.watch_replacements()
+
+    def run_until(self, done, what):
+        deadline = time.monotonic() + PHASE_TIMEOUT
+        while not done():
+            if time.monotonic() > deadline:
+                self.violation("stuck", "%s not done within %.0f s" % (what, PHASE_TIMEOUT))
+                return False
+            self.step()
+        return True
+
+    def status(self):
+        c = self.counts
+        self.say("status: %d users logged in, %d kills, sent %d MSG %d DM, received %d MSG "
+                 "%d DM %d INFO, %d connections lost"
+                 % (len(self.live()), len(self.kills), c["MSG sent"], c["DM sent"],
+                    c["MSG received"], c["DM received"], c["INFO received"],
+                    c["connections lost"]))
+
+    def run(self):
+        args = self.args
+        port = self.server.start()
+        self.sel.register(self.server.fd, READ, None)
+        self.t0 = time.monotonic()
+        self.say("server listening on port %d (pid %d); %d clients, seed %d"
+                 % (port, self.server.proc.pid, args.clients, args.seed))
+        for i in range(args.clients):
+            self.connect("u%02d" % i, "u%02d" % i, 1)
+        self.run_until(lambda: all(u.state != "login" for u in self.active), "first logins")
+        self.phase = "load"
+        start = time.monotonic()
+        self.next_kill = start + args.interval
+        self.next_probe = start + args.probe_interval / 2
+        self.next_status = start + STATUS_EVERY
+        while time.monotonic() - start < args.duration:
+            self.step()
+        self.phase = "settle"
+        self.status()
+        self.say("load stopped; waiting for replacements, reconnects and two barriers")
+        self.run_until(lambda: all(k.replaced_by is not None for k in self.kills)
+                       and not self.reconnects
+                       and all(u.state != "login" for u in self.active),
+                       "settling")
+        for n in (1, 2):
+            # The second barrier starts after every first one ended: by then the
+            # broker has routed all lines sent before, to every worker.
+            goal = {u: u.barriers + 1 for u in self.live()}
+            for u in goal:
+                if u.who is None:
+                    self.ask_who(u)
+            self.run_until(lambda: all(u.barriers >= g or u.state != "in" for u, g in goal.items()),
+                           "barrier %d" % n)
+        self.check_streams()
+        self.check_infos()
+        self.check_names()
+        self.check_final_session()
+        self.check_processes()
+        self.check_log()
+
+    # -- the checks at the end ---------------------------------------------------
+
+    def check_streams(self):
+        """Everything sent to a survivor after its OK arrived, but a dead sender's tail."""
+        streams = tails = 0
+        for r in self.live():
+            for s in self.users.values():
+                if s.probe_of is not None:
+                    continue
+                for kind, sent in (("MSG", s.msgs if s is not r else []),
+                                   ("DM", s.dms.get(r.name, []))):
+                    due = [i + 1 for i, (tick, _) in enumerate(sent) if tick > r.ok_tick]
+                    if not due:
+                        continue
+                    streams += 1
+                    first, last = r.got.get((s.name, kind), (None, None))
+                    if first is None:
+                        lo = due[0]
+                    elif first > due[0]:
+                        self.report_loss(s, r, kind, due[0], first - 1, "the stream began at #%d"
+                                         % first)
+                        lo = last + 1
+                    else:
+                        lo = last + 1
+                    if lo <= due[-1]:
+                        if s.state == "in":
+                            self.report_loss(s, r, kind, lo, due[-1], "never arrived")
+                        else:
+                            tails += 1
+        self.counts["streams checked"] = streams
+        self.say("check: %d (sender, receiver, kind) streams to %d survivors; %d dead "
+                 "senders' tails cut short (allowed)" % (streams, len(self.live()), tails))
+
+    def check_infos(self):
+        """Exactly one INFO per departed user at each survivor logged in before it left."""
+        checked = 0
+        for r in self.live():
+            for name, count in r.infos.items():
+                u = self.users.get(name)
+                if u is None or u.state != "gone":
+                    self.violation("info", "%s got INFO %s disconnected, but %s"
+                                   % (r.name, name, "no such user" if u is None
+                                      else "it is still connected"))
+                elif u.refused:
+                    self.violation("info", "%s got INFO %s disconnected for a LOGIN that "
+                                   "was refused" % (r.name, name))
+            for u in self.users.values():
+                if u.state == "gone" and u.ok_tick is not None and r.ok_tick < u.left_tick:
+                    checked += 1
+                    if not r.infos[u.name]:
+                        self.violation("info", "%s never got INFO %s disconnected (%s left "
+                                       "at %.2f s, %s)" % (r.name, u.name, u.name, u.left_at,
+                                                           self.kills_around(u.left_at)))
+        self.say("check: %d departures x survivors announced exactly once" % checked)
+
+    def check_names(self):
+        """Names held by survivors were never granted twice, nor left out of WHO."""
+        for p in self.users.values():
+            if p.probe_of is not None and p.ok_tick is not None and p.probe_of.state == "in":
+                self.violation("names", "LOGIN %s got OK at %.2f s while %s held the name "
+                               "(and still does)" % (p.name, p.ok_at, p.probe_of.name))
+        for asker, at, missing in self.who_missing:
+            # A user whose connection dies is gone from the broker first.
+            held = [n for n in missing if self.users[n].state == "in"
+                    or self.users[n].left_at > at + 1.0]
+            if held:
+                self.violation("who", "%s's WHO at %.2f s left out %s, logged in before it"
+                               % (asker, at, ", ".join(held)))
+        c = self.counts
+        self.say("check: %d WHO answers without duplicates; %d duplicate LOGINs, %d refused"
+                 % (c["WHO answers checked"], c["duplicate LOGINs tried"],
+                    c["duplicate LOGINs refused"]))
+
+    def check_final_session(self):
+        """Two new users: LOGIN, MSG, DM, WHO and PING all work after the chaos."""
+        names = ("final-a", "final-b")
+        try:
+            a, b = [FinalClient(self.server.port, n) for n in names]
+            try:
+                a.send("MSG after the chaos")
+                b.wait_for("MSG final-a after the chaos")
+                b.send("DM final-a still here")
+                a.wait_for("DM final-b still here")
+                a.send("WHO", "PING")
+                listed = a.until("PONG")
+                users = [line[5:] for line in listed if line.startswith("USER ")]
+                want = sorted([u.name for u in self.live()] + list(names))
+                if sorted(users) != want:
+                    self.violation("final", "WHO after the chaos gave %s, not %s" % (users, want))
+            finally:
+                a.close()
+                b.close()
+        except (OSError, AssertionError) as exc:
+            self.violation("final", "a new session failed: %s" % exc)
+            return
+        self.say("check: a new session works (LOGIN, MSG, DM, WHO, PING)")
+
+    def check_processes(self):
+        titles = self.server.titles()
+        want = ["chat-broker", "chat-acceptor"] + ["chat-worker-%d" % k
+                                                  for k in range(self.args.workers)]
+        wrong = {t: len(titles.get(t, ())) for t in want if len(titles.get(t, ())) != 1}
+        if wrong:
+            self.violation("processes", "processes per role should be one each: %s" % wrong)
+        alive = [k for k in self.kills if k.pid in titles.get(k.title, ())]
+        if alive:
+            self.violation("processes", "killed but still there: %s" % ", ".join(map(str, alive)))
+        replaced = [k.replaced_in for k in self.kills if k.replaced_in is not None]
+        self.say("check: one process per role (%s); %d kills, all replaced (slowest %.2f s)"
+                 % (", ".join(want), len(self.kills), max(replaced, default=0.0))
+                 if not wrong and len(replaced) == len(self.kills)
+                 else "check: processes per role FAILED")
+
+    def check_log(self):
+        """Tracebacks are bugs; heartbeat kills are the supervisor's own."""
+        self.server.read_log()
+        tracebacks = sum(1 for line in self.server.lines if line.startswith("Traceback"))
+        if tracebacks:
+            self.violation("log", "the server logged %d tracebacks (see --server-log)" % tracebacks)
+        hung = [line for line in self.server.lines if "missed its heartbeats" in line]
+        for line in hung:
+            self.say("note: the supervisor killed a hung process: %s" % line)
+
+    def summary(self):
+        c = self.counts
+        by_role = Counter(k.title.split("-")[1] for k in self.kills)
+        print("\n== chaos summary ==")
+        print("seed %d, %.0f s of load, %d workers, %d clients, kill interval %.1f s"
+              % (self.args.seed, self.args.duration, self.args.workers, self.args.clients,
+                 self.args.interval))
+        print("kills: %d (%s)" % (len(self.kills), ", ".join(
+            "%s %d" % (role, by_role[role]) for role in ROLES)))
+        print("sent: %d MSG, %d DM, %d WHO; received: %d MSG, %d DM, %d INFO"
+              % (c["MSG sent"], c["DM sent"], c["WHO sent"], c["MSG received"],
+                 c["DM received"], c["INFO received"]))
+        print("connections lost: %d (all to worker kills unless a 'cut' violation says "
+              "otherwise); DMs told user-not-found: %d"
+              % (c["connections lost"], c["DM told user-not-found"]))
+        print("duplicate LOGINs: %d tried, %d refused, %d granted"
+              % (c["duplicate LOGINs tried"], c["duplicate LOGINs refused"],
+                 c["duplicate LOGINs granted"]))
+        if not self.violations:
+            print("RESULT: PASS")
+            return 0
+        print("RESULT: FAIL, %d violations: %s" % (
+            sum(map(len, self.violations.values())),
+            ", ".join("%s %d" % (k, len(v)) for k, v in sorted(self.violations.items()))))
+        for kind, texts in sorted(self.violations.items()):
+            for text in texts[:SHOWN]:
+                print("  %s: %s" % (kind, text))
+            if len(texts) > SHOWN:
+                print("  %s: ... and %d more" % (kind, len(texts) - SHOWN))
+        return 1
+
+
+class FinalClient:
+    """A plain blocking client with timeouts, for the check after the chaos."""
+
+    def __init__(self, port, name):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        self.buf = b""
+        self.send("LOGIN " + name)
+        if self.read_line() != "OK":
+            raise AssertionError("LOGIN %s was not answered OK" % name)
+
+    def send(self, *lines):
+        self.sock.sendall(b"".join(line.encode() + b"\n" for line in lines))
+
+    def read_line(self):
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError("connection closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode("utf-8", "replace")
+
+    def until(self, last):
+        lines = []
+        while True:
+            line = self.read_line()
+            if line == last:
+                return lines
+            lines.append(line)
+
+    def wait_for(self, line):
+        self.until(line)
+
+    def close(self):
+        self.sock.close()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load and kills")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--interval", type=float, default=3.0, help="seconds between kills (+-20%%)")
+    p.add_argument("--seed", type=int, default=None, help="default: a random one, printed")
+    p.add_argument("--clients", type=int, default=40)
+    p.add_argument("--rate", type=float, default=1.0, help="actions per second per client")
+    p.add_argument("--probe-interval", type=float, default=2.0,
+                   help="seconds between duplicate-LOGIN attempts")
+    p.add_argument("--roles", default=",".join(ROLES),
+                   help="comma-separated roles to kill, of %s" % ", ".join(ROLES))
+    p.add_argument("--kill-order", choices=("random", "cycle"), default="random",
+                   help="cycle: kill the --roles in turn, so each is hit")
+    p.add_argument("--heartbeat-timeout", type=float, default=3.0)
+    p.add_argument("--server-log", metavar="PATH", help="write the server's log here")
+    args = p.parse_args(argv)
+    args.roles = [r for r in args.roles.split(",") if r]
+    if not args.roles or set(args.roles) - set(ROLES):
+        p.error("--roles takes a comma-separated list of %s" % ", ".join(ROLES))
+    if args.seed is None:
+        args.seed = random.randrange(1 << 30)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    def on_signal(signum, frame):
+        raise SystemExit(128 + signum)         # so that the finally below runs
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    chaos = Chaos(args)
+    try:
+        chaos.run()
+    except RuntimeError as exc:
+        chaos.violation("server", str(exc))
+        if chaos.server.port is None:
+            print(exc, file=sys.stderr)
+            return 2
+    finally:
+        chaos.server.kill()
+    return chaos.summary()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
