@@ -19,6 +19,7 @@ connections each worker holds and each address has open, which gives:
 """
 
 import errno
+import os
 import socket
 import time
 from collections import Counter
@@ -48,13 +49,15 @@ class WorkerPipe:
 
     def __init__(self, conn):
         self.conn = conn
-        self.sock = socket.socket(fileno=conn.fileno())    # for the notes
+        # For the notes: a descriptor of its own, so that whichever of the
+        # two objects the interpreter collects first closes only its own.
+        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
         self.partial = b""
         self.ips = Counter()        # address -> connections this worker holds
         self.load = 0               # connections this worker holds
 
     def close(self):
-        self.sock.detach()
+        self.sock.close()
         self.conn.close()
 
 
