@@ -1,0 +1,436 @@
+"""Running it as a service: statistics, signals, sd_notify, --log-file,
+--version, ``python -m chatlib`` and ``pip install``.
+
+Black-box like the other tests: the real server in its own session, talked to
+over TCP, its log read line by line. Nothing sleeps and hopes: every wait is
+for a log line, a datagram or a file line, with a deadline.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+from support import ROOT, BROKER, IO_TIMEOUT, Client, Server, TestCase, process_role
+
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import chatlib  # noqa: E402
+from chatlib import systemd  # noqa: E402
+
+WAIT = 15.0        # generous: two cores, other suites running at once
+
+
+def wait_log_after(server, start, pattern, timeout=WAIT):
+    """Like ``Server.wait_log``, for lines from index ``start`` on only."""
+    deadline = time.monotonic() + timeout
+    with server._log_changed:
+        while True:
+            for line in server.log_lines[start:]:
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no log line matching %r after line %d in:\n%s"
+                                     % (pattern, start, "\n".join(server.log_lines)))
+            server._log_changed.wait(left)
+
+
+def log_lines_after(server, start):
+    with server._log_changed:
+        return list(server.log_lines[start:])
+
+
+def wait_file_line(path, pattern, timeout=WAIT):
+    """Poll the file ``path`` until a line matches ``pattern``; the match."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    m = re.search(pattern, line)
+                    if m:
+                        return m
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            content = open(path).read() if os.path.exists(path) else "(no file)"
+            raise AssertionError("no line matching %r in %s:\n%s" % (pattern, path, content))
+        time.sleep(0.05)
+
+
+def login_ping(port):
+    with Client(port) as c:
+        c.send("LOGIN ops-check", "PING")
+        c.expect("OK", "PONG")
+
+
+class CommandServer(Server):
+    """A server started with any command line (``chat-server``, ``python -m
+    chatlib``) from any directory, instead of ``python broker.py``."""
+
+    def __init__(self, command, *args, cwd=ROOT, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.command = list(command)
+        self.cwd = cwd
+
+    def launch(self):
+        import threading
+        self.proc = subprocess.Popen(
+            self.command + self.args, cwd=self.cwd, env=self.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self._log_reader = threading.Thread(target=self._read_log, daemon=True)
+        self._log_reader.start()
+        return self
+
+
+class StatisticsTest(TestCase):
+    def test_stats_interval_line_has_the_counts(self):
+        s = self.server("--stats-interval", "0.3", workers=2)
+        ada = self.client(s, "ada")
+        bob = self.client(s, "bob")
+        ada.send(*["MSG m%d" % k for k in range(10)])
+        self.assertEqual(ada.barrier(), [])
+        self.assertEqual(bob.read_lines(10), ["MSG ada m%d" % k for k in range(10)])
+        # In: "LOGIN ada\n" + "LOGIN bob\n" + 10 x "MSG mK\n" + "WHO\nPING\n".
+        # Out: "OK\n" twice, "USER ada\nUSER bob\nPONG\n", 10 x "MSG ada mK\n".
+        bytes_in = 10 + 10 + 10 * 7 + 9
+        bytes_out = 3 + 3 + 23 + 10 * 11
+        m = s.wait_log(
+            r"stats: clients=2 users=2 per-worker=\[(\d+),(\d+)\] "
+            r"msgs=10 \(\d+\.\d/s\) deliveries=10 \(\d+\.\d/s\) "
+            r"bytes-in=%d bytes-out=%d slow-cuts=0 flood-cuts=0 "
+            r"ipc-batches=(\d+) events-per-batch=(\d+\.\d)$" % (bytes_in, bytes_out),
+            timeout=WAIT)
+        self.assertEqual(int(m.group(1)) + int(m.group(2)), 2)
+        self.assertGreater(int(m.group(3)), 0)
+        self.assertGreater(float(m.group(4)), 0)
+
+    def test_stats_lines_come_at_the_interval_and_not_without_it(self):
+        s = self.server("--stats-interval", "0.2", workers=1)
+        s.wait_log(r"stats: clients=0 users=0 per-worker=\[0\] msgs=0 ")
+        start = len(s.log_lines)
+        wait_log_after(s, start, r"stats: ")      # and another one after it
+        quiet = self.server(workers=1)
+        login_ping(quiet.port)
+        quiet.stop()
+        self.assertTrue(quiet.wait_log_end())
+        self.assertNotIn("stats:", quiet.log())
+
+    def test_sigusr1_lists_every_process(self):
+        s = self.server(workers=2)
+        self.client(s, "ada")
+        start = len(s.log_lines)
+        s.proc.send_signal(signal.SIGUSR1)
+        wait_log_after(s, start, r"process worker-1 pid=")
+        lines = log_lines_after(s, start)
+        self.assertTrue(any(re.search(r"stats: clients=\d users=\d", l) for l in lines), lines)
+        procs = {}
+        for line in lines:
+            m = re.search(r"process (\S+) pid=(\d+) uptime=\d+s(?: restarts=(\d+))?$", line)
+            if m:
+                procs[m.group(1)] = (int(m.group(2)), m.group(3))
+        self.assertEqual(sorted(procs), ["acceptor", "broker", "main", "worker-0", "worker-1"])
+        self.assertEqual(procs["main"][0], s.proc.pid)
+        # Under fork the session holds exactly these processes.
+        self.assertEqual(sorted(pid for pid, _ in procs.values()), sorted(s.pids()))
+        for name, (pid, restarts) in procs.items():
+            if name != "main":
+                self.assertEqual(process_role(pid), "chat-" + name)
+                self.assertEqual(restarts, "0")
+
+    def test_sigusr1_counts_restarts(self):
+        s = self.server(workers=2)
+        first = int(s.wait_log(r"started worker-1 \(pid (\d+)\)").group(1))
+        start = len(s.log_lines)
+        os.kill(first, signal.SIGKILL)
+        second = int(wait_log_after(s, start, r"started worker-1 \(pid (\d+)\)").group(1))
+        start = len(s.log_lines)
+        s.proc.send_signal(signal.SIGUSR1)
+        m = wait_log_after(s, start, r"process worker-1 pid=(\d+) uptime=\d+s restarts=(\d+)$")
+        self.assertEqual((int(m.group(1)), m.group(2)), (second, "1"))
+        m = wait_log_after(s, start, r"process worker-0 pid=\d+ uptime=\d+s restarts=(\d+)$")
+        self.assertEqual(m.group(1), "0")
+
+
+class NotifyTest(TestCase):
+    """A fake service manager: a Unix datagram socket in $NOTIFY_SOCKET."""
+
+    def notify_socket(self, abstract=False):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        if abstract:
+            name = "chat-test-notify-%d-%d" % (os.getpid(), time.monotonic_ns())
+            sock.bind("\0" + name)
+            return sock, "@" + name
+        tmp = tempfile.mkdtemp(prefix="chat-notify-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "notify")
+        sock.bind(path)
+        return sock, path
+
+    def receive(self, sock, timeout=WAIT):
+        sock.settimeout(timeout)
+        try:
+            return sock.recv(4096).decode()
+        except socket.timeout:
+            raise AssertionError("no sd_notify message within %.0f s" % timeout)
+
+    def test_ready_status_and_stopping(self):
+        sock, path = self.notify_socket()
+        s = Server("--stats-interval", "0.2", workers=2, env={"NOTIFY_SOCKET": path})
+        self.addCleanup(s.kill)
+        s.launch()
+        first = self.receive(sock)
+        # READY=1 comes only once every process is up: a login works at once.
+        self.assertIn("READY=1", first.split("\n"))
+        m = re.search(r"^STATUS=listening on 127\.0\.0\.1:(\d+)$", first, re.M)
+        self.assertIsNotNone(m, first)
+        port = int(m.group(1))
+        with Client(port) as c:
+            c.login("ada")
+            # The statistics follow as STATUS= lines.
+            while True:
+                message = self.receive(sock)
+                self.assertNotIn("READY=1", message)
+                if message == "STATUS=1 clients, 1 users":
+                    break
+                self.assertRegex(message, r"^STATUS=\d+ clients, \d+ users$")
+            s.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(c.expect_closed(), ["ERR server-shutdown"])
+        while True:
+            message = self.receive(sock)
+            if "STOPPING=1" in message.split("\n"):
+                break
+            self.assertRegex(message, r"^STATUS=")
+        self.assertEqual(s.proc.wait(IO_TIMEOUT * 2), 0)
+        self.assertEqual(s.port, port)
+
+    def test_ready_only_after_listening_even_when_slow(self):
+        """With spawn (slow children) no READY=1 comes before the log says
+        ``listening on``, and a login right after READY=1 succeeds."""
+        sock, path = self.notify_socket()
+        s = Server(workers=2, start_method="spawn", env={"NOTIFY_SOCKET": path})
+        self.addCleanup(s.kill)
+        s.launch()
+        message = self.receive(sock)
+        self.assertIn("READY=1", message.split("\n"))
+        self.assertIn("listening on", s.log())
+        port = int(re.search(r"STATUS=listening on [^:]+:(\d+)", message).group(1))
+        login_ping(port)
+        self.assertEqual(s.stop(), 0)
+
+    def test_notify_abstract_socket_and_no_socket(self):
+        sock, address = self.notify_socket(abstract=True)
+        old = os.environ.get("NOTIFY_SOCKET")
+        self.addCleanup(lambda: os.environ.__setitem__("NOTIFY_SOCKET", old)
+                        if old is not None else os.environ.pop("NOTIFY_SOCKET", None))
+        os.environ["NOTIFY_SOCKET"] = address
+        self.assertTrue(systemd.notify("STATUS=hello"))
+        self.assertEqual(self.receive(sock, IO_TIMEOUT), "STATUS=hello")
+        del os.environ["NOTIFY_SOCKET"]
+        self.assertFalse(systemd.notify("READY=1"))
+
+
+class LogFileTest(TestCase):
+    def log_file_server(self, path, start_method=None):
+        s = Server("--log-file", path, workers=2, start_method=start_method)
+        self.addCleanup(s.kill)
+        s.launch()
+        port = int(wait_file_line(path, r"listening on [^ ]+:(\d+)").group(1))
+        s.port = port
+        return s
+
+    def check_reopen(self, start_method, whole_group):
+        tmp = tempfile.mkdtemp(prefix="chat-log-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "chat.log")
+        s = self.log_file_server(path, start_method)
+        c = self.client(s, "before")
+        wait_file_line(path, r"worker-\d\[\d+\] before logged in from ")
+        pids = sorted(s.pids())
+        os.rename(path, path + ".1")
+        if whole_group:          # like `systemctl kill -s HUP` or a hang-up
+            os.killpg(s.proc.pid, signal.SIGHUP)
+        else:
+            s.proc.send_signal(signal.SIGHUP)
+        wait_file_line(path, r"main\[%d\] received SIGHUP: log file reopened" % s.proc.pid)
+        self.client(s, "after")
+        # The worker's line about the new login lands in the new file.
+        wait_file_line(path, r"worker-\d\[\d+\] after logged in from ")
+        with open(path + ".1") as f:
+            old = f.read()
+        self.assertNotIn("after", old)
+        self.assertNotIn("reopened", old)
+        # Nobody died of the signal, no client noticed.
+        self.assertEqual(sorted(s.pids()), pids)
+        c.send("PING")
+        c.expect("PONG")
+        self.assertEqual(s.stop(), 0)
+        self.assertEqual(s.log(), "", "nothing on stderr with --log-file")
+        wait_file_line(path, r"main\[\d+\] stopped")
+
+    def test_sighup_reopens_the_log_file(self):
+        self.check_reopen(None, whole_group=False)
+
+    def test_sighup_to_every_process_under_forkserver(self):
+        """The forkserver and resource tracker must survive a SIGHUP sent to
+        the whole process group, or every child would go with them."""
+        self.check_reopen("forkserver", whole_group=True)
+
+
+class CommandLineTest(TestCase):
+    def run_command(self, *command, cwd=ROOT):
+        proc = subprocess.run(list(command), cwd=cwd, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=WAIT)
+        return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+    def test_version(self):
+        code, out, err = self.run_command(sys.executable, BROKER, "--version")
+        self.assertEqual((code, out, err), (0, "broker.py %s\n" % chatlib.__version__, ""))
+        self.assertRegex(chatlib.__version__, r"^\d+\.\d+\.\d+")
+
+    def test_python_m_chatlib_version(self):
+        code, out, err = self.run_command(sys.executable, "-m", "chatlib", "--version")
+        self.assertEqual((code, out, err),
+                         (0, "python -m chatlib %s\n" % chatlib.__version__, ""))
+
+    def test_python_m_chatlib_serves(self):
+        s = CommandServer([sys.executable, "-m", "chatlib"], workers=1)
+        self.addCleanup(s.kill)
+        s.start()
+        login_ping(s.port)
+        self.assertEqual(s.stop(), 0)
+
+    def test_one_version_source(self):
+        try:
+            import tomllib
+        except ImportError:
+            self.skipTest("tomllib needs Python 3.11")
+        with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+            project = tomllib.load(f)
+        self.assertEqual(project["project"]["dynamic"], ["version"])
+        self.assertEqual(project["tool"]["setuptools"]["dynamic"]["version"],
+                         {"attr": "chatlib.__version__"})
+        changelog = open(os.path.join(ROOT, "CHANGELOG.md")).read()
+        self.assertIn("## [%s]" % chatlib.__version__, changelog)
+
+
+class InstallTest(TestCase):
+    """``pip install`` of the project into a fresh venv gives a ``chat-server``
+    that serves, imported from the venv alone, under spawn (the strictest:
+    children import ``worker`` and ``broker`` by name)."""
+
+    timeout = 120
+
+    # Files a source distribution needs (a copy, so the build never touches
+    # the work tree that other runs share).
+    SOURCES = ["pyproject.toml", "README.md", "LICENSE", "broker.py", "worker.py",
+               "chatlib", "scripts"]
+
+    def pip_install(self, venv_python, source):
+        """Install offline if the environment can build a wheel, else through
+        the configured index; skip the test when neither works."""
+        base = [sys.executable, "-m", "pip", "--python", venv_python, "install",
+                "--no-deps", "--disable-pip-version-check", "--no-input", "-q"]
+        attempts = [base + ["--no-build-isolation", "--no-index", source],
+                    base + [source]]
+        out = ""
+        for command in attempts:
+            try:
+                proc = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, timeout=90)
+            except subprocess.TimeoutExpired:
+                out += "\n%s: timed out" % " ".join(command)
+                continue
+            if proc.returncode == 0:
+                return
+            out += "\n" + proc.stdout.decode(errors="replace")
+        self.skipTest("pip could not build the project here (no setuptools and wheel "
+                      "installed, no index reachable?):" + out[-1500:])
+
+    def test_pip_install_gives_working_commands(self):
+        try:
+            import venv  # noqa: F401
+        except ImportError:
+            self.skipTest("no venv module")
+        pip = subprocess.run([sys.executable, "-m", "pip", "--version"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        m = re.match(rb"pip (\d+)\.(\d+)", pip.stdout)
+        if pip.returncode or not m or (int(m.group(1)), int(m.group(2))) < (22, 3):
+            self.skipTest("needs pip 22.3 or newer (pip --python)")
+        tmp = tempfile.mkdtemp(prefix="chat-install-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        source = os.path.join(tmp, "src")
+        os.mkdir(source)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+        for name in self.SOURCES:
+            src = os.path.join(ROOT, name)
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(source, name), ignore=ignore)
+            elif os.path.exists(src):
+                shutil.copy2(src, source)
+        venv_dir = os.path.join(tmp, "venv")
+        # --system-site-packages: an installed setuptools builds offline.
+        made = subprocess.run([sys.executable, "-m", "venv", "--without-pip",
+                               "--system-site-packages", venv_dir],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        if made.returncode:
+            self.skipTest("python -m venv failed: " + made.stdout.decode(errors="replace"))
+        bin_dir = os.path.join(venv_dir, "bin")
+        python = os.path.join(bin_dir, "python")
+        self.pip_install(python, source)
+
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        run = os.path.join(tmp, "run")      # not the clone: nothing imported from it
+        os.mkdir(run)
+        where = subprocess.run(
+            [python, "-c", "import broker, worker, chatlib, chat_tools; "
+                           "print(broker.__file__, worker.__file__, chatlib.__file__, "
+                           "chatlib.__version__)"],
+            cwd=run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=WAIT)
+        self.assertEqual(where.returncode, 0, where.stdout)
+        files = where.stdout.decode().split()
+        for f in files[:3]:
+            self.assertTrue(f.startswith(venv_dir), files)
+        self.assertEqual(files[3], chatlib.__version__)
+
+        version = subprocess.run([os.path.join(bin_dir, "chat-server"), "--version"],
+                                 cwd=run, env=env, stdout=subprocess.PIPE, timeout=WAIT)
+        self.assertEqual(version.stdout.decode(), "chat-server %s\n" % chatlib.__version__)
+
+        # The stress tool's command is there; if the tool is, it imports.
+        self.assertTrue(os.access(os.path.join(bin_dir, "chat-stress"), os.X_OK))
+        if os.path.exists(os.path.join(source, "scripts", "stress.py")):
+            imported = subprocess.run(
+                [python, "-c", "from chat_tools.stress import main; assert callable(main)"],
+                cwd=run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                timeout=WAIT)
+            self.assertEqual(imported.returncode, 0, imported.stdout)
+
+        s = CommandServer([os.path.join(bin_dir, "chat-server")], workers=2,
+                          start_method="spawn", cwd=run, env={"PYTHONPATH": ""})
+        s.env = env
+        self.addCleanup(s.kill)
+        s.start(timeout=WAIT * 2)
+        login_ping(s.port)
+        with Client(s.port) as a, Client(s.port) as b:
+            a.login("ada")
+            b.login("bob")
+            a.send("MSG hi")
+            self.assertEqual(b.read_line(), "MSG ada hi")
+        self.assertEqual(s.stop(), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
