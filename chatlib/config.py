@@ -14,46 +14,32 @@ from chatlib import __version__
 DEFAULT_PORT = 4000
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1, got %s" % text)
-    return value
+def _ranged(convert, low, high=None, above=False, unit=""):
+    """An argparse type: ``convert`` the text, then insist on a range.
+
+    Written as ``not (in range)`` so that a NaN is refused too.
+    """
+    def check(text):
+        value = convert(text)
+        if above:
+            ok, rule = value > low, "more than %s" % low
+        elif high is not None:
+            ok, rule = low <= value <= high, "%s..%s" % (low, high)
+        else:
+            ok, rule = value >= low, "at least %s%s" % (low, unit)
+        if not ok:
+            raise argparse.ArgumentTypeError("must be %s, got %s" % (rule, text))
+        return value
+    check.__name__ = "integer" if convert is int else "number"
+    return check
 
 
-def _port(text):
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be 0..65535, got %s" % text)
-    return value
-
-
-def _seconds(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be more than 0, got %s" % text)
-    return value
-
-
-def _non_negative(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be 0 or more, got %s" % text)
-    return value
-
-
-def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more, got %s" % text)
-    return value
-
-
-def _max_line(text):
-    value = int(text)
-    if value < 16:
-        raise argparse.ArgumentTypeError("must be at least 16 bytes, got %s" % text)
-    return value
+_port = _ranged(int, 0, 65535)
+_positive_int = _ranged(int, 1)
+_non_negative_int = _ranged(int, 0)
+_non_negative = _ranged(float, 0)
+_seconds = _ranged(float, 0, above=True)
+_max_line = _ranged(int, 16, unit=" bytes")
 
 
 def _default_port():
