@@ -1,0 +1,1382 @@
+#!/usr/bin/env python3
+"""chat-stress: load the chat server and check every line it sends back.
+
+Each scenario runs in phases driven by one coordinator process: ``setup``
+(every client connects and logs in), ``run`` (the load), ``finish`` (wait
+for lines still in flight, then judge). The load comes from ``--procs``
+processes, each running one selectors loop over its share of the clients:
+large reads, lines counted in bulk, payloads built once, sends batched.
+
+Every scenario carries a correctness oracle that stays cheap under load:
+each receiver keeps, per sender, the next sequence number it expects, so a
+lost, duplicated, reordered, echoed, misrouted or cut line is caught without
+storing what arrived. Any failure makes the exit status 1 and is listed.
+
+Standard library only; Linux for the server figures (read from /proc).
+"""
+
+import argparse
+import array
+import ipaddress
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import resource
+import selectors
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BROKER = os.path.join(ROOT, "broker.py")
+
+CHUNK = 256 * 1024          # bytes per recv: few syscalls, lines counted in bulk
+PER_ADDRESS = 50            # clients per 127.x source address (server default cap: 64)
+LAT_STRIDE = 10             # one client in this many records latency samples
+MAX_BATCH = 512             # messages a sender writes per loop turn
+WINDOW_BYTES = 256 * 1024   # in-flight bytes per receiver the senders allow
+ACK_EVERY = 0.025           # seconds between publications of receivers' progress
+CHECK_EVERY = 0.05          # seconds between "is everything in?" checks
+SAMPLES_PER_KIND = 3        # example details kept per kind of failure
+BIG = 1 << 62               # "no constraint" in shared progress slots
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+# Board slots per process (shared memory the coordinator reads for progress).
+CONNECTED, SENT, RECEIVED, SLOW_CLOSED, BOARD_SLOTS = range(5)
+# Client states.
+CONNECTING, LOGGING_IN, READY, LEAVING, CLOSED = range(5)
+
+
+# -- machine and /proc ---------------------------------------------------------
+
+def raise_nofile():
+    """Thousands of clients need thousands of descriptors: soft limit := hard."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def own_cpu():
+    """CPU seconds this process has used (user + system)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def process_tree(root):
+    """``root``'s session if it leads one (a spawned server), else its descendants.
+
+    A session also holds processes a forkserver started, which are not
+    descendants of the server's main process.
+    """
+    table = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if fields[0] != b"Z":
+                table.append((int(entry), int(fields[1]), int(fields[3])))
+    if any(pid == root and sid == root for pid, _, sid in table):
+        return [pid for pid, _, sid in table if sid == root]
+    tree, i = [root], 0
+    while i < len(tree):
+        tree.extend(pid for pid, ppid, _ in table if ppid == tree[i])
+        i += 1
+    return tree
+
+
+def server_usage(root):
+    """(CPU seconds, RSS bytes) summed over the server's processes; None if unknown."""
+    if not root or not os.path.isdir("/proc"):
+        return None
+    ticks = rss_pages = 0
+    for pid in process_tree(root):
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        ticks += int(fields[11]) + int(fields[12])
+        rss_pages += int(fields[21])
+    return ticks / os.sysconf("SC_CLK_TCK"), rss_pages * resource.getpagesize()
+
+
+def percentile(ordered, q):
+    """Nearest-rank percentile of a sorted sequence (None if empty)."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+
+def source_address(index):
+    """The loopback source address of client ``index``: PER_ADDRESS per address."""
+    k = index // PER_ADDRESS
+    return "127.%d.%d.%d" % (100 + k // 62500, k // 250 % 250, k % 250 + 1)
+
+
+# -- one stress process ----------------------------------------------------------
+
+class Client:
+    """One connection and its oracle state."""
+
+    __slots__ = ("idx", "name", "sock", "state", "out", "carry", "interest", "t0",
+                 "seq", "got", "nxt", "lat", "peer", "slow", "cut", "observer", "infos",
+                 "kind")
+
+    def __init__(self, idx, name):
+        self.idx = idx
+        self.name = name            # bytes
+        self.sock = None
+        self.state = CLOSED
+        self.out = b""              # bytes the socket has not taken yet
+        self.carry = b""            # an incomplete last line
+        self.interest = 0
+        self.t0 = 0
+        self.seq = 0                # next sequence number this client sends
+        self.got = 0                # next sequence number it expects (one sender)
+        self.nxt = {}               # sender -> next sequence number expected
+        self.lat = False            # records latency samples
+        self.peer = None
+        self.slow = False
+        self.cut = False            # has seen ERR slow-consumer
+        self.observer = False
+        self.infos = None
+        self.kind = 0
+
+
+class Load:
+    """One stress process: a selectors loop over its share of the clients.
+
+    Subclasses say who the clients are and what the lines they get must be;
+    this class connects and logs them in, moves bytes, serves the
+    coordinator's phase commands and keeps the book of failures.
+    """
+
+    def __init__(self, cfg, proc, pipe, board):
+        self.cfg = cfg
+        self.proc = proc
+        self.pipe = pipe
+        self.board = board
+        self.slot = proc * BOARD_SLOTS
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(pipe.fileno(), selectors.EVENT_READ, None)
+        self.target = (cfg["address"], cfg["port"])
+        self.spread = cfg["spread"]
+        self.failures = Counter()
+        self.examples = {}
+        self.connected = 0
+        self.sent = 0
+        self.lines_in = 0
+        self.logins_pending = 0
+        self.login_ns = array.array("q")
+        self.login_span = [0, 0]
+        self.last_rx = 0
+        self.now = time.monotonic_ns()
+        self.clients = self.make_clients()
+
+    # subclass hooks
+    def make_clients(self):
+        """The clients this process logs in during setup."""
+        raise NotImplementedError
+
+    def on_login(self, c):
+        """``c`` got its OK."""
+
+    def on_lines(self, c, lines):
+        """Complete lines for a logged-in ``c``, in order."""
+        raise NotImplementedError
+
+    def on_eof(self, c):
+        """The server closed ``c``: a failure unless we were leaving."""
+        if c.state != LEAVING:
+            self.fail("lost-connection", c.name)
+        self.close(c)
+
+    def tick(self):
+        """Called once per loop turn: senders, periodic checks."""
+
+    # failure book
+    def fail(self, kind, detail="", count=1):
+        self.failures[kind] += count
+        examples = self.examples.setdefault(kind, [])
+        if len(examples) < SAMPLES_PER_KIND:
+            text = detail.decode("utf-8", "replace") if isinstance(detail, bytes) else str(detail)
+            examples.append(text[:160])
+
+    def unexpected(self, c, line):
+        self.fail("unexpected-line", b"%s got %r" % (c.name, line[:100]))
+
+    # sockets
+    def open(self, c):
+        """Start a non-blocking connect, from a spread loopback address if local."""
+        c.t0 = time.monotonic_ns()
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if c.slow:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            if self.spread:
+                s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                s.bind((source_address(c.idx), 0))
+            err = s.connect_ex(self.target)
+        except OSError as exc:
+            err = exc.errno
+        if err not in (0, 115, 36, 11, 35):     # EINPROGRESS, EAGAIN (Linux, BSD)
+            s.close()
+            self.fail("connect-failed", "%s: %s" % (c.name.decode(), os.strerror(err)))
+            return False
+        c.sock = s
+        c.state = CONNECTING
+        self.logins_pending += 1
+        self.set_interest(c, selectors.EVENT_WRITE)
+        return True
+
+    def set_interest(self, c, want):
+        if want == c.interest or c.sock is None:
+            return
+        if not want:
+            self.sel.unregister(c.sock)
+        elif not c.interest:
+            self.sel.register(c.sock, want, c)
+        else:
+            self.sel.modify(c.sock, want, c)
+        c.interest = want
+
+    def write(self, c, data):
+        """Send ``data`` now if the socket takes it, keep the rest for later."""
+        if c.sock is None:
+            return
+        if c.out:
+            c.out += data
+            return
+        try:
+            n = c.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self.fail("send-failed", "%s: %s" % (c.name.decode(), exc))
+            self.close(c)
+            return
+        if n < len(data):
+            c.out = data[n:]
+            self.set_interest(c, c.interest | selectors.EVENT_WRITE)
+
+    def close(self, c):
+        if c.sock is None:
+            return
+        if c.interest:
+            self.sel.unregister(c.sock)
+        c.interest = 0
+        c.sock.close()
+        c.sock = None
+        if c.state in (CONNECTING, LOGGING_IN):
+            self.logins_pending -= 1
+        elif c.state in (READY, LEAVING):
+            self.connected -= 1
+        c.state = CLOSED
+
+    def on_writable(self, c):
+        if c.state == CONNECTING:
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.fail("connect-failed", "%s: %s" % (c.name.decode(), os.strerror(err)))
+                self.close(c)
+                return
+            c.state = LOGGING_IN
+            self.set_interest(c, selectors.EVENT_READ)
+            self.write(c, b"LOGIN %s\n" % c.name)
+            return
+        out, c.out = c.out, b""
+        self.set_interest(c, c.interest & ~selectors.EVENT_WRITE)
+        self.write(c, out)
+
+    def on_readable(self, c):
+        try:
+            data = c.sock.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.on_eof(c)
+            return
+        self.last_rx = self.now
+        self.lines_in += data.count(b"\n")
+        if c.carry:
+            data = c.carry + data
+        end = data.rfind(b"\n")
+        if end < 0:
+            c.carry = data
+            return
+        c.carry = data[end + 1:]
+        lines = data[:end].split(b"\n")
+        if c.state == LOGGING_IN:
+            if not self.logged_in(c, lines[0]):
+                return
+            del lines[0]
+        if lines:
+            self.on_lines(c, lines)
+
+    def logged_in(self, c, answer):
+        """Judge the answer to LOGIN; True if ``c`` may go on."""
+        self.logins_pending -= 1
+        if answer != b"OK":
+            c.state = LEAVING
+            self.fail("login-failed", b"%s: %r" % (c.name, answer))
+            self.close(c)
+            return False
+        c.state = READY
+        self.connected += 1
+        self.login_ns.append(self.now - c.t0)
+        self.login_span[0] = self.login_span[0] or c.t0
+        self.login_span[1] = self.now
+        self.on_login(c)
+        return c.sock is not None
+
+    def pump(self, timeout):
+        """Handle socket events for up to ``timeout`` s; True if the coordinator spoke."""
+        command = False
+        for key, events in self.sel.select(timeout):
+            c = key.data
+            if c is None:
+                command = True
+                continue
+            self.now = time.monotonic_ns()
+            if events & selectors.EVENT_WRITE and c.sock is not None:
+                self.on_writable(c)
+            if events & selectors.EVENT_READ and c.sock is not None:
+                self.on_readable(c)
+        self.now = time.monotonic_ns()
+        self.tick()
+        board, i = self.board, self.slot
+        board[i + CONNECTED] = self.connected
+        board[i + SENT] = self.sent
+        board[i + RECEIVED] = self.lines_in
+        return command
+
+    def pump_until(self, deadline_ns, done=lambda: False, timeout=0.005):
+        """Pump until ``done()`` or the deadline; ``done`` is polled every CHECK_EVERY."""
+        check = 0
+        while self.now < deadline_ns:
+            if self.now >= check:
+                if done():
+                    return True
+                check = self.now + int(CHECK_EVERY * 1e9)
+            self.pump(timeout)
+        return done()
+
+    # phases
+    def serve(self):
+        """Run the coordinator's phase commands until it says exit."""
+        while True:
+            while not self.pump(0.05):
+                pass
+            cmd, *args = self.pipe.recv()
+            if cmd == "exit":
+                break
+            self.pipe.send(getattr(self, "phase_" + cmd)(*args))
+        for c in self.clients:
+            self.close(c)
+
+    def phase_setup(self):
+        """Connect and log in every client, ``concurrency`` at a time."""
+        todo = self.clients[::-1]
+        limit = self.cfg["concurrency"]
+        deadline = self.now + int(self.cfg["setup_timeout"] * 1e9)
+        while todo or self.logins_pending:
+            while todo and self.logins_pending < limit:
+                self.open(todo.pop())
+            self.pump(0.01)
+            if self.now > deadline:
+                self.fail("setup-timeout", "%d logins unanswered" % (self.logins_pending + len(todo)))
+                break
+        return {"ok": len(self.login_ns), "span": self.login_span,
+                "login_ns": self.login_ns.tobytes()}
+
+    def wait_start(self, t_start):
+        self.pump_until(t_start, timeout=0.001)
+
+    def report(self, extra):
+        """The finish reply: failures, CPU and the scenario's figures."""
+        extra.update(failures=dict(self.failures), examples=self.examples,
+                     cpu=own_cpu(), lines=self.lines_in, last_rx=self.last_rx)
+        return extra
+
+
+class MessageCheck:
+    """The MSG oracle shared by scenarios: fixed-format texts with sequence numbers.
+
+    A text is ``<seq:10> <send-time-ns:19> <pad>``; the send time is non-zero
+    on every ``sample``-th message only. The pad is built once and compared
+    whole, so a cut or corrupted line cannot pass.
+    """
+
+    def __init__(self, size, sample):
+        self.pad = b"x" * max(1, size - 31)
+        self.fmt = b"MSG %010d %019d " + self.pad + b"\n"
+        self.sample = sample
+
+    def batch(self, first, count, stamp):
+        sample, fmt = self.sample, self.fmt
+        return b"".join([fmt % (q, stamp if q % sample == 0 else 0)
+                         for q in range(first, first + count)])
+
+    def parse(self, line):
+        """(sender, seq, stamp) of a well-formed MSG line, else None."""
+        parts = line.split(b" ", 4)
+        if len(parts) == 5 and parts[0] == b"MSG" and parts[4] == self.pad:
+            try:
+                return parts[1], int(parts[2]), int(parts[3])
+            except ValueError:
+                return None
+        return None
+
+
+class Broadcast(Load):
+    """fanout and slow: senders MSG everyone; receivers check every line.
+
+    Senders are flow-controlled: a sender runs at most a window of messages
+    ahead of the slowest reading receiver (published per process in shared
+    memory), so "as fast as possible" measures the server, not a queue
+    that ends in ``ERR slow-consumer`` for a reader the tool itself starved.
+    """
+
+    def __init__(self, cfg, proc, pipe, board, acks, flags):
+        self.acks = acks
+        self.flags = flags
+        self.msg = MessageCheck(cfg["size"], cfg["sample"])
+        super().__init__(cfg, proc, pipe, board)
+        self.line_len = len(self.msg.fmt) + 8
+        self.window = cfg["window"] or max(8, WINDOW_BYTES // (self.line_len * cfg["senders"]))
+        self.sending = False
+        self.t_start = 0
+        self.next_ack = 0
+        self.next_flags = 0
+        self.lat = array.array("q")
+        self.slow_closed = 0
+
+    def make_clients(self):
+        cfg, prefix = self.cfg, self.cfg["prefix"]
+        names = [b"%ss%d" % (prefix, i) for i in range(cfg["senders"])]
+        self.sender_names = names
+        self.slow_names = {}
+        clients = []
+        for i in range(self.proc, cfg["clients"], cfg["procs"]):
+            c = Client(i, names[i] if i < len(names) else b"%sr%d" % (prefix, i))
+            c.nxt = dict.fromkeys(names, 0)
+            c.nxt[c.name] = BIG            # echoes show up as disorder
+            c.lat = i % LAT_STRIDE == 0
+            c.slow = i >= cfg["senders"] and i in cfg["slow_set"]
+            c.infos = Counter()
+            clients.append(c)
+        self.senders = [c for c in clients if c.idx < len(names)]
+        self.readers = [c for c in clients if not c.slow]
+        self.slow = [c for c in clients if c.slow]
+        for i in cfg["slow_set"]:
+            self.slow_names[b"%sr%d" % (prefix, i)] = i
+        return clients
+
+    def on_login(self, c):
+        if c.slow:
+            self.set_interest(c, 0)     # stop reading: let the server's queue grow
+
+    def on_lines(self, c, lines):
+        nxt, parse = c.nxt, self.msg.parse
+        lat = self.lat if c.lat else None
+        for line in lines:
+            m = parse(line)
+            if m is None:
+                self.other_line(c, line)
+                continue
+            sender, seq, stamp = m
+            if c.cut:
+                self.fail("line-after-err-slow-consumer", b"%s got %r" % (c.name, line[:80]))
+            expected = nxt.get(sender)
+            if seq == expected:
+                nxt[sender] = seq + 1
+                if stamp and lat is not None:
+                    lat.append(self.now - stamp)
+            else:
+                self.disorder(c, sender, seq, expected)
+
+    def disorder(self, c, sender, seq, expected):
+        if sender == c.name:
+            self.fail("echo-to-sender", b"%s got its own message %d" % (sender, seq))
+        elif expected is None:
+            self.fail("unknown-sender", b"%s got MSG from %s" % (c.name, sender))
+        elif seq > expected:
+            self.fail("lost", b"%s: %s seq %d..%d missing" % (c.name, sender, expected, seq - 1),
+                      seq - expected)
+            c.nxt[sender] = seq + 1
+        else:
+            self.fail("duplicate-or-reordered",
+                      b"%s: %s seq %d after %d" % (c.name, sender, seq, expected - 1))
+
+    def other_line(self, c, line):
+        """INFO about a slow client, or ERR slow-consumer to one; else a failure."""
+        if line == b"ERR slow-consumer" and c.slow and not c.cut:
+            c.cut = True
+            return
+        parts = line.split(b" ")
+        if len(parts) == 3 and parts[0] == b"INFO" and parts[2] == b"disconnected" \
+                and parts[1] in self.slow_names and not c.cut:
+            c.infos[parts[1]] += 1
+            self.flags[self.slow_names[parts[1]]] = 1
+            return
+        self.unexpected(c, line)
+
+    def on_eof(self, c):
+        if c.slow and c.cut:
+            self.slow_closed += 1
+            self.board[self.slot + SLOW_CLOSED] = self.slow_closed
+            c.state = LEAVING
+        elif c.slow:
+            self.fail("closed-without-err-slow-consumer", c.name)
+            c.state = LEAVING
+        super().on_eof(c)
+
+    def tick(self):
+        now = self.now
+        if now >= self.next_ack:
+            self.next_ack = now + int(ACK_EVERY * 1e9)
+            self.publish_progress()
+            if self.slow:
+                self.resume_cut(force=False)
+        if self.sending:
+            self.feed_senders(now)
+
+    def publish_progress(self):
+        """Per sender, the next seq the slowest reading receiver here waits for."""
+        base = self.proc * len(self.sender_names)
+        readers = [c.nxt for c in self.readers if c.sock is not None]
+        for s, name in enumerate(self.sender_names):
+            self.acks[base + s] = min([nxt[name] for nxt in readers], default=BIG)
+
+    def resume_cut(self, force):
+        """Slow clients the server cut (others saw their INFO) read what is left."""
+        for c in self.slow:
+            if c.sock is not None and c.state == READY and not c.interest \
+                    and (force or self.flags[c.idx]):
+                self.set_interest(c, selectors.EVENT_READ)
+
+    def feed_senders(self, now):
+        procs, n_senders, acks = self.cfg["procs"], len(self.sender_names), self.acks
+        rate = self.cfg["rate"] / n_senders if self.cfg["rate"] else 0
+        for c in self.senders:
+            if c.out or c.sock is None:
+                continue
+            s = c.idx
+            limit = min(acks[p * n_senders + s] for p in range(procs)) + self.window
+            if rate:
+                limit = min(limit, int(rate * (now - self.t_start) / 1e9) + 1)
+            count = min(limit - c.seq, MAX_BATCH)
+            if count > 0:
+                self.write(c, self.msg.batch(c.seq, count, now))
+                c.seq += count
+                self.sent += count
+
+    def all_slow_closed(self):
+        procs = self.cfg["procs"]
+        closed = sum(self.board[p * BOARD_SLOTS + SLOW_CLOSED] for p in range(procs))
+        return closed >= len(self.cfg["slow_set"])
+
+    def phase_run(self, t_start, t_end):
+        self.wait_start(t_start)
+        self.t_start = self.now
+        lines0 = self.lines_in
+        self.sending = True
+        self.pump_until(t_end, self.all_slow_closed if self.slow_names else lambda: False)
+        self.sending = False
+        self.resume_cut(force=True)
+        return {"sent": {c.name: c.seq for c in self.senders},
+                "window_lines": self.lines_in - lines0, "t_stop": self.now}
+
+    def phase_finish(self, expect, deadline):
+        expect = {**expect, **dict.fromkeys(self.slow_names, 0)}
+
+        def drained():
+            return all(c.sock is None for c in self.slow) and all(
+                c.nxt.get(name, BIG) >= count for c in self.readers if c.sock is not None
+                for name, count in expect.items() if name in self.sender_names)
+
+        complete = self.pump_until(deadline, drained)
+        self.judge(expect)
+        return self.report({"lat": self.lat.tobytes(), "complete": complete})
+
+    def judge(self, expect):
+        """Whatever did not arrive by the end: lost MSGs, missing INFOs, uncut slow clients."""
+        for c in self.readers:
+            if c.sock is None:
+                continue
+            for name, count in expect.items():
+                if name in self.slow_names:
+                    if c.infos[name] != 1:
+                        self.fail("info-count", b"%s got %d INFO for %s"
+                                  % (c.name, c.infos[name], name))
+                elif name != c.name and c.nxt[name] < count:
+                    self.fail("lost", b"%s: %s seq %d..%d never came"
+                              % (c.name, name, c.nxt[name], count - 1), count - c.nxt[name])
+        for c in self.slow:
+            if c.sock is not None:
+                self.fail("slow-client-not-cut", c.name)
+
+
+class Dm(Load):
+    """Pairs bounce one DM back and forth; the first of each pair times it."""
+
+    FMT = b"DM %s %d %d\n"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.bouncing = False
+        self.round_trips = 0
+        self.rtt = array.array("q")
+
+    def make_clients(self):
+        cfg, prefix, clients = self.cfg, self.cfg["prefix"], []
+        for k in range(self.proc, cfg["pairs"], cfg["procs"]):
+            a, b = Client(2 * k, b"%sa%d" % (prefix, k)), Client(2 * k + 1, b"%sb%d" % (prefix, k))
+            a.peer, b.peer = b, a
+            a.observer = True       # the timing side
+            clients += [a, b]
+        self.timers = clients[::2]
+        return clients
+
+    def on_lines(self, c, lines):
+        peer = c.peer
+        for line in lines:
+            parts = line.split(b" ")
+            if len(parts) != 4 or parts[0] != b"DM" or parts[1] != peer.name:
+                self.fail("misrouted-or-bad-line", b"%s got %r" % (c.name, line[:100]))
+                continue
+            seq, stamp = int(parts[2]), int(parts[3])
+            if seq != c.got:
+                self.fail("duplicate-or-reordered", b"%s: seq %d, expected %d"
+                          % (c.name, seq, c.got))
+            c.got = seq + 1
+            if not c.observer:
+                self.write(c, self.FMT % (peer.name, seq, stamp))
+                continue
+            self.round_trips += 1
+            self.rtt.append(self.now - stamp)
+            if self.bouncing:
+                self.serve_ball(c)
+
+    def serve_ball(self, c):
+        self.write(c, self.FMT % (c.peer.name, c.seq, self.now))
+        c.seq += 1
+        self.sent += 1
+
+    def phase_run(self, t_start, t_end):
+        self.wait_start(t_start)
+        self.bouncing = True
+        for a in self.timers:
+            self.serve_ball(a)
+        self.pump_until(t_end)
+        self.bouncing = False
+        return {"round_trips": self.round_trips, "t_stop": self.now}
+
+    def phase_finish(self, expect, deadline):
+        def drained():
+            return all(a.got >= a.seq for a in self.timers if a.sock is not None)
+
+        complete = self.pump_until(deadline, drained)
+        for a in self.timers:
+            if a.sock is not None and a.got < a.seq:
+                self.fail("lost", b"%s: DM %d never came back" % (a.name, a.seq - 1))
+        return self.report({"rtt": self.rtt.tobytes(), "complete": complete})
+
+
+class Connect(Load):
+    """Log in many idle clients; during the hold, nothing may arrive."""
+
+    def make_clients(self):
+        cfg = self.cfg
+        return [Client(i, b"%sc%d" % (cfg["prefix"], i))
+                for i in range(self.proc, cfg["clients"], cfg["procs"])]
+
+    def on_lines(self, c, lines):
+        for line in lines:
+            self.unexpected(c, line)
+
+    def phase_run(self, t_start, t_end):
+        self.pump_until(t_end, timeout=0.05)
+        return {"alive": self.connected}
+
+    def phase_finish(self, expect, deadline):
+        for c in self.clients:
+            c.state = LEAVING
+        return self.report({})
+
+
+class Churn(Load):
+    """Clients keep arriving, chatting and leaving; observers stay throughout.
+
+    A life logs in under a fresh name, sends ``--msgs`` MSGs and leaves by
+    QUIT, by half-closing, or (sending nothing, so nothing can be lost) by
+    closing at once. Every observer must then see each of its MSGs once, in
+    order, and exactly one INFO after the last; a churner, logged in for part
+    of a life, may see a part of it but no gap, duplicate or second INFO.
+    """
+
+    def __init__(self, *args):
+        self.msg = MessageCheck(args[0]["size"], 1 << 40)
+        super().__init__(*args)
+        self.lives = {}
+        self.churning = False
+        self.generation = 0
+
+    def make_clients(self):
+        cfg = self.cfg
+        observers = []
+        for i in range(self.proc, cfg["observers"], cfg["procs"]):
+            c = Client(i, b"%so%d" % (cfg["prefix"], i))
+            c.observer = True
+            observers.append(c)
+        self.observers = observers
+        self.slots = list(range(cfg["observers"] + self.proc, cfg["observers"] + cfg["clients"],
+                                cfg["procs"]))
+        self.churners = []
+        return list(observers)
+
+    def new_life(self, idx):
+        """A fresh client in slot ``idx``, under a name never used before."""
+        self.generation += 1
+        c = Client(idx, b"%sl%d.%d" % (self.cfg["prefix"], idx, self.generation))
+        c.kind = self.generation % 3
+        self.churners.append(c)
+        self.open(c)
+
+    def on_login(self, c):
+        if c.observer:
+            return
+        if c.kind == 0:
+            c.state = LEAVING
+            self.lives[c.name] = 0
+            self.close(c)
+            self.replace(c)
+            return
+        count = self.cfg["msgs"]
+        self.lives[c.name] = count
+        self.write(c, self.msg.batch(0, count, 0) + (b"QUIT\n" if c.kind == 1 else b""))
+        self.sent += count
+        c.state = LEAVING
+        if c.kind == 2 and c.sock is not None:
+            c.sock.shutdown(socket.SHUT_WR)
+
+    def on_eof(self, c):
+        leaving = c.state == LEAVING
+        super().on_eof(c)
+        if leaving and not c.observer:
+            self.replace(c)
+
+    def replace(self, c):
+        self.churners.remove(c)
+        if self.churning:
+            self.new_life(c.idx)
+
+    def on_lines(self, c, lines):
+        parse, seen = self.msg.parse, c.nxt
+        for line in lines:
+            m = parse(line)
+            if m is not None:
+                sender, seq, _ = m
+                entry = seen.get(sender)
+                if entry is None:
+                    entry = seen[sender] = [0 if c.observer else seq, 0, -1]
+                if entry[1]:
+                    self.fail("msg-after-info", b"%s: %r" % (c.name, line[:80]))
+                if seq == entry[0]:
+                    entry[0] = seq + 1
+                else:
+                    self.fail("lost" if seq > entry[0] else "duplicate-or-reordered",
+                              b"%s: %s seq %d, expected %d" % (c.name, sender, seq, entry[0]))
+                    entry[0] = max(entry[0], seq + 1)
+                continue
+            parts = line.split(b" ")
+            if len(parts) == 3 and parts[0] == b"INFO" and parts[2] == b"disconnected":
+                entry = seen.setdefault(parts[1], [0, 0, -1])
+                entry[1] += 1
+                entry[2] = entry[0]
+                if entry[1] > 1:
+                    self.fail("duplicate-info", b"%s: %r" % (c.name, line))
+            else:
+                self.unexpected(c, line)
+
+    def phase_run(self, t_start, t_end):
+        self.wait_start(t_start)
+        self.churning = True
+        for idx in self.slots:
+            self.new_life(idx)
+        self.pump_until(t_end)
+        self.churning = False
+        deadline = self.now + int(self.cfg["drain_timeout"] * 1e9)
+        if not self.pump_until(deadline, lambda: not self.churners):
+            self.fail("leaver-not-closed", "%d clients still open" % len(self.churners))
+        return {"lives": self.lives, "t_stop": self.now}
+
+    def phase_finish(self, expect, deadline):
+        def drained():
+            return all(o.nxt.get(name, (-1, 0))[1] == 1 for o in self.observers
+                       if o.sock is not None for name in expect)
+
+        complete = self.pump_until(deadline, drained)
+        for o in self.observers:
+            if o.sock is not None:
+                self.judge(o, expect)
+        return self.report({"complete": complete})
+
+    def judge(self, o, expect):
+        """An observer saw every life whole: all MSGs, then exactly one INFO."""
+        for name, count in expect.items():
+            got, infos, at_info = o.nxt.get(name, (0, 0, -1))
+            if infos != 1:
+                self.fail("info-count", b"%s got %d INFO for %s" % (o.name, infos, name))
+            if got < count:
+                self.fail("lost", b"%s: %s seq %d..%d never came" % (o.name, name, got, count - 1),
+                          count - got)
+            elif infos and at_info != count:
+                self.fail("info-before-last-msg", b"%s: INFO %s after %d of %d MSGs"
+                          % (o.name, name, at_info, count))
+        for name in o.nxt.keys() - expect.keys():
+            if name.startswith(self.cfg["prefix"]) and name not in {x.name for x in self.observers}:
+                self.fail("unknown-user", b"%s heard of %s" % (o.name, name))
+
+
+LOADS = {"fanout": Broadcast, "slow": Broadcast, "dm": Dm, "connect": Connect, "churn": Churn}
+
+
+def load_main(cfg, proc, pipe, board, acks, flags):
+    """Entry point of a stress process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the coordinator decides
+    raise_nofile()
+    cls = LOADS[cfg["scenario"]]
+    load = cls(cfg, proc, pipe, board, acks, flags) if cls is Broadcast else \
+        cls(cfg, proc, pipe, board)
+    load.serve()
+    pipe.send(own_cpu())
+
+
+# -- the coordinator ---------------------------------------------------------------
+
+class StressError(Exception):
+    """The run could not go on (server did not start, a stress process died...)."""
+
+
+class SpawnedServer:
+    """``broker.py`` started by the tool in its own session, stopped at the end.
+
+    Its log goes to a file, not a pipe, so that a server logging ten
+    thousand logins never blocks on a reader that is busy elsewhere.
+    """
+
+    def __init__(self, host, workers, extra):
+        fd, self.log_path = tempfile.mkstemp(prefix="chat-stress-", suffix=".log")
+        os.close(fd)
+        argv = [sys.executable, BROKER, "--host", host, "--port", "0",
+                "--workers", str(workers)] + extra
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+        self.port = self.wait_listening()
+
+    def log_text(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def wait_listening(self, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_text().splitlines():
+                if "listening on " in line:
+                    return int(line.rsplit(":", 1)[1])
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise StressError("server did not start:\n" + self.log_text()[-2000:])
+
+    def stop(self, timeout=10.0):
+        """SIGTERM; the whole session is killed if it has not exited in time."""
+        code = self.proc.poll()
+        if code is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                code = "killed after %.0f s" % timeout
+        try:
+            os.killpg(self.pid, signal.SIGKILL)     # stragglers of a clean exit too
+        except OSError:
+            pass
+        self.proc.wait()
+        try:
+            os.unlink(self.log_path)
+        except OSError:
+            pass
+        return code
+
+
+class Fleet:
+    """The stress processes, driven phase by phase, and the memory they share."""
+
+    def __init__(self, cfg, on_wait):
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        n = cfg["procs"]
+        self.board = ctx.Array("q", n * BOARD_SLOTS, lock=False)
+        acks = ctx.Array("q", n * max(1, cfg.get("senders", 1)), lock=False)
+        flags = ctx.Array("b", max(1, cfg.get("clients", 1)), lock=False)
+        self.on_wait = on_wait
+        self.pipes, self.procs = [], []
+        for p in range(n):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=load_main, name="stress-%d" % p, daemon=True,
+                               args=(cfg, p, theirs, self.board, acks, flags))
+            proc.start()
+            theirs.close()
+            self.pipes.append(mine)
+            self.procs.append(proc)
+
+    def total(self, slot):
+        return sum(self.board[p * BOARD_SLOTS + slot] for p in range(len(self.procs)))
+
+    def command(self, *cmd, timeout):
+        """Send a phase command to every process; their replies, in order."""
+        for pipe in self.pipes:
+            pipe.send(cmd)
+        replies = [None] * len(self.pipes)
+        waiting = {pipe: i for i, pipe in enumerate(self.pipes)}
+        sentinels = {proc.sentinel: proc for proc in self.procs}
+        deadline = time.monotonic() + timeout
+        while waiting:
+            for ready in multiprocessing.connection.wait(list(waiting) + list(sentinels), 0.25):
+                if ready in sentinels:
+                    if ready not in waiting:
+                        raise StressError("%s died (exit %s) during %s"
+                                          % (sentinels[ready].name, sentinels[ready].exitcode, cmd[0]))
+                    continue
+                replies[waiting.pop(ready)] = ready.recv()
+            self.on_wait()
+            if time.monotonic() > deadline:
+                raise StressError("stress processes did not finish %s in %.0f s" % (cmd[0], timeout))
+        return replies
+
+    def stop(self):
+        """Tell every process to exit; the CPU seconds they used, summed."""
+        cpu = 0.0
+        for pipe, proc in zip(self.pipes, self.procs):
+            try:
+                pipe.send(("exit",))
+                if pipe.poll(10):
+                    cpu += pipe.recv()
+            except (OSError, EOFError):
+                pass
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        return cpu
+
+
+class Monitor:
+    """Live progress on stderr once a second, and the server's peak RSS."""
+
+    def __init__(self, server_pid, live):
+        self.server_pid = server_pid
+        self.live = live
+        self.fleet = None
+        self.t0 = time.monotonic()
+        self.next_line = self.t0 + 1
+        self.next_sample = 0
+        self.last = (self.t0, 0, 0)
+        self.peak_rss = 0
+
+    def usage(self):
+        """(CPU s, RSS bytes) of the server now, or None without a pid."""
+        got = server_usage(self.server_pid)
+        if got:
+            self.peak_rss = max(self.peak_rss, got[1])
+        return got
+
+    def __call__(self):
+        now = time.monotonic()
+        if now >= self.next_sample:
+            self.next_sample = now + 0.2
+            self.usage()
+        if self.live and now >= self.next_line and self.fleet is not None:
+            self.next_line = now + 1
+            sent, received = self.fleet.total(SENT), self.fleet.total(RECEIVED)
+            t, s0, r0 = self.last
+            self.last = (now, sent, received)
+            sys.stderr.write("\r%6.1fs  connected %6d  msgs/s %9.0f  deliveries/s %10.0f "
+                             % (now - self.t0, self.fleet.total(CONNECTED),
+                                (sent - s0) / (now - t), (received - r0) / (now - t)))
+            sys.stderr.flush()
+
+    def end_line(self):
+        if self.live and self.next_line > self.t0 + 1:
+            sys.stderr.write("\n")
+
+
+def ms(ns):
+    return None if ns is None else round(ns / 1e6, 3)
+
+
+def latency_figures(prefix, blobs):
+    """p50/p99/p999/max in ms of the samples (nanoseconds) the processes sent."""
+    values = array.array("q")
+    for blob in blobs:
+        values.frombytes(blob)
+    ordered = sorted(values)
+    return {prefix + "_samples": len(ordered),
+            prefix + "_p50_ms": ms(percentile(ordered, 0.50)),
+            prefix + "_p99_ms": ms(percentile(ordered, 0.99)),
+            prefix + "_p999_ms": ms(percentile(ordered, 0.999)),
+            prefix + "_max_ms": ms(ordered[-1] if ordered else None)}
+
+
+def login_figures(setups):
+    """How fast the set-up logins went."""
+    ok = sum(s["ok"] for s in setups)
+    starts = [s["span"][0] for s in setups if s["ok"]]
+    span = (max(s["span"][1] for s in setups) - min(starts)) / 1e9 if starts else 0
+    figures = {"logged_in": ok, "logins_per_s": round(ok / span, 1) if span else None}
+    figures.update(latency_figures("login", [s["login_ns"] for s in setups]))
+    for key in ("login_p999_ms", "login_samples"):
+        del figures[key]
+    return figures
+
+
+def merge_counts(dicts):
+    total = {}
+    for d in dicts:
+        total.update(d)
+    return total
+
+
+def scenario_expectations(scenario, runs):
+    """What the finish phase must see arrive, from what the run phase sent."""
+    if scenario in ("fanout", "slow"):
+        return merge_counts(r["sent"] for r in runs)
+    if scenario == "churn":
+        return merge_counts(r["lives"] for r in runs)
+    return {}
+
+
+def scenario_figures(args, runs, fins, window):
+    """The scenario's own figures from the run and finish replies."""
+    lines = sum(f["lines"] for f in fins)
+    if args.scenario in ("fanout", "slow"):
+        sent = sum(sum(r["sent"].values()) for r in runs)
+        drain = max(0, max(f["last_rx"] for f in fins) - max(r["t_stop"] for r in runs)) / 1e9
+        window_lines = sum(r["window_lines"] for r in runs)
+        figures = {"duration_s": round(window, 3), "msgs_sent": sent,
+                   "msgs_per_s": round(sent / window, 1),
+                   "deliveries_per_s": round(window_lines / window, 1),
+                   "drain_s": round(drain, 3), "drain_complete": all(f["complete"] for f in fins)}
+        figures.update(latency_figures("latency", [f["lat"] for f in fins]))
+        return figures
+    if args.scenario == "dm":
+        trips = sum(r["round_trips"] for r in runs)
+        figures = {"duration_s": round(window, 3), "round_trips": trips,
+                   "round_trips_per_s": round(trips / window, 1)}
+        figures.update(latency_figures("rtt", [f["rtt"] for f in fins]))
+        return figures
+    if args.scenario == "churn":
+        lives = sum(len(r["lives"]) for r in runs)
+        return {"duration_s": round(window, 3), "lives": lives,
+                "lives_per_s": round(lives / window, 1), "lines_received": lines,
+                "drain_complete": all(f["complete"] for f in fins)}
+    return {"alive_after_hold": sum(r["alive"] for r in runs)}
+
+
+def drive(args, cfg, fleet, monitor):
+    """setup, run, finish: the figures and the failures of one scenario."""
+    result = {}
+    before = monitor.usage()
+    setups = fleet.command("setup", timeout=args.setup_timeout + 30)
+    result.update(login_figures(setups))
+    if args.scenario == "connect":
+        time.sleep(args.settle)
+        after = monitor.usage()
+        if before and after:
+            result["server_rss_before_mb"] = round(before[1] / 2 ** 20, 1)
+            result["server_rss_after_mb"] = round(after[1] / 2 ** 20, 1)
+            result["server_kb_per_client"] = round((after[1] - before[1]) / 1024
+                                                   / max(1, result["logged_in"]), 2)
+    duration = args.hold if args.scenario == "connect" else args.duration
+    t_start = time.monotonic_ns() + 200_000_000
+    t_end = t_start + int(duration * 1e9)
+    at_start = monitor.usage()
+    runs = fleet.command("run", t_start, t_end, timeout=duration + args.drain_timeout + 30)
+    at_stop = monitor.usage()
+    window = max(1e-3, (max(r.get("t_stop", t_end) for r in runs) - t_start) / 1e9)
+    expect = scenario_expectations(args.scenario, runs)
+    deadline = time.monotonic_ns() + int(args.drain_timeout * 1e9)
+    fins = fleet.command("finish", expect, deadline, timeout=args.drain_timeout + 30)
+    result.update(scenario_figures(args, runs, fins, window))
+    if at_start and at_stop:
+        result["server_cpu_s"] = round(at_stop[0] - at_start[0], 2)
+        result["server_cpu_pct"] = round(100 * (at_stop[0] - at_start[0]) / window, 1)
+    if monitor.peak_rss:
+        result["server_peak_rss_mb"] = round(monitor.peak_rss / 2 ** 20, 1)
+    failures, examples = Counter(), {}
+    for f in fins:
+        failures.update(f["failures"])
+        for kind, texts in f["examples"].items():
+            examples.setdefault(kind, []).extend(texts[:SAMPLES_PER_KIND - len(examples.get(kind, []))])
+    return result, failures, examples
+
+
+def slow_memory_bound(args, result, failures, examples):
+    """Slow readers must cost the server at most a few --max-pending each."""
+    growth = result.get("server_peak_rss_mb", 0) - result.get("server_rss_start_mb", 0)
+    bound = args.slow * 4 * args.max_pending / 2 ** 20 + 64
+    result["server_rss_bound_mb"] = round(bound, 1)
+    if result.get("server_rss_start_mb") is not None and growth > bound:
+        failures["server-memory-unbounded"] += 1
+        examples["server-memory-unbounded"] = ["peak RSS grew %.1f MB, bound %.1f MB"
+                                              % (growth, bound)]
+
+
+def config_for(args, address, port, spread):
+    """The picklable plan every stress process gets."""
+    cfg = {k: v for k, v in vars(args).items() if not callable(v)}
+    cfg.update(address=address, port=port, spread=spread,
+               prefix=(args.prefix or "".join(random.choice(string.ascii_lowercase)
+                                              for _ in range(4))).encode())
+    if args.scenario == "slow":
+        cfg["rate"] = 0
+        cfg["sample"] = 50
+        rng = random.Random(1)
+        cfg["slow_set"] = frozenset(rng.sample(range(args.senders, args.clients), args.slow))
+    elif args.scenario == "fanout":
+        cfg["slow_set"] = frozenset()
+    population = {"dm": 2 * getattr(args, "pairs", 0),
+                  "churn": getattr(args, "observers", 0) + getattr(args, "clients", 0)}
+    cfg["procs"] = max(1, min(args.procs, population.get(args.scenario) or args.clients))
+    return cfg
+
+
+def spawn_args(args):
+    """Server options for a load test: no flood control, no per-address cap."""
+    extra = ["--rate", "0", "--max-per-ip", "0", "--idle-timeout", "600",
+             "--login-timeout", "0"]
+    if args.scenario == "slow":
+        extra += ["--max-pending", str(args.max_pending)]
+    return extra + args.server_arg
+
+
+def run(args):
+    """One scenario from start to end; (result dict, exit status)."""
+    raise_nofile()
+    result = {"scenario": args.scenario}
+    failures, examples = Counter(), {}
+    server = fleet = None
+    tool_cpu0 = own_cpu()
+    try:
+        if args.spawn_server:
+            server = SpawnedServer(args.host, args.workers, spawn_args(args))
+            args.port, args.server_pid = server.port, server.pid
+        address = socket.gethostbyname(args.host)
+        spread = ipaddress.ip_address(address).is_loopback and not args.no_spread
+        result.update(host=args.host, port=args.port, server_pid=args.server_pid)
+        cfg = config_for(args, address, args.port, spread)
+        result["procs"] = cfg["procs"]
+        live = not args.quiet and not args.json and sys.stderr.isatty()
+        monitor = Monitor(args.server_pid, live)
+        fleet = Fleet(cfg, monitor)
+        monitor.fleet = fleet
+        usage = monitor.usage()
+        if usage:
+            result["server_rss_start_mb"] = round(usage[1] / 2 ** 20, 1)
+        try:
+            figures, failures, examples = drive(args, cfg, fleet, monitor)
+        finally:
+            monitor.end_line()
+        result.update(figures)
+        if args.scenario == "slow":
+            slow_memory_bound(args, result, failures, examples)
+    except StressError as exc:
+        failures["fatal"] += 1
+        examples["fatal"] = [str(exc)]
+    finally:
+        tool_cpu = (fleet.stop() if fleet else 0.0) + own_cpu() - tool_cpu0
+        result["tool_cpu_s"] = round(tool_cpu, 2)
+        if server is not None:
+            code = server.stop()
+            result["server_exit"] = code
+            if code != 0:
+                failures["server-exit"] += 1
+                examples["server-exit"] = ["server exited with %s after SIGTERM" % code]
+    result["failures"] = dict(failures)
+    result["examples"] = examples
+    result["ok"] = not failures
+    return result, 0 if not failures else 1
+
+
+def summary(result):
+    """The result as an aligned two-column table, failures last."""
+    rows = [(k, v) for k, v in result.items() if k not in ("failures", "examples")]
+    width = max(len(k) for k, _ in rows)
+    lines = ["%-*s  %s" % (width, k, "-" if v is None else v) for k, v in rows]
+    if result["failures"]:
+        lines.append("FAILURES:")
+        for kind, count in sorted(result["failures"].items()):
+            lines.append("  %s: %d" % (kind, count))
+            lines += ["      e.g. %s" % text for text in result["examples"].get(kind, [])]
+    else:
+        lines.append("oracle: all checks passed")
+    return "\n".join(lines)
+
+
+# -- command line ------------------------------------------------------------------
+
+EXAMPLES = {
+    "fanout": "examples:\n"
+              "  stress.py fanout --spawn-server --workers 2 --clients 1000 --senders 10 --duration 5\n"
+              "  stress.py fanout --port 4000 --clients 200 --senders 2 --rate 500 --size 200",
+    "dm": "examples:\n"
+          "  stress.py dm --spawn-server --workers 2 --pairs 50 --duration 5\n"
+          "  stress.py dm --port 4000 --server-pid $(pgrep -of 'broker.py') --pairs 10",
+    "connect": "examples:\n"
+               "  stress.py connect --spawn-server --workers 2 --clients 10000 --hold 2\n"
+               "  stress.py connect --port 4000 --server-pid 1234 --clients 2000",
+    "churn": "examples:\n"
+             "  stress.py churn --spawn-server --clients 100 --duration 5\n"
+             "  stress.py churn --port 4000 --clients 50 --observers 5 --msgs 5",
+    "slow": "examples:\n"
+            "  stress.py slow --spawn-server --clients 50 --slow 5\n"
+            "  stress.py slow --port 4000 --server-pid 1234 --clients 100 --slow 10",
+}
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="server address (default %(default)s)")
+    g.add_argument("--port", type=int, default=4000, help="server port (default %(default)s)")
+    g.add_argument("--spawn-server", action="store_true",
+                   help="start broker.py on a free port for this run, stop it at the end")
+    g.add_argument("--workers", type=int, default=2,
+                   help="--workers of the spawned server (default %(default)s)")
+    g.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra option for the spawned server (repeat; use --server-arg=--x)")
+    g.add_argument("--server-pid", type=int, default=0,
+                   help="pid of a running server: report its CPU and memory from /proc")
+    g = common.add_argument_group("tool")
+    g.add_argument("--procs", type=int, default=os.cpu_count() or 1,
+                   help="stress processes (default: number of CPUs, %(default)s)")
+    g.add_argument("--concurrency", type=int, default=200,
+                   help="connects + logins in flight per process (default %(default)s)")
+    g.add_argument("--setup-timeout", type=float, default=120, help="seconds (default %(default)s)")
+    g.add_argument("--drain-timeout", type=float, default=20,
+                   help="seconds to wait for lines in flight at the end (default %(default)s)")
+    g.add_argument("--no-spread", action="store_true",
+                   help="do not spread clients over 127.x source addresses")
+    g.add_argument("--prefix", default=None, help="user name prefix (default: random)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    g.add_argument("--quiet", action="store_true", help="no live progress line on stderr")
+
+    p = argparse.ArgumentParser(
+        prog="chat-stress", description=__doc__.split("\n\n")[0],
+        epilog="Run 'chat-stress SCENARIO --help' for a scenario's options. "
+               "Exit status: 0 when every check passed, 1 otherwise.\n\n" +
+               "\n".join(EXAMPLES[k].split("\n")[1] for k in EXAMPLES),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+
+    def scenario(name, text):
+        return sub.add_parser(name, parents=[common], help=text, description=text,
+                              epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    f = scenario("fanout", "N clients log in, S of them send MSG, all read; "
+                           "msgs/s in, deliveries/s out, latency")
+    f.add_argument("--clients", type=int, default=1000)
+    f.add_argument("--senders", type=int, default=10)
+    f.add_argument("--duration", type=float, default=5.0, help="seconds of sending")
+    f.add_argument("--rate", type=float, default=0,
+                   help="total msgs/s over all senders (default 0: as fast as the server goes)")
+    f.add_argument("--size", type=int, default=64, help="bytes of message text (min 32)")
+    f.add_argument("--window", type=int, default=0,
+                   help="msgs a sender may be ahead of the slowest reader "
+                        "(default: %d KiB of lines per reader)" % (WINDOW_BYTES // 1024))
+    f.add_argument("--sample", type=int, default=50,
+                   help="every Nth message carries its send time (default %(default)s)")
+
+    d = scenario("dm", "P pairs bounce a DM; round trips/s, RTT percentiles")
+    d.add_argument("--pairs", type=int, default=50)
+    d.add_argument("--duration", type=float, default=5.0)
+
+    c = scenario("connect", "open and log in N clients; logins/s, server memory per client")
+    c.add_argument("--clients", type=int, default=1000)
+    c.add_argument("--hold", type=float, default=1.0, help="seconds to stay connected")
+    c.add_argument("--settle", type=float, default=1.0,
+                   help="seconds after the last login before reading the server's RSS")
+
+    h = scenario("churn", "clients connect, log in, chat and leave; every INFO accounted for")
+    h.add_argument("--clients", type=int, default=100, help="clients churning at once")
+    h.add_argument("--observers", type=int, default=10, help="clients staying all along")
+    h.add_argument("--duration", type=float, default=5.0)
+    h.add_argument("--msgs", type=int, default=3, help="MSGs per life (default %(default)s)")
+    h.add_argument("--size", type=int, default=32)
+
+    s = scenario("slow", "some clients stop reading while others chat; "
+                         "they must be cut with ERR slow-consumer, the others lose nothing")
+    s.add_argument("--clients", type=int, default=50)
+    s.add_argument("--slow", type=int, default=5, help="clients that stop reading")
+    s.add_argument("--senders", type=int, default=2)
+    s.add_argument("--duration", type=float, default=20.0,
+                   help="longest time to wait for every slow client to be cut")
+    s.add_argument("--size", type=int, default=1024)
+    s.add_argument("--window", type=int, default=0)
+    s.add_argument("--max-pending", type=int, default=1 << 20,
+                   help="the server's --max-pending (passed on when spawning; "
+                        "used for the memory bound)")
+    return p
+
+
+def check_args(parser, args):
+    if getattr(args, "size", 64) < 32:
+        parser.error("--size must be at least 32")
+    if args.scenario in ("fanout", "slow") and not 0 < args.senders <= args.clients:
+        parser.error("need 1 <= --senders <= --clients")
+    if args.scenario == "slow" and not 0 < args.slow <= args.clients - args.senders:
+        parser.error("need 1 <= --slow <= --clients - --senders")
+    if args.procs < 1:
+        parser.error("--procs must be at least 1")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    result, status = run(args)
+    try:
+        print(json.dumps(result) if args.json else summary(result), flush=True)
+    except BrokenPipeError:
+        pass
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

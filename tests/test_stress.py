@@ -1,0 +1,187 @@
+"""The stress tool (scripts/stress.py): every scenario at a small size, and
+proof that its oracle fails against a server that loses or echoes messages."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import unittest
+
+import support
+
+STRESS = os.path.join(support.ROOT, "scripts", "stress.py")
+
+
+def stress(*args, timeout=40):
+    """Run the tool with --json; (exit status, result dict)."""
+    proc = subprocess.run([sys.executable, STRESS] + [str(a) for a in args]
+                          + ["--json", "--procs", "2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout, start_new_session=True)
+    try:
+        return proc.returncode, json.loads(proc.stdout)
+    except ValueError:
+        raise AssertionError("no JSON from stress.py: %r\n%s"
+                             % (proc.stdout, proc.stderr.decode(errors="replace")))
+
+
+class FaultyServer(threading.Thread):
+    """A one-thread asyncio chat server with a deliberate fault.
+
+    ``drop``: every 10th MSG delivery is skipped; ``echo``: a MSG also goes
+    back to its sender. Just enough protocol for the fanout scenario.
+    """
+
+    def __init__(self, fault):
+        super().__init__(daemon=True)
+        self.fault = fault
+        self.users = {}
+        self.deliveries = 0
+        self.ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+
+    def __enter__(self):
+        self.start()
+        self.ready.wait(5)
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.join(5)
+
+    def run(self):
+        self.loop.set_exception_handler(lambda loop, context: None)   # clients vanish
+        server = self.loop.run_until_complete(
+            asyncio.start_server(self.serve, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self.ready.set()
+        self.loop.run_forever()
+        server.close()
+        for writer in self.users.values():
+            writer.close()
+        self.loop.close()
+
+    def deliver(self, sender, line):
+        for name, writer in self.users.items():
+            if name == sender and self.fault != "echo":
+                continue
+            self.deliveries += 1
+            if self.fault == "drop" and self.deliveries % 10 == 0:
+                continue
+            writer.write(line)
+
+    async def serve(self, reader, writer):
+        try:
+            await self.session(reader, writer)
+        except ConnectionError:
+            pass
+        writer.close()
+
+    async def session(self, reader, writer):
+        name = None
+        while True:
+            line = await reader.readline()
+            cmd, _, rest = line.decode().strip().partition(" ")
+            if not line or cmd == "QUIT":
+                break
+            if cmd == "LOGIN":
+                name = rest
+                self.users[name] = writer
+                writer.write(b"OK\n")
+            elif cmd == "MSG":
+                self.deliver(name, ("MSG %s %s\n" % (name, rest)).encode())
+            elif cmd == "PING":
+                writer.write(b"PONG\n")
+        self.users.pop(name, None)
+        if name is not None:
+            self.deliver(name, ("INFO %s disconnected\n" % name).encode())
+
+
+class StressScenarios(support.TestCase):
+    """Each scenario passes its own oracle against the real server."""
+
+    timeout = 60
+
+    def assertPassed(self, status, result):
+        self.assertEqual((status, result["failures"]), (0, {}), result)
+        self.assertTrue(result["ok"])
+        self.assertGreater(result["tool_cpu_s"], 0)
+
+    def test_fanout(self):
+        status, r = stress("fanout", "--spawn-server", "--workers", 2, "--clients", 40,
+                           "--senders", 3, "--duration", 1)
+        self.assertPassed(status, r)
+        self.assertEqual(r["logged_in"], 40)
+        self.assertGreater(r["msgs_sent"], 0)
+        self.assertGreater(r["deliveries_per_s"], r["msgs_per_s"])
+        self.assertTrue(r["drain_complete"])
+        self.assertGreater(r["latency_samples"], 0)
+        self.assertLessEqual(r["latency_p50_ms"], r["latency_p99_ms"])
+        self.assertEqual(r["server_exit"], 0)
+        self.assertIn("server_cpu_s", r)
+
+    def test_fanout_at_a_fixed_rate(self):
+        status, r = stress("fanout", "--spawn-server", "--clients", 10, "--senders", 2,
+                           "--duration", 1, "--rate", 200, "--size", 100)
+        self.assertPassed(status, r)
+        self.assertLess(abs(r["msgs_per_s"] - 200), 60, r)
+
+    def test_dm_against_a_running_server(self):
+        s = self.server("--rate", "0")
+        status, r = stress("dm", "--port", s.port, "--server-pid", s.proc.pid,
+                           "--pairs", 6, "--duration", 1)
+        self.assertPassed(status, r)
+        self.assertGreater(r["round_trips"], 0)
+        self.assertGreater(r["rtt_samples"], 0)
+        self.assertIsNotNone(r["rtt_p999_ms"])
+        self.assertGreater(r["server_cpu_s"], 0)
+
+    def test_connect(self):
+        status, r = stress("connect", "--spawn-server", "--clients", 300, "--hold", 0.2,
+                           "--settle", 0.2)
+        self.assertPassed(status, r)
+        self.assertEqual((r["logged_in"], r["alive_after_hold"]), (300, 300))
+        self.assertGreater(r["logins_per_s"], 0)
+        self.assertIn("server_kb_per_client", r)
+
+    def test_churn(self):
+        status, r = stress("churn", "--spawn-server", "--clients", 12, "--observers", 4,
+                           "--duration", 1)
+        self.assertPassed(status, r)
+        self.assertGreater(r["lives"], 12)
+        self.assertTrue(r["drain_complete"])
+
+    def test_slow_consumers_are_cut(self):
+        status, r = stress("slow", "--spawn-server", "--clients", 12, "--slow", 2,
+                           "--max-pending", 65536)
+        self.assertPassed(status, r)
+        self.assertLess(r["duration_s"], 15)
+        self.assertIn("server_peak_rss_mb", r)
+
+
+class OracleCanFail(support.TestCase):
+    """Against a faulty server the tool must exit 1 and name the fault."""
+
+    timeout = 30
+
+    def run_against(self, fault):
+        with FaultyServer(fault) as server:
+            return stress("fanout", "--port", server.port, "--clients", 6, "--senders", 2,
+                          "--duration", 0.5, "--rate", 400, "--drain-timeout", 1)
+
+    def test_lost_messages_are_reported(self):
+        status, r = self.run_against("drop")
+        self.assertEqual(status, 1)
+        self.assertFalse(r["ok"])
+        self.assertGreater(r["failures"].get("lost", 0), 0, r["failures"])
+
+    def test_echo_to_sender_is_reported(self):
+        status, r = self.run_against("echo")
+        self.assertEqual(status, 1)
+        self.assertGreater(r["failures"].get("echo-to-sender", 0), 0, r["failures"])
+
+
+if __name__ == "__main__":
+    unittest.main()
