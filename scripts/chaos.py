@@ -54,6 +54,8 @@ PHASE_TIMEOUT = 30.0    # settling, and each barrier
 CUT_WINDOW = 5.0        # a connection lost this soon after a worker kill is explained
 STATUS_EVERY = 10.0
 SHOWN = 25              # violations printed per kind; the rest are counted
+LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
+LOGGED_IN = re.compile(r" (worker-\d+)\[(\d+)\] (\S+) logged in from ")
 
 
 # -- the server's processes -----------------------------------------------------
@@ -109,6 +111,7 @@ class Server:
         self.port = None
         self.partial = b""
         self.lines = []
+        self.worker_of = {}         # user name -> (title, pid) of its worker, from the log
 
     def start(self):
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -143,7 +146,10 @@ class Server:
             for raw in lines:
                 line = raw.decode("utf-8", "replace")
                 self.lines.append(line)
-                m = re.search(r"listening on [^ ]+:(\d+)", line)
+                m = LOGGED_IN.search(line)
+                if m:
+                    self.worker_of[m.group(3)] = ("chat-" + m.group(1), int(m.group(2)))
+                m = LISTENING.search(line)
                 if m and self.port is None:
                     self.port = int(m.group(1))
 
@@ -270,6 +276,11 @@ class Chaos:
             parts.append("%.2f s before %s" % (after[0].at - at, after[0]))
         return "; ".join(parts) or "no kill yet"
 
+    def where(self, name):
+        """The worker holding ``name``, as the log says: for reports."""
+        title, pid = self.server.worker_of.get(name, ("chat-worker-?", 0))
+        return "%s pid %d" % (title[5:], pid)
+
     def live(self):
         return [u for u in self.active if u.state == "in" and u.probe_of is None]
 
@@ -329,15 +340,20 @@ class Chaos:
         if u.probe_of is not None:
             return
         self.counts["connections lost"] += 1
-        recent = [k for k in self.kills
-                  if k.title.startswith("chat-worker") and u.left_at - k.at <= CUT_WINDOW]
-        if recent:
-            recent[-1].cut.append(u.name)
+        self.server.read_log()
+        where = self.server.worker_of.get(u.name)
+        if where is not None:
+            culprits = [k for k in self.kills if k.pid == where[1]]
+        else:       # not logged in yet: which worker had it is not in the log
+            culprits = [k for k in self.kills if k.title.startswith("chat-worker")
+                        and u.left_at - k.at <= CUT_WINDOW]
+        if culprits:
+            culprits[-1].cut.append(u.name)
         else:
-            self.violation("cut", "%s (%s) lost its connection (%s) with no worker "
-                           "killed in the last %.0f s; %s"
-                           % (u.name, "logged in" if was_in else "logging in", why,
-                              CUT_WINDOW, self.kills_around(u.left_at)))
+            self.violation("cut", "%s (%s, %s) lost its connection (%s) but its worker "
+                           "was not killed; %s"
+                           % (u.name, "logged in" if was_in else "logging in",
+                              self.where(u.name), why, self.kills_around(u.left_at)))
         self.reconnects.append((time.monotonic() + self.rng.uniform(0.2, 1.0), u.base, u.gen + 1))
 
     def on_ready(self, u, mask):
@@ -421,9 +437,9 @@ class Chaos:
         sent = s.msgs if kind == "MSG" else s.dms[r.name]
         first_at, last_at = sent[lo - 1][1], sent[hi - 1][1]
         numbers = "#%d" % lo if lo == hi else "#%d-#%d" % (lo, hi)
-        self.violation("lost", "%s %s->%s %s lost (sent at %.2f-%.2f s, %s): %s"
-                       % (kind, s.name, r.name, numbers, first_at, last_at, how,
-                          self.kills_around(first_at)))
+        self.violation("lost", "%s %s->%s %s lost (%s -> %s; sent at %.2f-%.2f s, %s): %s"
+                       % (kind, s.name, r.name, numbers, self.where(s.name), self.where(r.name),
+                          first_at, last_at, how, self.kills_around(first_at)))
         self.counts["lines lost"] += hi - lo + 1
 
     def on_info(self, r, name):
@@ -539,7 +555,10 @@ class Chaos:
         self.role_turn += 1
         kill = Kill(len(self.kills) + 1, self.now(), title, pid)
         self.kills.append(kill)
-        self.say("kill #%d: SIGKILL %s (pid %d)" % (kill.number, title, pid))
+        held = [n for n, where in self.server.worker_of.items()
+                if where[1] == pid and self.users[n].state != "gone"]
+        self.say("kill #%d: SIGKILL %s (pid %d)%s" % (kill.number, title, pid,
+                 ", which holds %d users" % len(held) if title.startswith("chat-worker") else ""))
         self.next_kill = time.monotonic() + self.args.interval * self.rng.uniform(0.8, 1.2)
 
     def watch_replacements(self):
@@ -552,9 +571,7 @@ class Chaos:
             fresh = [pid for pid in titles.get(k.title, ()) if pid not in killed]
             if fresh:
                 k.replaced_by, k.replaced_in = fresh[0], self.now() - k.at
-                self.say("%s replaced by pid %d after %.2f s; %d connections lost with it"
-                         % (k, fresh[0], k.replaced_in, len(k.cut)) if k.title.startswith("chat-worker")
-                         else "%s replaced by pid %d after %.2f s" % (k, fresh[0], k.replaced_in))
+                self.say("%s replaced by pid %d after %.2f s" % (k, fresh[0], k.replaced_in))
             elif self.now() - k.at > REPLACE_TIMEOUT:
                 k.replaced_by = 0
                 self.violation("replace", "%s: no successor within %.0f s" % (k, REPLACE_TIMEOUT))
@@ -791,6 +808,11 @@ class Chaos:
                  self.args.interval))
         print("kills: %d (%s)" % (len(self.kills), ", ".join(
             "%s %d" % (role, by_role[role]) for role in ROLES)))
+        for k in self.kills:
+            print("  %s: replaced in %s%s" % (
+                k, "%.2f s" % k.replaced_in if k.replaced_in is not None else "NEVER",
+                ", %d connections lost with it" % len(k.cut) if k.title.startswith("chat-worker")
+                else ""))
         print("sent: %d MSG, %d DM, %d WHO; received: %d MSG, %d DM, %d INFO"
               % (c["MSG sent"], c["DM sent"], c["WHO sent"], c["MSG received"],
                  c["DM received"], c["INFO received"]))
