@@ -1114,6 +1114,9 @@ def drive(args, cfg, fleet, monitor):
     before = monitor.usage()
     setups = fleet.command("setup", timeout=args.setup_timeout + 30)
     result.update(login_figures(setups))
+    after_setup = monitor.usage()
+    if before and after_setup:
+        result["server_cpu_setup_s"] = round(after_setup[0] - before[0], 2)
     if args.scenario == "connect":
         time.sleep(args.settle)
         after = monitor.usage()
