@@ -88,18 +88,25 @@ def raise_nofile_limit():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-@contextlib.contextmanager
-def hangup_deferred():
-    """Start processes with SIGHUP blocked, so that they inherit it blocked.
+# Signals an operator sends to the server: the main process acts on them.
+OPERATOR_SIGNALS = {signal.SIGHUP, signal.SIGUSR1}
 
-    ``start()`` may launch multiprocessing's helpers, the forkserver and the
-    resource tracker: fresh interpreters that keep SIGHUP's default action,
-    death. ``systemctl kill -s HUP`` (logrotate) or a terminal hang-up signals
-    every process, and a dead forkserver takes all its children with it: they
-    watch it as their parent. A signal blocked across ``exec`` stays blocked,
-    so they never see it; ours waits until the block is lifted, nothing lost.
+
+@contextlib.contextmanager
+def operator_signals_deferred():
+    """Start processes with SIGHUP and SIGUSR1 blocked, so that they inherit
+    them blocked.
+
+    ``systemctl kill -s HUP`` (logrotate), ``systemctl kill -s USR1``, a
+    terminal hang-up or ``kill -- -PGID`` signal every process, not only the
+    main one. Under ``spawn`` and ``forkserver`` the children and
+    multiprocessing's helpers (the forkserver, the resource tracker) are fresh
+    interpreters in which both signals kill; and a dead forkserver takes all
+    its children with it, for they watch it as their parent. A signal blocked
+    across ``fork`` and ``exec`` stays blocked, so they never see it; ours
+    waits until the block is lifted, nothing lost.
     """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, OPERATOR_SIGNALS)
     try:
         yield
     finally:
@@ -178,7 +185,7 @@ class Supervisor:
         else:
             target_args = (cls, self.config, child_end, slot) + args
         process = self.ctx.Process(target=run_service, args=target_args, name=name)
-        with hangup_deferred():
+        with operator_signals_deferred():
             process.start()
         child_end.close()
         child = Child(role, slot, process, parent_end)

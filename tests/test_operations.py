@@ -148,6 +148,21 @@ class StatisticsTest(TestCase):
                 self.assertEqual(process_role(pid), "chat-" + name)
                 self.assertEqual(restarts, "0")
 
+    def test_sigusr1_to_every_process_kills_nothing(self):
+        """``systemctl kill -s USR1`` signals the whole tree: under forkserver
+        the children and multiprocessing's helpers must survive it."""
+        s = self.server(workers=2, start_method="forkserver")
+        c = self.client(s, "ada")
+        pids = sorted(s.pids())
+        start = len(s.log_lines)
+        os.killpg(s.proc.pid, signal.SIGUSR1)
+        wait_log_after(s, start, r"process worker-1 pid=")
+        c.send("PING")
+        c.expect("PONG")
+        self.assertEqual(sorted(s.pids()), pids)
+        self.assertNotIn("ERROR", "\n".join(log_lines_after(s, start)))
+        self.assertEqual(s.stop(), 0)
+
     def test_sigusr1_counts_restarts(self):
         s = self.server(workers=2)
         first = int(s.wait_log(r"started worker-1 \(pid (\d+)\)").group(1))
