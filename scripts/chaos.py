@@ -185,8 +185,9 @@ class Server:
 # -- what the checker knows ------------------------------------------------------
 
 class Kill:
-    def __init__(self, number, at, title, pid):
+    def __init__(self, number, tick, at, title, pid):
         self.number = number
+        self.tick = tick
         self.at = at                # seconds since the start of the load
         self.title = title
         self.pid = pid
@@ -218,8 +219,9 @@ class User:
         self.refused = False        # a probe that got ERR username-taken
         self.ok_tick = None
         self.ok_at = None
-        self.left_tick = None
-        self.left_at = None
+        self.left_tick = None       # when it left: its worker's kill, if that is why,
+        self.left_at = None         # else when the checker closed or lost it
+        self.killed_by = None
         self.msgs = []              # (tick, at) of MSG number i+1
         self.dms = defaultdict(list)   # target name -> (tick, at) of DM number i+1
         self.got = {}               # (sender, kind) -> [first, last] number received
@@ -348,7 +350,11 @@ class Chaos:
             culprits = [k for k in self.kills if k.title.startswith("chat-worker")
                         and u.left_at - k.at <= CUT_WINDOW]
         if culprits:
-            culprits[-1].cut.append(u.name)
+            # Its worker died at the kill, not when this loop saw the EOF:
+            # the broker may have announced it in between.
+            u.killed_by = culprits[-1]
+            u.killed_by.cut.append(u.name)
+            u.left_tick, u.left_at = u.killed_by.tick, u.killed_by.at
         else:
             self.violation("cut", "%s (%s, %s) lost its connection (%s) but its worker "
                            "was not killed; %s"
@@ -553,7 +559,8 @@ class Chaos:
             self.next_kill = time.monotonic() + 0.2
             return
         self.role_turn += 1
-        kill = Kill(len(self.kills) + 1, self.now(), title, pid)
+        self.tick += 1
+        kill = Kill(len(self.kills) + 1, self.tick, self.now(), title, pid)
         self.kills.append(kill)
         held = [n for n, where in self.server.worker_of.items()
                 if where[1] == pid and self.users[n].state != "gone"]
@@ -738,9 +745,9 @@ class Chaos:
                 self.violation("names", "LOGIN %s got OK at %.2f s while %s held the name "
                                "(and still does)" % (p.name, p.ok_at, p.probe_of.name))
         for asker, at, missing in self.who_missing:
-            # A user whose connection dies is gone from the broker first.
-            held = [n for n in missing if self.users[n].state == "in"
-                    or self.users[n].left_at > at + 1.0]
+            # A cut user may be gone from the broker a moment before its EOF.
+            held = [n for n in missing if self.users[n].state == "in" or self.users[n].left_at
+                    > at + (0.0 if self.users[n].killed_by else 1.0)]
             if held:
                 self.violation("who", "%s's WHO at %.2f s left out %s, logged in before it"
                                % (asker, at, ", ".join(held)))
