@@ -22,6 +22,7 @@ from chatlib import link, protocol
 from chatlib.channel import Channel
 from chatlib.service import Service
 
+ACK_DELAY = 0.02    # seconds an acknowledgement waits for a batch to ride on
 
 
 class _Run(list):
@@ -36,7 +37,9 @@ class Broker(Service):
         self.channels = {}              # slot -> Channel
         self.outboxes = {}              # slot -> events for that worker this turn
         self.received = {}              # slot -> batches taken from it on this link
+        self.ackable = {}               # slot -> how many of those are safely routed
         self.acked = {}                 # slot -> how many of those it has been told of
+        self.ack_due = None             # when acknowledgements go without a batch
         # A restarted broker must not decide anything (a LOGIN above all)
         # before every worker has told it who is logged in there.
         self.unsynced = set(expected)   # workers whose SYNC we still await
@@ -56,7 +59,7 @@ class Broker(Service):
         self.channels[slot] = Channel(conn, self.sel, partial(self.on_batches, slot),
                                       partial(self.on_link_lost, slot))
         self.outboxes[slot] = []
-        self.received[slot] = self.acked[slot] = 0
+        self.received[slot] = self.ackable[slot] = self.acked[slot] = 0
         self.unsynced.add(slot)
 
     def detach(self, slot):
@@ -66,8 +69,8 @@ class Broker(Service):
             return
         channel.close()
         self.outboxes.pop(slot, None)
-        self.received.pop(slot, None)
-        self.acked.pop(slot, None)
+        for counts in (self.received, self.ackable, self.acked):
+            counts.pop(slot, None)
         self.unsynced.discard(slot)
         self.deferred = [(s, event) for s, event in self.deferred if s != slot]
         for key in [k for k, user in self.users.items() if user[1] == slot]:
@@ -100,8 +103,15 @@ class Broker(Service):
             key.data(mask)
         self.end_turn()
 
+    def poll_timeout(self):
+        if self.ack_due is None:
+            return self.heartbeat_interval
+        return max(0.0, min(self.heartbeat_interval, self.ack_due - time.monotonic()))
+
     def tick(self, now):
         """Backpressure: while a worker cannot take more, read from nobody."""
+        if self.ack_due is not None and now >= self.ack_due:
+            self.send_acks()
         congested = any(ch.congested for ch in self.channels.values())
         if congested != self.paused:
             self.paused = congested
@@ -112,27 +122,37 @@ class Broker(Service):
         """Send each worker one batch with everything it got this turn.
 
         A send can find a link dead, and detaching that worker queues INFO
-        lines for the others: loop until every outbox is empty. Then, once
-        all of it is in the kernel, acknowledge what the workers sent.
+        lines for the others: loop until every outbox is empty.
         """
         while any(self.outboxes.values()):
             for slot in list(self.outboxes):
                 box = self.outboxes.get(slot)
                 if box:
                     self.outboxes[slot] = []
-                    self.channels[slot].send(
-                        [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box])
-            if not any(self.outboxes.values()):
-                self.acknowledge()
+                    batch = [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box]
+                    if self.ackable[slot] != self.acked[slot]:
+                        self.acked[slot] = self.ackable[slot]
+                        batch.append((link.ACK, self.acked[slot]))
+                    self.channels[slot].send(batch)
+        self.mark_ackable()
 
-    def acknowledge(self):
-        """Tell each worker how many of its batches are safely routed."""
+    def mark_ackable(self):
+        """Once all that was routed is in the kernel, what the workers sent
+        may be acknowledged: on the next batch to them, or on its own after
+        ACK_DELAY, so that acknowledging costs no extra frame under load."""
         if self.deferred or any(ch.pending_bytes for ch in self.channels.values()):
             return
-        for slot, n in self.received.items():
+        self.ackable.update(self.received)
+        if self.ack_due is None and self.ackable != self.acked:
+            self.ack_due = time.monotonic() + ACK_DELAY
+
+    def send_acks(self):
+        self.ack_due = None
+        for slot, n in self.ackable.items():
             if n != self.acked[slot]:
-                self.acked[slot] = n
                 self.outboxes[slot].append((link.ACK, n))
+                self.acked[slot] = n
+        self.end_turn()
 
     def on_batches(self, slot, batches):
         self.received[slot] += len(batches)

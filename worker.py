@@ -241,12 +241,12 @@ class Worker(Service):
         if self.msg_run:
             self.close_msg_run()
         if self.outbox and self.link is not None:
-            self.counters["events"] += len(self.outbox)
-            self.link.send(self.outbox)
-            kept = [e for e in self.outbox if e[0] in RESENT and not (e[0] == link.DM and e[4])]
+            channel, batch, self.outbox = self.link, self.outbox, []
+            self.counters["events"] += len(batch)
+            kept = [e for e in batch if e[0] in RESENT and not (e[0] == link.DM and e[4])]
             if kept:
-                self.unacked.append((self.link.frames_out, kept))
-            self.outbox = []
+                self.unacked.append((channel.frames_out + 1, kept))
+            channel.send(batch)     # may find the broker gone: attach_link resends
         if self.unsent_notes:
             self.send_notes()
 
