@@ -760,8 +760,8 @@ class Churn(Load):
         self.generation += 1
         c = Client(idx, b"%sl%d.%d" % (self.cfg["prefix"], idx, self.generation))
         c.kind = self.generation % 3
-        self.churners.append(c)
-        self.open(c)
+        if self.open(c):
+            self.churners.append(c)
 
     def on_login(self, c):
         if c.observer:
@@ -827,8 +827,9 @@ class Churn(Load):
         self.pump_until(t_end)
         self.churning = False
         deadline = self.now + int(self.cfg["drain_timeout"] * 1e9)
-        if not self.pump_until(deadline, lambda: not self.churners):
-            self.fail("leaver-not-closed", "%d clients still open" % len(self.churners))
+        if not self.pump_until(deadline, lambda: all(c.sock is None for c in self.churners)):
+            still_open = sum(c.sock is not None for c in self.churners)
+            self.fail("leaver-not-closed", "%d clients still open" % still_open)
         return {"lives": self.lives, "t_stop": self.now}
 
     def phase_finish(self, expect, deadline):
@@ -1162,7 +1163,7 @@ def slow_memory_bound(args, result, failures, examples):
 
 def config_for(args, address, port, spread):
     """The picklable plan every stress process gets."""
-    cfg = {k: v for k, v in vars(args).items() if not callable(v)}
+    cfg = dict(vars(args))
     cfg.update(address=address, port=port, spread=spread,
                prefix=(args.prefix or "".join(random.choice(string.ascii_lowercase)
                                               for _ in range(4))).encode())
