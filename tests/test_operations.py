@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -62,7 +63,10 @@ def wait_file_line(path, pattern, timeout=WAIT):
         except FileNotFoundError:
             pass
         if time.monotonic() > deadline:
-            content = open(path).read() if os.path.exists(path) else "(no file)"
+            content = "(no file)"
+            if os.path.exists(path):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    content = f.read()
             raise AssertionError("no line matching %r in %s:\n%s" % (pattern, path, content))
         time.sleep(0.05)
 
@@ -83,7 +87,6 @@ class CommandServer(Server):
         self.cwd = cwd
 
     def launch(self):
-        import threading
         self.proc = subprocess.Popen(
             self.command + self.args, cwd=self.cwd, env=self.env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -338,7 +341,8 @@ class CommandLineTest(TestCase):
         self.assertEqual(project["project"]["dynamic"], ["version"])
         self.assertEqual(project["tool"]["setuptools"]["dynamic"]["version"],
                          {"attr": "chatlib.__version__"})
-        changelog = open(os.path.join(ROOT, "CHANGELOG.md")).read()
+        with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as f:
+            changelog = f.read()
         self.assertIn("## [%s]" % chatlib.__version__, changelog)
 
 
