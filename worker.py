@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 
 from chatlib import link, protocol
-from chatlib.acceptor import note_gone, note_open
+from chatlib.acceptor import EXHAUSTED, note_gone, note_open
 from chatlib.channel import Channel
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,
                               Ping, Quit, Reply, Who, parse_line)
@@ -43,6 +43,7 @@ IOV_MAX = 512              # buffers per sendmsg; POSIX guarantees 16, Linux/mac
 HANDOFFS_PER_TURN = 256    # new sockets taken per turn, so clients are not starved
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
+HANDOFF_PAUSE = 0.1        # seconds to wait for descriptors before taking connections again
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
 FLOOD_GRACE = 10.0         # seconds a client may stay over --rate before ERR flood
 RESENT = (link.MSG, link.DM, link.BYE)   # a new broker gets them again if unacknowledged
@@ -92,6 +93,8 @@ class Worker(Service):
         self.handoff = None        # Connection from the acceptor (an order brings it)
         self.notes = None          # the same pipe, for telling the acceptor who left
         self.unsent_notes = b""    # what it could not take yet
+        self.handoffs_resume = 0.0  # while out of descriptors: when to look again
+        self.starved = False       # out of descriptors, and said so in the log
         self.link = None           # Channel to the broker (an order brings it)
         self.clients = {}          # cid -> Client
         self.users = {}            # cid -> Client, the logged-in ones
@@ -166,7 +169,10 @@ class Worker(Service):
 
     def detach_handoff(self):
         if self.handoff is not None:
-            self.sel.unregister(self.handoff.fileno())
+            if self.handoffs_resume:
+                self.handoffs_resume = 0.0
+            else:
+                self.sel.unregister(self.handoff.fileno())
             self.handoff.close()
             self.notes.close()
             self.handoff = self.notes = None
@@ -183,6 +189,8 @@ class Worker(Service):
         if self.held:
             return PAUSED_POLL
         until = min(self.next_sweep, self.throttled[0][0]) if self.throttled else self.next_sweep
+        if self.handoffs_resume:
+            until = min(until, self.handoffs_resume)
         return max(0.0, min(self.heartbeat_interval, until - time.monotonic()))
 
     def stop(self):
@@ -213,6 +221,9 @@ class Worker(Service):
 
     def tick(self, now):
         self.now = now
+        if self.handoffs_resume and now >= self.handoffs_resume:
+            self.handoffs_resume = 0.0
+            self.sel.register(self.handoff.fileno(), READ, self.on_handoff)
         if self.held and not self.congested():
             waiting, self.held = self.held, set()
             for c in waiting:
@@ -280,19 +291,35 @@ class Worker(Service):
         for _ in range(HANDOFFS_PER_TURN):
             try:
                 fd = recv_handle(self.handoff)
-            except (EOFError, OSError):
-                self.log.debug("acceptor link lost; waiting for a new acceptor")
-                self.detach_handoff()
-                return
             except RuntimeError:
                 # Out of descriptors: the kernel dropped the socket in transit
                 # (the client sees it closed). Tell the acceptor it is gone.
                 self.log.warning("could not receive a connection: out of file descriptors")
                 self.unsent_notes += note_gone("?")
-                continue
-            self.add_client(socket.socket(fileno=fd))
+            except OSError as exc:
+                if exc.errno not in EXHAUSTED:
+                    self.acceptor_lost()
+                    return
+                # No descriptor even to look at the pipe: the connection
+                # waits in it while we pause taking any (logged once).
+                if not self.starved:
+                    self.log.warning("cannot take connections (%s); pausing", exc.strerror)
+                    self.starved = True
+                self.sel.unregister(self.handoff.fileno())
+                self.handoffs_resume = self.now + HANDOFF_PAUSE
+                return
+            except EOFError:
+                self.acceptor_lost()
+                return
+            else:
+                self.add_client(socket.socket(fileno=fd))
+                self.starved = False
             if not self.handoff.poll():
                 return
+
+    def acceptor_lost(self):
+        self.log.debug("acceptor link lost; waiting for a new acceptor")
+        self.detach_handoff()
 
     def add_client(self, sock):
         sock.setblocking(False)
@@ -329,15 +356,18 @@ class Worker(Service):
                 c.held = lines
             else:
                 c.held.extend(lines)
-            self.pump(c)
+            self.pump(c, fresh=True)
 
-    def pump(self, c):
+    def pump(self, c, fresh=False):
         """Run ``c``'s unrun lines as far as nothing stops them.
 
         Three things hold lines back: an unanswered broker request (the answer
         pumps again), a congested broker link (``tick`` pumps again), and
         flood control (``tick`` pumps again when tokens are back). A client
         with held lines is not read, so one read's worth is all it can park.
+        A flooder stops counting as one only when a ``fresh`` read's lines
+        all run at once: running out of held lines is not enough, since the
+        next read is already waiting in the kernel.
         """
         lines, c.held = c.held, None
         if c.waiting or self.congested():
@@ -359,7 +389,7 @@ class Worker(Service):
                 self.held.add(c)
             else:
                 self.throttle(c)
-        else:
+        elif fresh:
             c.throttled_since = None
         if c.sock is not None:
             self.update_interest(c)

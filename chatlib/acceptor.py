@@ -32,7 +32,7 @@ from chatlib.service import Service
 
 ACCEPTS_PER_TURN = 256
 # accept() errors that mean "out of descriptors or memory": back off, retry.
-_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
 
 
@@ -163,7 +163,7 @@ class Acceptor(Service):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                if exc.errno in _EXHAUSTED:
+                if exc.errno in EXHAUSTED:
                     self.back_off(exc)
                     return
                 if exc.errno == errno.ECONNABORTED:
@@ -203,6 +203,9 @@ class Acceptor(Service):
             try:
                 send_handle(pipe.conn, sock.fileno(), None)
             except OSError as exc:
+                if exc.errno in EXHAUSTED:     # no descriptor to dup the pipe with
+                    self.back_off(exc)
+                    return
                 self.log.warning("worker-%d unreachable (%s)", slot, exc)
                 self.detach(slot)
                 continue
