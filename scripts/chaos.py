@@ -194,6 +194,7 @@ class Kill:
         self.replaced_by = None
         self.replaced_in = None
         self.cut = []               # names whose connection died right after
+        self.blamed = Counter()     # violation kind -> how many seem to follow from it
 
     def __str__(self):
         return "kill #%d (%s pid %d at %.2f s)" % (self.number, self.title[5:], self.pid, self.at)
@@ -262,7 +263,10 @@ class Chaos:
     def say(self, text):
         print("[%7.2f s] %s" % (self.now(), text), flush=True)
 
-    def violation(self, kind, text):
+    def violation(self, kind, text, blame=None):
+        """Record a broken promise; ``blame``: the kill it most likely follows from."""
+        if blame is not None:
+            blame.blamed[kind] += 1
         self.violations[kind].append(text)
         if len(self.violations[kind]) <= SHOWN:
             self.say("VIOLATION %s: %s" % (kind, text))
@@ -432,8 +436,12 @@ class Chaos:
         if span is None:
             r.got[(sender, kind)] = [seq, seq]
         elif seq <= span[1]:
-            self.violation("duplicate", "%s got %s %s #%d again or out of order (after #%d)"
-                           % (r.name, kind, sender, seq, span[1]))
+            before = [k for k in self.kills if k.at <= self.now()]
+            self.violation("duplicate", "%s got %s %s #%d again or out of order (after #%d; "
+                           "%s -> %s): %s" % (r.name, kind, sender, seq, span[1],
+                                              self.where(sender), self.where(r.name),
+                                              self.kills_around(self.now())),
+                           before[-1] if before else None)
         else:
             if seq > span[1] + 1:
                 self.report_loss(s, r, kind, span[1] + 1, seq - 1, "then #%d arrived" % seq)
@@ -443,9 +451,11 @@ class Chaos:
         sent = s.msgs if kind == "MSG" else s.dms[r.name]
         first_at, last_at = sent[lo - 1][1], sent[hi - 1][1]
         numbers = "#%d" % lo if lo == hi else "#%d-#%d" % (lo, hi)
+        after = [k for k in self.kills if k.at >= first_at] or self.kills[-1:]
         self.violation("lost", "%s %s->%s %s lost (%s -> %s; sent at %.2f-%.2f s, %s): %s"
                        % (kind, s.name, r.name, numbers, self.where(s.name), self.where(r.name),
-                          first_at, last_at, how, self.kills_around(first_at)))
+                          first_at, last_at, how, self.kills_around(first_at)),
+                       after[0] if after else None)
         self.counts["lines lost"] += hi - lo + 1
 
     def on_info(self, r, name):
@@ -735,7 +745,8 @@ class Chaos:
                     if not r.infos[u.name]:
                         self.violation("info", "%s never got INFO %s disconnected (%s left "
                                        "at %.2f s, %s)" % (r.name, u.name, u.name, u.left_at,
-                                                           self.kills_around(u.left_at)))
+                                                           self.kills_around(u.left_at)),
+                                       u.killed_by)
         self.say("check: %d departures x survivors announced exactly once" % checked)
 
     def check_names(self):
@@ -816,10 +827,11 @@ class Chaos:
         print("kills: %d (%s)" % (len(self.kills), ", ".join(
             "%s %d" % (role, by_role[role]) for role in ROLES)))
         for k in self.kills:
-            print("  %s: replaced in %s%s" % (
+            print("  %s: replaced in %s%s%s" % (
                 k, "%.2f s" % k.replaced_in if k.replaced_in is not None else "NEVER",
                 ", %d connections lost with it" % len(k.cut) if k.title.startswith("chat-worker")
-                else ""))
+                else "", "".join("; %d %s violations" % (n, kind)
+                                 for kind, n in sorted(k.blamed.items()))))
         print("sent: %d MSG, %d DM, %d WHO; received: %d MSG, %d DM, %d INFO"
               % (c["MSG sent"], c["DM sent"], c["WHO sent"], c["MSG received"],
                  c["DM received"], c["INFO received"]))
