@@ -228,8 +228,8 @@ class User:
         self.got = {}               # (sender, kind) -> [first, last] number received
         self.infos = Counter()      # name -> INFO lines received
         self.info_tick = {}         # name -> tick of the first one
-        self.who = None             # (tick sent, names so far) while a WHO is out
-        self.pongs = deque()        # what each awaited PONG completes
+        self.whos = deque()         # [tick sent, names so far] per WHO+PING out,
+                                    # answered in order: USER lines go to the first
         self.barriers = 0           # WHO/PING round trips completed
         self.next_action = 0.0
 
@@ -407,10 +407,11 @@ class Chaos:
             u.ok_tick = self.tick
             u.ok_at = self.now()
             u.next_action = time.monotonic() + self.rng.uniform(0, 1.0 / self.args.rate)
-        elif word == "USER" and u.who is not None:
-            u.who[1].append(rest)
-        elif line == "PONG" and u.pongs:
-            self.on_pong(u, u.pongs.popleft())
+        elif word == "USER" and u.whos:
+            u.whos[0][1].append(rest)
+        elif line == "PONG" and u.whos:
+            self.check_who(u, *u.whos.popleft())
+            u.barriers += 1
         elif line == "ERR user-not-found":
             self.counts["DM told user-not-found"] += 1   # its target had just left
         else:
@@ -467,13 +468,6 @@ class Chaos:
         else:
             r.info_tick[name] = self.tick
 
-    def on_pong(self, u, what):
-        if what == "who":
-            sent_tick, names = u.who
-            u.who = None
-            self.check_who(u, sent_tick, names)
-            u.barriers += 1
-
     def check_who(self, r, sent_tick, names):
         self.counts["WHO answers checked"] += 1
         seen = Counter(n.lower() for n in names)
@@ -496,8 +490,7 @@ class Chaos:
             self.who_missing.append((r.name, self.now(), missing))
 
     def ask_who(self, u):
-        u.who = (self.tick + 1, [])
-        u.pongs.append("who")
+        u.whos.append([self.tick + 1, []])
         self.send(u, "WHO")
         self.send(u, "PING")
 
@@ -518,7 +511,7 @@ class Chaos:
                 sent.append((self.tick + 1, self.now()))
                 self.send(u, "DM %s d%d" % (target.name, len(sent)))
                 self.counts["DM sent"] += 1
-        elif u.who is None:
+        elif not u.whos:
             self.ask_who(u)
             self.counts["WHO sent"] += 1
 
@@ -678,12 +671,11 @@ class Chaos:
                        and all(u.state != "login" for u in self.active),
                        "settling")
         for n in (1, 2):
-            # The second barrier starts after every first one ended: by then the
-            # broker has routed all lines sent before, to every worker.
-            goal = {u: u.barriers + 1 for u in self.live()}
+            # A PONG after a user's last line means the broker has it; a WHO
+            # sent after every such PONG is answered after all of it was routed.
+            goal = {u: u.barriers + len(u.whos) + 1 for u in self.live()}
             for u in goal:
-                if u.who is None:
-                    self.ask_who(u)
+                self.ask_who(u)
             self.run_until(lambda: all(u.barriers >= g or u.state != "in" for u, g in goal.items()),
                            "barrier %d" % n)
         self.check_streams()
