@@ -30,6 +30,7 @@ import resource
 import signal
 import socket
 import time
+from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
 from multiprocessing.reduction import send_handle
 
@@ -88,26 +89,37 @@ def raise_nofile_limit():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-# Signals an operator sends to the server: the main process acts on them.
-OPERATOR_SIGNALS = {signal.SIGHUP, signal.SIGUSR1}
+# The signals the main process acts on (see handle_signals). The children
+# never see them: the supervisor alone decides, and tells them by pipe.
+OPERATOR_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 
 
 @contextlib.contextmanager
-def operator_signals_deferred():
-    """Start processes with SIGHUP and SIGUSR1 blocked, so that they inherit
-    them blocked.
+def operator_signals_deferred(start_method):
+    """Start processes with the operator's signals blocked, so that they
+    inherit them blocked, whatever the start method.
 
-    ``systemctl kill -s HUP`` (logrotate), ``systemctl kill -s USR1``, a
-    terminal hang-up or ``kill -- -PGID`` signal every process, not only the
-    main one. Under ``spawn`` and ``forkserver`` the children and
-    multiprocessing's helpers (the forkserver, the resource tracker) are fresh
-    interpreters in which both signals kill; and a dead forkserver takes all
-    its children with it, for they watch it as their parent. A signal blocked
-    across ``fork`` and ``exec`` stays blocked, so they never see it; ours
-    waits until the block is lifted, nothing lost.
+    ``systemctl kill`` without ``--kill-who=main`` (logrotate's SIGHUP, a
+    SIGUSR1), ``KillMode=control-group``, ``kill -- -PGID``, Ctrl-C or a
+    terminal hang-up signal every process, not only the main one. Under
+    ``spawn`` and ``forkserver`` the children and multiprocessing's helpers
+    (the forkserver, the resource tracker) are fresh interpreters in which
+    SIGTERM, SIGHUP and SIGUSR1 kill: clients would be dropped without
+    ``ERR server-shutdown``, and a dead forkserver takes all its children
+    with it, for they watch it as their parent. (Under ``fork`` the children
+    would run a copy of our handlers instead, and ignore them.) A signal
+    blocked across ``fork`` and ``exec`` stays blocked, so none of them sees
+    it; ours waits until the block is lifted, nothing lost. A child that must
+    go gets SIGKILL, as the supervisor does.
+
+    The resource tracker, when it starts one, unblocks SIGINT and SIGTERM in
+    our thread: so it is started first, and the signals blocked again.
     """
     old = signal.pthread_sigmask(signal.SIG_BLOCK, OPERATOR_SIGNALS)
     try:
+        if start_method != "fork":
+            resource_tracker.ensure_running()
+            signal.pthread_sigmask(signal.SIG_BLOCK, OPERATOR_SIGNALS)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -142,7 +154,7 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno())
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in OPERATOR_SIGNALS:
             signal.signal(sig, self.record_signal)
         self.wake = wake_r
         log.info("starting: %d workers, start method %s, open-file limit %d",
@@ -185,7 +197,7 @@ class Supervisor:
         else:
             target_args = (cls, self.config, child_end, slot) + args
         process = self.ctx.Process(target=run_service, args=target_args, name=name)
-        with operator_signals_deferred():
+        with operator_signals_deferred(self.ctx.get_start_method()):
             process.start()
         child_end.close()
         child = Child(role, slot, process, parent_end)

@@ -18,7 +18,8 @@ import threading
 import time
 import unittest
 
-from support import ROOT, BROKER, IO_TIMEOUT, Client, Server, TestCase, process_role
+from support import (ROOT, BROKER, IO_TIMEOUT, START_METHODS, Client, Server, TestCase,
+                     process_role)
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -165,6 +166,21 @@ class StatisticsTest(TestCase):
         self.assertEqual(sorted(s.pids()), pids)
         self.assertNotIn("ERROR", "\n".join(log_lines_after(s, start)))
         self.assertEqual(s.stop(), 0)
+
+    def test_sigterm_to_every_process_is_a_clean_stop(self):
+        """``KillMode=control-group`` or ``kill -TERM -- -PGID``: the children
+        leave the stopping to the supervisor, under every start method, so
+        every client still gets ``ERR server-shutdown``."""
+        for method in START_METHODS:
+            with self.subTest(start_method=method):
+                s = self.server(workers=2, start_method=method)
+                clients = [self.client(s, "u%d" % k) for k in range(4)]
+                os.killpg(s.proc.pid, signal.SIGTERM)
+                for c in clients:
+                    self.assertEqual(c.expect_closed(timeout=WAIT), ["ERR server-shutdown"])
+                self.assertEqual(s.proc.wait(WAIT), 0)
+                self.assertTrue(s.wait_log_end(WAIT))
+                self.assertNotRegex(s.log(), r"ERROR|WARNING|Traceback")
 
     def test_sigusr1_counts_restarts(self):
         s = self.server(workers=2)
