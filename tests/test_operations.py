@@ -97,7 +97,7 @@ class CommandServer(Server):
         return self
 
 
-class StatisticsTest(TestCase):
+class StatsAndSignalsTest(TestCase):
     def test_stats_interval_line_has_the_counts(self):
         s = self.server("--stats-interval", "0.3", workers=2)
         ada = self.client(s, "ada")
@@ -457,18 +457,21 @@ class InstallTest(TestCase):
                 timeout=WAIT)
             self.assertEqual(imported.returncode, 0, imported.stdout)
 
-        s = CommandServer([os.path.join(bin_dir, "chat-server")], workers=2,
-                          start_method="spawn", cwd=run, env={"PYTHONPATH": ""})
-        s.env = env
-        self.addCleanup(s.kill)
-        s.start(timeout=WAIT * 2)
-        login_ping(s.port)
-        with Client(s.port) as a, Client(s.port) as b:
-            a.login("ada")
-            b.login("bob")
-            a.send("MSG hi")
-            self.assertEqual(b.read_line(), "MSG ada hi")
-        self.assertEqual(s.stop(), 0)
+        # spawn and forkserver children import `worker` and `broker` by name.
+        for method in [m for m in START_METHODS if m != "fork"] + ["fork"]:
+            with self.subTest(start_method=method):
+                s = CommandServer([os.path.join(bin_dir, "chat-server")], workers=2,
+                                  start_method=method, cwd=run)
+                s.env = env
+                self.addCleanup(s.kill)
+                s.start(timeout=WAIT * 2)
+                login_ping(s.port)
+                with Client(s.port) as a, Client(s.port) as b:
+                    a.login("ada")
+                    b.login("bob")
+                    a.send("MSG hi")
+                    self.assertEqual(b.read_line(), "MSG ada hi")
+                self.assertEqual(s.stop(), 0)
 
 
 if __name__ == "__main__":
