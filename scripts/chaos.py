@@ -28,6 +28,7 @@ Each violation is printed with the kills around it; exit status 1 if any,
 """
 
 import argparse
+import ctypes
 import os
 import random
 import re
@@ -98,6 +99,13 @@ def process_age(pid):
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
+def die_with_parent():
+    """In the server, before exec: should this script be SIGKILLed (no finally
+    runs then), the supervisor gets SIGKILL too, and its children follow it."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 class Server:
     """``broker.py`` in its own session; its merged log read without blocking."""
 
@@ -116,7 +124,7 @@ class Server:
     def start(self):
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         self.fd = self.proc.stdout.fileno()
         os.set_blocking(self.fd, False)
         sel = selectors.DefaultSelector()
