@@ -90,7 +90,7 @@ class Hostile(TestCase):
         self.assertGreater(fig["pings"], 20, fig)
         self.assertLess(fig["rss_peak"] - fig["rss_start"], self.RSS_GROWTH_MIB, fig)
         # 100 ms is the target (met by a wide margin on an idle machine, see
-        # docs/LIMITS.md); the test allows for a machine busy with other tests.
+        # the README's Limits and protection); the test allows for a machine busy with other tests.
         self.assertLess(fig["ping_p50"], 0.1, fig)
         self.assertLess(fig["ping_p99"], 0.5, fig)
 
