@@ -260,6 +260,7 @@ class Chaos:
         self.next_kill = self.next_probe = self.next_status = float("inf")
         self.reconnects = []        # (when, base, gen)
         self.violations = defaultdict(list)   # kind -> messages
+        self.lines_hit = defaultdict(set)     # "lost"/"duplicate" -> (kind, sender, number)
         self.who_missing = []       # (asker, answered at, names it lacked)
         self.counts = Counter()
 
@@ -445,6 +446,7 @@ class Chaos:
         if span is None:
             r.got[(sender, kind)] = [seq, seq]
         elif seq <= span[1]:
+            self.lines_hit["duplicate"].add((kind, sender, seq))
             before = [k for k in self.kills if k.at <= self.now()]
             self.violation("duplicate", "%s got %s %s #%d again or out of order (after #%d; "
                            "%s -> %s): %s" % (r.name, kind, sender, seq, span[1],
@@ -460,6 +462,7 @@ class Chaos:
         sent = s.msgs if kind == "MSG" else s.dms[r.name]
         first_at, last_at = sent[lo - 1][1], sent[hi - 1][1]
         numbers = "#%d" % lo if lo == hi else "#%d-#%d" % (lo, hi)
+        self.lines_hit["lost"].update((kind, s.name, n) for n in range(lo, hi + 1))
         after = [k for k in self.kills if k.at >= first_at] or self.kills[-1:]
         self.violation("lost", "%s %s->%s %s lost (%s -> %s; sent at %.2f-%.2f s, %s): %s"
                        % (kind, s.name, r.name, numbers, self.where(s.name), self.where(r.name),
@@ -846,7 +849,9 @@ class Chaos:
             return 0
         print("RESULT: FAIL, %d violations: %s" % (
             sum(map(len, self.violations.values())),
-            ", ".join("%s %d" % (k, len(v)) for k, v in sorted(self.violations.items()))))
+            ", ".join("%s %d%s" % (k, len(v), " (%d distinct lines sent)" % len(self.lines_hit[k])
+                                   if k in self.lines_hit else "")
+                      for k, v in sorted(self.violations.items()))))
         for kind, texts in sorted(self.violations.items()):
             for text in texts[:SHOWN]:
                 print("  %s: %s" % (kind, text))
