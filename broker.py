@@ -23,6 +23,7 @@ from chatlib.channel import Channel
 from chatlib.service import Service
 
 ACK_DELAY = 0.02    # seconds an acknowledgement waits for a batch to ride on
+NO_ORIGIN = (link.SEQ, None)
 
 
 class _Run(list):
@@ -40,6 +41,8 @@ class Broker(Service):
         self.ackable = {}               # slot -> how many of those are safely routed
         self.acked = {}                 # slot -> how many of those it has been told of
         self.ack_due = None             # when acknowledgements go without a batch
+        self.origin = None              # (slot, batch number) being routed
+        self.marked = {}                # slot -> the origin its outbox last named
         # A restarted broker must not decide anything (a LOGIN above all)
         # before every worker has told it who is logged in there.
         self.unsynced = set(expected)   # workers whose SYNC we still await
@@ -72,7 +75,9 @@ class Broker(Service):
         for counts in (self.received, self.ackable, self.acked):
             counts.pop(slot, None)
         self.unsynced.discard(slot)
+        self.marked.pop(slot, None)
         self.deferred = [(s, event) for s, event in self.deferred if s != slot]
+        self.origin = None                      # its departures come from no batch
         for key in [k for k, user in self.users.items() if user[1] == slot]:
             self.log_out(slot, self.users[key][2])
         self.run_deferred()
@@ -129,6 +134,7 @@ class Broker(Service):
                 box = self.outboxes.get(slot)
                 if box:
                     self.outboxes[slot] = []
+                    self.marked.pop(slot, None)
                     batch = [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box]
                     if self.ackable[slot] != self.acked[slot]:
                         self.acked[slot] = self.ackable[slot]
@@ -155,14 +161,17 @@ class Broker(Service):
         self.end_turn()
 
     def on_batches(self, slot, batches):
-        self.received[slot] += len(batches)
         for batch in batches:
+            self.take(slot, NO_ORIGIN)          # until the batch's SEQ
             for event in batch:
-                if self.unsynced and event[0] != link.SYNC:
-                    self.deferred.append((slot, event))
-                else:
-                    self.route(slot, event)
+                self.take(slot, event)
         self.run_deferred()
+
+    def take(self, slot, event):
+        if self.unsynced and event[0] != link.SYNC:
+            self.deferred.append((slot, event))
+        else:
+            self.route(slot, event)
 
     def run_deferred(self):
         self.send_directories()
@@ -188,18 +197,22 @@ class Broker(Service):
             target = self.users.get(key)
             if target is not None:
                 _, tslot, tcid, _ = target
-                self.outboxes[tslot].append((link.DELIVER, tcid, line))
+                self.box(tslot).append((link.DELIVER, tcid, line))
                 if awaited:
                     self.answer(slot, cid, b"")
             elif awaited:
                 self.answer(slot, cid, protocol.ERR_USER_NOT_FOUND)
             else:
                 # The sender's directory was a moment behind: tell it anyway.
-                self.outboxes[slot].append((link.DELIVER, cid, protocol.ERR_USER_NOT_FOUND))
+                self.box(slot).append((link.DELIVER, cid, protocol.ERR_USER_NOT_FOUND))
         elif tag == link.BYE:
             self.log_out(slot, event[1])
+        elif tag == link.SEQ:
+            self.origin = None if event[1] is None else (slot, event[1])
+            if event[1] is not None:
+                self.received[slot] = event[1]
         elif tag == link.SYNC:
-            self.sync(slot, event[1])
+            self.sync(slot, event[1], event[2])
         else:
             self.log.error("unknown event from worker-%d: %r", slot, tag)
 
@@ -211,10 +224,20 @@ class Broker(Service):
         for box in self.outboxes.values():
             box.append(event)
 
+    def box(self, slot):
+        """``slot``'s outbox, after a FROM naming the batch being routed, so
+        that the worker can drop what a previous broker routed already."""
+        box = self.outboxes[slot]
+        if self.marked.get(slot) != self.origin:
+            self.marked[slot] = self.origin
+            box.append((link.FROM,) + (self.origin or (None, None)))
+        return box
+
     def broadcast(self, blob, skip=None):
-        for slot, box in self.outboxes.items():
+        for slot in self.outboxes:
             if slot == skip:
                 continue
+            box = self.box(slot)
             if box and type(box[-1]) is _Run:
                 box[-1].append(blob)
             else:
@@ -222,16 +245,24 @@ class Broker(Service):
 
     def register(self, name, slot, cid, stamp):
         key = name.lower()
+        stale = self.users.get(key)
+        if stale is not None:                   # a departed user's, from a SYNC
+            self.owner.pop((stale[1], stale[2]), None)
         self.users[key] = (name, slot, cid, stamp)
         self.owner[(slot, cid)] = key
         self.who_cache = None
         self.last_stamp = max(self.last_stamp, stamp)
 
-    def sync(self, slot, users):
-        """A worker's users, as it holds them (a restarted broker learns them)."""
+    def sync(self, slot, users, departed):
+        """A worker's users, as it holds them (a restarted broker learns them),
+        and those whose BYE it sends again: registered only if nobody holds
+        the name now, since their BYE may have been routed already."""
         for cid, name, stamp in users:
             self.register(name, slot, cid, stamp)
-        if users:
+        for cid, name, stamp in departed:
+            if name.lower() not in self.users:
+                self.register(name, slot, cid, stamp)
+        if users or departed:
             self.users = dict(sorted(self.users.items(), key=lambda item: item[1][3]))
         self.unsynced.discard(slot)
         self.unlisted.add(slot)

@@ -104,6 +104,11 @@ class Worker(Service):
         self.dirty = set()         # clients with output queued this turn
         self.outbox = []           # events for the broker this turn
         self.unacked = deque()     # (batch number, its MSG/DM/BYE events) until ACK
+        self.resend = []           # what a new broker gets before this turn's events
+        # Batch numbers only grow, across restarts of this slot too, so that
+        # receivers can tell a resent batch from a new one.
+        self.batch_seq = time.time_ns()
+        self.seen = {}             # slot -> highest batch number routed to us from it
         self.msg_run = []          # MSG lines not yet closed into an event
         self.local = []            # (sender, line) for this turn's local fan-out
         self.held = set()          # clients holding lines until the link drains
@@ -128,21 +133,24 @@ class Worker(Service):
         """Reach the broker over ``conn``; tell it who is here and what we await.
 
         A restarted broker learns our users from SYNC, gets again the
-        requests its predecessor never answered and the MSG, DM and BYE
-        events it never acknowledged. Users whose BYE is among them are in
-        the SYNC too, so that the new broker announces their departure.
+        requests its predecessor never answered, and the MSG, DM and BYE
+        events it never acknowledged, each under its batch's old number, so
+        that receivers drop what they already had. Users whose BYE is among
+        them are in the SYNC too, so that the new broker announces them.
         """
         if self.link is not None:
             self.link.close()
         self.link = Channel(conn, self.sel, self.on_batches, self.on_link_lost)
-        unacked = [e for _, events in self.unacked for e in events]
-        self.unacked.clear()
         queued = {id(event) for event in self.outbox}
-        resent = [c.request for c in self.clients.values()
-                  if c.waiting and id(c.request) not in queued]
+        requests = [c.request for c in self.clients.values()
+                    if c.waiting and id(c.request) not in queued]
+        unacked = []
+        for seq, events in self.unacked:
+            unacked.append((link.SEQ, seq))
+            unacked.extend(events)
         users = [(c.cid, c.name, c.login_stamp) for c in self.users.values()]
-        users += [e[1:] for e in unacked + self.outbox if e[0] == link.BYE and e[2] is not None]
-        self.outbox[:0] = [(link.SYNC, users)] + resent + unacked
+        departed = [e[1:] for e in unacked + self.outbox if e[0] == link.BYE and e[2] is not None]
+        self.resend = [(link.SYNC, users, departed)] + requests + unacked
 
     def on_link_lost(self):
         self.log.debug("broker link lost; holding requests until a new broker")
@@ -251,13 +259,15 @@ class Worker(Service):
                     self.flush(c, False)
         if self.msg_run:
             self.close_msg_run()
-        if self.outbox and self.link is not None:
-            channel, batch, self.outbox = self.link, self.outbox, []
-            self.counters["events"] += len(batch)
-            kept = [e for e in batch if e[0] in RESENT and not (e[0] == link.DM and e[4])]
+        if (self.outbox or self.resend) and self.link is not None:
+            self.batch_seq += 1
+            events, self.outbox = self.outbox, []
+            self.counters["events"] += len(events)
+            kept = [e for e in events if e[0] in RESENT and not (e[0] == link.DM and e[4])]
             if kept:
-                self.unacked.append((channel.frames_out + 1, kept))
-            channel.send(batch)     # may find the broker gone: attach_link resends
+                self.unacked.append((self.batch_seq, kept))
+            batch, self.resend = self.resend + [(link.SEQ, self.batch_seq)] + events, []
+            self.link.send(batch)   # may find the broker gone: attach_link resends
         if self.unsent_notes:
             self.send_notes()
 
@@ -493,11 +503,20 @@ class Worker(Service):
 
     def on_batches(self, batches):
         for batch in batches:
+            resent = False         # the lines that follow were routed to us before
             for event in batch:
                 tag = event[0]
                 if tag == link.MSG:
-                    self.fan_out(event[1])
+                    if not resent:
+                        self.fan_out(event[1])
+                elif tag == link.FROM:
+                    _, slot, seq = event
+                    resent = slot is not None and seq <= self.seen.get(slot, 0)
+                    if slot is not None and not resent:
+                        self.seen[slot] = seq
                 elif tag == link.DELIVER:
+                    if resent:
+                        continue
                     c = self.users.get(event[1])
                     if c is not None:
                         self.send(c, event[2])

@@ -6,6 +6,9 @@ batch. ``cid`` is a connection id, unique within one worker; the broker knows
 a connection as ``(slot, cid)``, where ``slot`` is the worker's number.
 
 Worker -> broker
+    (SEQ, n)                    the events that follow are from the worker's
+                                batch number ``n`` (numbers only grow, across
+                                restarts of the worker too)
     (MSG, blob)                 ready-made ``MSG`` lines, to every other worker
     (LOGIN, cid, name)          claim a name; answered by GRANTED or ANSWER
     (WHO, cid)                  answered by ANSWER with the ``USER`` lines
@@ -18,10 +21,10 @@ Worker -> broker
                                 left: then a DELIVER of the ERR line.
     (BYE, cid, name, stamp)     the connection is gone (``name`` None if it
                                 never logged in)
-    (SYNC, [(cid, name, stamp), ...])
-                                first event on a new link: the users this
-                                worker holds (a restarted broker learns them),
-                                and those whose BYE it is about to resend
+    (SYNC, users, departed)     first event on a new link: the users this
+                                worker holds, as [(cid, name, stamp), ...] (a
+                                restarted broker learns them), and those whose
+                                BYE it is about to send again
 
 Broker -> worker
     (MSG, blob)                 lines for every logged-in user of this worker
@@ -33,14 +36,20 @@ Broker -> worker
     (JOINED, key) / (LEFT, key) the directory: who is logged in anywhere, so a
     (DIRECTORY, [key, ...])     worker can send a ``DM`` without waiting for an
                                 answer; the whole of it after a (re)start
-    (ACK, n)                    the first ``n`` batches this worker sent on
-                                this link are routed and their lines are in
-                                the kernel's socket buffers: a broker killed
-                                now loses none of them
+    (FROM, slot, n)             the MSG and DELIVER events that follow come
+                                from worker ``slot``'s batch ``n``; slot None:
+                                from no batch (a dead worker's departures)
+    (ACK, n)                    this worker's batches up to number ``n`` are
+                                routed and their lines are in the kernel's
+                                socket buffers: a broker killed now loses none
 
-Nothing accepted from a client is lost with a broker: a worker keeps the
-MSG, DM and BYE events of every batch until it is acknowledged, and sends the
-unacknowledged ones again to the next broker (requests are sent again anyway).
+Nothing accepted from a client is lost with a broker, and nothing arrives
+twice: a worker keeps the MSG, DM and BYE events of every batch until it is
+acknowledged, and sends the unacknowledged ones again to the next broker
+under their old batch numbers (requests are sent again anyway). A receiving
+worker drops MSG and DELIVER events under a FROM it has seen before: per
+sending worker, batches are routed in order, so the highest number seen
+is all it needs to remember.
 
 Every request (LOGIN, WHO, DM) gets exactly one answer, in order, so the
 worker can hold the connection's later lines until it comes and keep each
@@ -60,3 +69,5 @@ JOINED = "J"
 LEFT = "X"
 DIRECTORY = "Y"
 ACK = "K"
+SEQ = "N"
+FROM = "F"

@@ -33,11 +33,6 @@ class Chaos(TestCase):
     def test_worker_and_acceptor_kills(self):
         self.chaos_run(["worker", "acceptor"])
 
-    @unittest.skip("server bug: a broker kill under load makes the lines the dead "
-                   "broker had routed but not yet acknowledged (up to 20 ms of "
-                   "them) arrive twice; about one run in four of this test gets a "
-                   "duplicate MSG or DM. Repro: scripts/chaos.py --duration 20 "
-                   "--workers 4 --roles broker --interval 1.5 --rate 4")
     def test_kills_of_every_role(self):
         self.chaos_run(["worker", "broker", "acceptor"])
 
