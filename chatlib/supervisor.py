@@ -344,7 +344,12 @@ class Supervisor:
         key = (child.role, child.slot)
         if self.children.get(key) is not child:
             return
-        child.process.join(0)
+        # Its control pipe can close a moment before the process is reaped:
+        # wait for the exit status, and make sure of it if it does not come.
+        child.process.join(0.5)
+        if child.process.exitcode is None:
+            child.process.kill()
+            child.process.join()
         del self.children[key]
         child.ctrl.close()
         code = child.process.exitcode
