@@ -40,6 +40,8 @@ import sys
 import time
 from collections import Counter, defaultdict, deque
 
+from procfs import process_role, session_pids
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BROKER = os.path.join(ROOT, "broker.py")
 ROLES = ("worker", "broker", "acceptor")
@@ -60,31 +62,6 @@ LOGGED_IN = re.compile(r" (worker-\d+)\[(\d+)\] (\S+) logged in from ")
 
 
 # -- the server's processes -----------------------------------------------------
-
-def session_pids(sid):
-    """Live processes of session ``sid``, from /proc (Linux)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(entry))
-    return pids
-
-
-def process_title(pid):
-    try:
-        with open("/proc/%d/comm" % pid) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
 
 def process_age(pid):
     """Seconds since ``pid`` started, from /proc; 0 if it is gone."""
@@ -165,7 +142,7 @@ class Server:
         """Process title -> pids, for the server's whole session."""
         found = defaultdict(list)
         for pid in session_pids(self.proc.pid):
-            found[process_title(pid)].append(pid)
+            found[process_role(pid)].append(pid)
         return found
 
     def kill(self):

@@ -20,33 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BROKER = os.path.join(ROOT, "broker.py")
 IO_TIMEOUT = 5.0            # seconds any single read may wait
 TEST_TIMEOUT = 60           # seconds any single test may take
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from procfs import process_role, session_pids  # noqa: E402  (re-exported to the tests)
+
 START_METHODS = ["fork", "spawn", "forkserver"] if sys.platform != "win32" else ["spawn"]
-
-
-def session_pids(sid):
-    """Pids of live processes in session ``sid`` (Linux: from /proc)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(entry))
-    return pids
-
-
-def process_role(pid):
-    """The title a server process gave itself (``chat-worker-1`` ...)."""
-    try:
-        with open("/proc/%d/comm" % pid) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 class Server:
@@ -112,20 +89,25 @@ class Server:
         self._log_reader.join(timeout)
         return not self._log_reader.is_alive()
 
-    def wait_log(self, pattern, timeout=IO_TIMEOUT):
-        """Wait until a log line matches ``pattern``; return the match."""
+    def wait_log(self, pattern, timeout=IO_TIMEOUT, start=0):
+        """Wait until a log line (from index ``start`` on) matches ``pattern``;
+        return the match."""
         deadline = time.monotonic() + timeout
         with self._log_changed:
             while True:
-                for line in self.log_lines:
+                for line in self.log_lines[start:]:
                     m = re.search(pattern, line)
                     if m:
                         return m
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError("no log line matching %r in:\n%s"
-                                         % (pattern, "\n".join(self.log_lines)))
+                    raise AssertionError("no log line matching %r after line %d in:\n%s"
+                                         % (pattern, start, "\n".join(self.log_lines)))
                 self._log_changed.wait(left)
+
+    def log_lines_from(self, start):
+        with self._log_changed:
+            return list(self.log_lines[start:])
 
     def client(self, name=None):
         c = Client(self.port)

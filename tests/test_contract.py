@@ -15,8 +15,8 @@ import sys
 import time
 import unittest
 
-from support import (BROKER, IO_TIMEOUT, ROOT, START_METHODS, Client, Server,
-                     TestCase, process_role)
+from support import (BROKER, IO_TIMEOUT, ROOT, START_METHODS, Server, TestCase,
+                     process_role)
 
 FFFD = "\ufffd"
 OPTIONS = ["--port", "-p", "--host", "--workers", "-w", "--idle-timeout", "-t",

@@ -30,27 +30,6 @@ from chatlib import systemd  # noqa: E402
 WAIT = 15.0        # generous: two cores, other suites running at once
 
 
-def wait_log_after(server, start, pattern, timeout=WAIT):
-    """Like ``Server.wait_log``, for lines from index ``start`` on only."""
-    deadline = time.monotonic() + timeout
-    with server._log_changed:
-        while True:
-            for line in server.log_lines[start:]:
-                m = re.search(pattern, line)
-                if m:
-                    return m
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("no log line matching %r after line %d in:\n%s"
-                                     % (pattern, start, "\n".join(server.log_lines)))
-            server._log_changed.wait(left)
-
-
-def log_lines_after(server, start):
-    with server._log_changed:
-        return list(server.log_lines[start:])
-
-
 def wait_file_line(path, pattern, timeout=WAIT):
     """Poll the file ``path`` until a line matches ``pattern``; the match."""
     deadline = time.monotonic() + timeout
@@ -123,7 +102,7 @@ class StatsAndSignalsTest(TestCase):
         s = self.server("--stats-interval", "0.2", workers=1)
         s.wait_log(r"stats: clients=0 users=0 per-worker=\[0\] msgs=0 ")
         start = len(s.log_lines)
-        wait_log_after(s, start, r"stats: ")      # and another one after it
+        s.wait_log(r"stats: ", WAIT, start=start)      # and another one after it
         quiet = self.server(workers=1)
         login_ping(quiet.port)
         quiet.stop()
@@ -135,8 +114,8 @@ class StatsAndSignalsTest(TestCase):
         self.client(s, "ada")
         start = len(s.log_lines)
         s.proc.send_signal(signal.SIGUSR1)
-        wait_log_after(s, start, r"process worker-1 pid=")
-        lines = log_lines_after(s, start)
+        s.wait_log(r"process worker-1 pid=", WAIT, start=start)
+        lines = s.log_lines_from(start)
         self.assertTrue(any(re.search(r"stats: clients=\d users=\d", l) for l in lines), lines)
         procs = {}
         for line in lines:
@@ -160,11 +139,11 @@ class StatsAndSignalsTest(TestCase):
         pids = sorted(s.pids())
         start = len(s.log_lines)
         os.killpg(s.proc.pid, signal.SIGUSR1)
-        wait_log_after(s, start, r"process worker-1 pid=")
+        s.wait_log(r"process worker-1 pid=", WAIT, start=start)
         c.send("PING")
         c.expect("PONG")
         self.assertEqual(sorted(s.pids()), pids)
-        self.assertNotIn("ERROR", "\n".join(log_lines_after(s, start)))
+        self.assertNotIn("ERROR", "\n".join(s.log_lines_from(start)))
         self.assertEqual(s.stop(), 0)
 
     def test_sigterm_to_every_process_is_a_clean_stop(self):
@@ -187,12 +166,12 @@ class StatsAndSignalsTest(TestCase):
         first = int(s.wait_log(r"started worker-1 \(pid (\d+)\)").group(1))
         start = len(s.log_lines)
         os.kill(first, signal.SIGKILL)
-        second = int(wait_log_after(s, start, r"started worker-1 \(pid (\d+)\)").group(1))
+        second = int(s.wait_log(r"started worker-1 \(pid (\d+)\)", WAIT, start=start).group(1))
         start = len(s.log_lines)
         s.proc.send_signal(signal.SIGUSR1)
-        m = wait_log_after(s, start, r"process worker-1 pid=(\d+) uptime=\d+s restarts=(\d+)$")
+        m = s.wait_log(r"process worker-1 pid=(\d+) uptime=\d+s restarts=(\d+)$", WAIT, start=start)
         self.assertEqual((int(m.group(1)), m.group(2)), (second, "1"))
-        m = wait_log_after(s, start, r"process worker-0 pid=\d+ uptime=\d+s restarts=(\d+)$")
+        m = s.wait_log(r"process worker-0 pid=\d+ uptime=\d+s restarts=(\d+)$", WAIT, start=start)
         self.assertEqual(m.group(1), "0")
 
 
