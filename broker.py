@@ -22,7 +22,7 @@ from chatlib import link, protocol
 from chatlib.channel import Channel
 from chatlib.service import Service
 
-ACK_DELAY = 0.02    # seconds an acknowledgement waits for a batch to ride on
+LAZY_DELAY = 0.02   # seconds an acknowledgement or a new name waits for a batch to ride on
 NO_ORIGIN = (link.SEQ, None)
 
 
@@ -40,7 +40,9 @@ class Broker(Service):
         self.received = {}              # slot -> batches taken from it on this link
         self.ackable = {}               # slot -> how many of those are safely routed
         self.acked = {}                 # slot -> how many of those it has been told of
-        self.ack_due = None             # when acknowledgements go without a batch
+        self.lazy = {}                  # slot -> new names, sent with its next batch
+        self.lazy_due = None            # when acknowledgements and new names go
+                                        # without a batch
         self.origin = None              # (slot, batch number) being routed
         self.marked = {}                # slot -> the origin its outbox last named
         # A restarted broker must not decide anything (a LOGIN above all)
@@ -63,6 +65,7 @@ class Broker(Service):
                                       partial(self.on_link_lost, slot))
         self.outboxes[slot] = []
         self.received[slot] = self.ackable[slot] = self.acked[slot] = 0
+        self.lazy[slot] = []
         self.unsynced.add(slot)
 
     def detach(self, slot):
@@ -72,8 +75,8 @@ class Broker(Service):
             return
         channel.close()
         self.outboxes.pop(slot, None)
-        for counts in (self.received, self.ackable, self.acked):
-            counts.pop(slot, None)
+        for per_slot in (self.received, self.ackable, self.acked, self.lazy):
+            per_slot.pop(slot, None)
         self.unsynced.discard(slot)
         self.marked.pop(slot, None)
         self.deferred = [(s, event) for s, event in self.deferred if s != slot]
@@ -109,14 +112,14 @@ class Broker(Service):
         self.end_turn()
 
     def poll_timeout(self):
-        if self.ack_due is None:
+        if self.lazy_due is None:
             return self.heartbeat_interval
-        return max(0.0, min(self.heartbeat_interval, self.ack_due - time.monotonic()))
+        return max(0.0, min(self.heartbeat_interval, self.lazy_due - time.monotonic()))
 
     def tick(self, now):
         """Backpressure: while a worker cannot take more, read from nobody."""
-        if self.ack_due is not None and now >= self.ack_due:
-            self.send_acks()
+        if self.lazy_due is not None and now >= self.lazy_due:
+            self.send_lazy()
         congested = any(ch.congested for ch in self.channels.values())
         if congested != self.paused:
             self.paused = congested
@@ -136,6 +139,8 @@ class Broker(Service):
                     self.outboxes[slot] = []
                     self.marked.pop(slot, None)
                     batch = [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box]
+                    if self.lazy[slot]:
+                        batch[:0], self.lazy[slot] = self.lazy[slot], []
                     if self.ackable[slot] != self.acked[slot]:
                         self.acked[slot] = self.ackable[slot]
                         batch.append((link.ACK, self.acked[slot]))
@@ -145,20 +150,30 @@ class Broker(Service):
     def mark_ackable(self):
         """Once all that was routed is in the kernel, what the workers sent
         may be acknowledged: on the next batch to them, or on its own after
-        ACK_DELAY, so that acknowledging costs no extra frame under load."""
+        LAZY_DELAY, so that acknowledging costs no extra frame under load."""
         if self.deferred or any(ch.pending_bytes for ch in self.channels.values()):
             return
         self.ackable.update(self.received)
-        if self.ack_due is None and self.ackable != self.acked:
-            self.ack_due = time.monotonic() + ACK_DELAY
+        if self.ackable != self.acked:
+            self.lazy_soon()
 
-    def send_acks(self):
-        self.ack_due = None
+    def lazy_soon(self):
+        if self.lazy_due is None:
+            self.lazy_due = time.monotonic() + LAZY_DELAY
+
+    def send_lazy(self):
+        """What waited for a batch to ride on goes on its own."""
+        self.lazy_due = None
         for slot, n in self.ackable.items():
             if n != self.acked[slot]:
                 self.outboxes[slot].append((link.ACK, n))
                 self.acked[slot] = n
+            self.flush_lazy(slot)
         self.end_turn()
+
+    def flush_lazy(self, slot):
+        self.outboxes[slot].extend(self.lazy[slot])
+        self.lazy[slot] = []
 
     def on_batches(self, slot, batches):
         for batch in batches:
@@ -220,9 +235,17 @@ class Broker(Service):
         self.outboxes[slot].append((link.ANSWER, cid, data))
 
     def tell_all(self, event):
-        """An event for every worker (the directory's changes)."""
-        for box in self.outboxes.values():
-            box.append(event)
+        """A change of the directory for every worker. A new name waits for
+        the next batch to each (a worker that does not know it yet only
+        waits for the broker's answer to a DM), so a burst of logins does
+        not wake every worker; a departure goes now, after those."""
+        for slot in self.outboxes:
+            if event[0] == link.JOINED:
+                self.lazy[slot].append(event)
+                self.lazy_soon()
+            else:
+                self.flush_lazy(slot)
+                self.outboxes[slot].append(event)
 
     def box(self, slot):
         """``slot``'s outbox, after a FROM naming the batch being routed, so

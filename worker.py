@@ -324,8 +324,18 @@ class Worker(Service):
             else:
                 self.add_client(socket.socket(fileno=fd))
                 self.starved = False
-            if not self.handoff.poll():
+            if not self.handoff_waiting():
                 return
+
+    def handoff_waiting(self):
+        """Is another connection in the pipe? One peek, where
+        ``Connection.poll`` would build a selector every time."""
+        try:
+            return bool(self.notes.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True            # recv_handle will say what is wrong
 
     def acceptor_lost(self):
         self.log.debug("acceptor link lost; waiting for a new acceptor")
