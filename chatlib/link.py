@@ -35,7 +35,10 @@ Broker -> worker
                                 orders logins for ``WHO`` across broker restarts
     (JOINED, key) / (LEFT, key) the directory: who is logged in anywhere, so a
     (DIRECTORY, [key, ...])     worker can send a ``DM`` without waiting for an
-                                answer; the whole of it after a (re)start
+                                answer; the whole of it after a (re)start.
+                                JOINED rides on the next batch (a name not yet
+                                known only costs a DM a round trip); LEFT is
+                                sent at once, with the departure's INFO
     (FROM, slot, n)             the MSG and DELIVER events that follow come
                                 from worker ``slot``'s batch ``n``; slot None:
                                 from no batch (a dead worker's departures)
