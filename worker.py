@@ -25,13 +25,13 @@ import os
 import selectors
 import socket
 import time
-from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 
 from chatlib import link, protocol
 from chatlib.acceptor import EXHAUSTED, note_gone, note_open
 from chatlib.channel import Channel
+from chatlib.delivery import Inbound, Outbound
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,
                               Ping, Quit, Reply, Who, parse_line)
 from chatlib.service import Service
@@ -46,8 +46,6 @@ OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 HANDOFF_PAUSE = 0.1        # seconds to wait for descriptors before taking connections again
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
 FLOOD_GRACE = 10.0         # seconds a client may stay over --rate before ERR flood
-RESENT = (link.MSG, link.DM, link.BYE)   # a new broker gets them again if unacknowledged
-                                         # (awaited DMs go again as requests)
 COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
             "flood_cuts", "batches", "events")
 QUIT_REASON = "quit"
@@ -103,12 +101,9 @@ class Worker(Service):
                                    # replica the broker keeps up to date)
         self.dirty = set()         # clients with output queued this turn
         self.outbox = []           # events for the broker this turn
-        self.unacked = deque()     # (batch number, its MSG/DM/BYE events) until ACK
         self.resend = []           # what a new broker gets before this turn's events
-        # Batch numbers only grow, across restarts of this slot too, so that
-        # receivers can tell a resent batch from a new one.
-        self.batch_seq = time.time_ns()
-        self.seen = {}             # slot -> highest batch number routed to us from it
+        self.sent = Outbound()     # our batches, until the broker acknowledges them
+        self.routed = Inbound()    # which batches were routed to us already
         self.msg_run = []          # MSG lines not yet closed into an event
         self.local = []            # (sender, line) for this turn's local fan-out
         self.held = set()          # clients holding lines until the link drains
@@ -144,10 +139,7 @@ class Worker(Service):
         queued = {id(event) for event in self.outbox}
         requests = [c.request for c in self.clients.values()
                     if c.waiting and id(c.request) not in queued]
-        unacked = []
-        for seq, events in self.unacked:
-            unacked.append((link.SEQ, seq))
-            unacked.extend(events)
+        unacked = self.sent.replay()
         users = [(c.cid, c.name, c.login_stamp) for c in self.users.values()]
         departed = [e[1:] for e in unacked + self.outbox if e[0] == link.BYE and e[2] is not None]
         self.resend = [(link.SYNC, users, departed)] + requests + unacked
@@ -260,13 +252,9 @@ class Worker(Service):
         if self.msg_run:
             self.close_msg_run()
         if (self.outbox or self.resend) and self.link is not None:
-            self.batch_seq += 1
             events, self.outbox = self.outbox, []
             self.counters["events"] += len(events)
-            kept = [e for e in events if e[0] in RESENT and not (e[0] == link.DM and e[4])]
-            if kept:
-                self.unacked.append((self.batch_seq, kept))
-            batch, self.resend = self.resend + [(link.SEQ, self.batch_seq)] + events, []
+            batch, self.resend = self.resend + [self.sent.seal(events)] + events, []
             self.link.send(batch)   # may find the broker gone: attach_link resends
         if self.unsent_notes:
             self.send_notes()
@@ -520,10 +508,7 @@ class Worker(Service):
                     if not resent:
                         self.fan_out(event[1])
                 elif tag == link.FROM:
-                    _, slot, seq = event
-                    resent = slot is not None and seq <= self.seen.get(slot, 0)
-                    if slot is not None and not resent:
-                        self.seen[slot] = seq
+                    resent = not self.routed.is_new(event[1], event[2])
                 elif tag == link.DELIVER:
                     if resent:
                         continue
@@ -538,8 +523,7 @@ class Worker(Service):
                             self.send(c, event[2])
                         self.answered(c)
                 elif tag == link.ACK:
-                    while self.unacked and self.unacked[0][0] <= event[1]:
-                        self.unacked.popleft()
+                    self.sent.acknowledged(event[1])
                 elif tag == link.JOINED:
                     self.directory.add(event[1])
                 elif tag == link.LEFT:
