@@ -64,9 +64,12 @@ class WorkerPipe:
 class Acceptor(Service):
     role = "acceptor"
 
-    def __init__(self, config, ctrl, listener):
+    def __init__(self, config, ctrl, listener, expected=0):
         super().__init__(config, ctrl)
         self.listener = listener
+        # Wait for the workers running when we were started, so that the
+        # first burst of connections is spread over all of them.
+        self.awaited = expected
         self.workers = {}                   # slot -> WorkerPipe
         self.per_ip = Counter()             # address -> open connections
         self.backoff = 0.0
@@ -136,7 +139,9 @@ class Acceptor(Service):
     def update_listening(self):
         """Accept only with a worker to give sockets to and no back-off running;
         meanwhile connection attempts wait in the kernel's backlog."""
-        want = bool(self.workers) and time.monotonic() >= self.resume_at
+        if len(self.workers) >= self.awaited:
+            self.awaited = 0
+        want = bool(self.workers) and not self.awaited and time.monotonic() >= self.resume_at
         if want != self.listening:
             if want:
                 self.sel.register(self.listener, EVENT_READ, self.on_accept)

@@ -227,7 +227,7 @@ class Supervisor:
             self.connect(slot, "broker")
 
     def start_acceptor(self):
-        self.spawn(Acceptor, None, self.listener)
+        self.spawn(Acceptor, None, self.listener, len(self.worker_slots()))
         for slot in self.worker_slots():
             self.connect(slot, "acceptor")
 
