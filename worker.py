@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 
 from chatlib import link, protocol
-from chatlib.acceptor import EXHAUSTED, note_gone, note_open
+from chatlib.acceptor import EXHAUSTED, note_gone, note_lost, note_open
 from chatlib.channel import Channel
 from chatlib.delivery import Inbound, Outbound
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,
@@ -90,6 +90,7 @@ class Worker(Service):
         super().__init__(config, ctrl, slot)
         self.handoff = None        # Connection from the acceptor (an order brings it)
         self.notes = None          # the same pipe, for telling the acceptor who left
+        self.handoffs = 0          # connections received on it, lost ones too
         self.unsent_notes = b""    # what it could not take yet
         self.handoffs_resume = 0.0  # while out of descriptors: when to look again
         self.starved = False       # out of descriptors, and said so in the log
@@ -161,6 +162,7 @@ class Worker(Service):
             self.detach_handoff()
             self.handoff = Connection(recv_handle(self.ctrl))
             self.notes = socket.socket(fileno=os.dup(self.handoff.fileno()))
+            self.handoffs = 0
             self.sel.register(self.handoff.fileno(), READ, self.on_handoff)
             # A new acceptor learns which connections we hold.
             self.unsent_notes = b"".join(note_open(c.ip) for c in self.clients.values())
@@ -293,7 +295,8 @@ class Worker(Service):
                 # Out of descriptors: the kernel dropped the socket in transit
                 # (the client sees it closed). Tell the acceptor it is gone.
                 self.log.warning("could not receive a connection: out of file descriptors")
-                self.unsent_notes += note_gone("?")
+                self.unsent_notes += note_lost(self.handoffs)
+                self.handoffs += 1
             except OSError as exc:
                 if exc.errno not in EXHAUSTED:
                     self.acceptor_lost()
@@ -311,6 +314,7 @@ class Worker(Service):
                 return
             else:
                 self.add_client(socket.socket(fileno=fd))
+                self.handoffs += 1
                 self.starved = False
             if not self.handoff_waiting():
                 return

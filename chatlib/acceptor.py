@@ -22,7 +22,7 @@ import errno
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from selectors import EVENT_READ
@@ -34,6 +34,7 @@ ACCEPTS_PER_TURN = 256
 # accept() errors that mean "out of descriptors or memory": back off, retry.
 EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
+RECENT_HANDOFFS = 4096      # addresses kept to match a worker's "lost" note
 
 
 def note_open(ip):
@@ -42,6 +43,11 @@ def note_open(ip):
 
 def note_gone(ip):
     return b"-%s\n" % ip.encode()
+
+
+def note_lost(index):
+    """The worker could not receive hand-off number ``index`` on this pipe."""
+    return b"!%d\n" % index
 
 
 class WorkerPipe:
@@ -55,6 +61,13 @@ class WorkerPipe:
         self.partial = b""
         self.ips = Counter()        # address -> connections this worker holds
         self.load = 0               # connections this worker holds
+        self.handed = 0             # connections handed over on this pipe
+        self.recent = deque(maxlen=RECENT_HANDOFFS)   # their addresses, the last ones
+
+    def address_of(self, index):
+        """The address of hand-off number ``index``, if it is recent enough."""
+        offset = index - (self.handed - len(self.recent))
+        return self.recent[offset] if 0 <= offset < len(self.recent) else None
 
     def close(self):
         self.sock.close()
@@ -122,6 +135,10 @@ class Acceptor(Service):
         pipe.partial = lines.pop()
         for line in lines:
             ip = line[1:].decode()
+            if line[:1] == b"!":            # lost in the hand-off: as if closed
+                ip = pipe.address_of(int(ip))
+                if ip is None:
+                    continue
             if line[:1] == b"+":
                 pipe.load += 1
                 pipe.ips[ip] += 1
@@ -217,6 +234,8 @@ class Acceptor(Service):
             pipe.load += 1
             pipe.ips[ip] += 1
             self.per_ip[ip] += 1
+            pipe.handed += 1
+            pipe.recent.append(ip)
             return
 
     def refuse(self, sock, line, reason, ip):
