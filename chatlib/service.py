@@ -54,6 +54,9 @@ class Service:
         # alone decides how to stop, and tells us over the control pipe.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Under fork we inherited the supervisor's wake-up socket: a signal
+        # here must not wake the supervisor.
+        signal.set_wakeup_fd(-1)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.ctrl.fileno(), selectors.EVENT_READ, self._on_control)
         parent = multiprocessing.parent_process()
