@@ -24,7 +24,7 @@ import socket
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
-RECV_SIZE = 1 << 20
+RECV_SIZE = 1 << 18          # bytes read at once; a bigger frame grows the buffer
 _HEADER = 4
 _DUMP = pickle.HIGHEST_PROTOCOL
 
@@ -47,7 +47,8 @@ class Channel:
         self.limit = limit
         self.pending = []             # frames (header, body) not yet written
         self.pending_bytes = 0
-        self.partial = b""            # the start of a frame not yet complete
+        self.inbox = bytearray(RECV_SIZE)   # what was read, from a frame's start
+        self.filled = 0               # bytes of it in use
         self.closed = False
         self.reading = True
         self.frames_out = 0           # counters for statistics
@@ -126,28 +127,38 @@ class Channel:
         self.events = events
 
     def _read(self):
+        """Read into one buffer kept for the channel's life, and unpickle
+        every complete frame in it. (A fresh ``recv`` of a large size would
+        cost an mmap, an mremap and a munmap per read.)"""
+        inbox, filled = self.inbox, self.filled
         try:
-            data = self.sock.recv(RECV_SIZE)
+            with memoryview(inbox) as free:
+                got = self.sock.recv_into(free[filled:])
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            got = 0
+        if not got:
             self._lost()
             return
-        if self.partial:
-            data = self.partial + data
-        view = memoryview(data)
+        end = filled + got
         batches = []
-        pos, end = 0, len(data)
-        while end - pos >= _HEADER:
-            size = int.from_bytes(view[pos:pos + _HEADER], "big")
-            if end - pos - _HEADER < size:
-                break
-            pos += _HEADER
-            batches.append(pickle.loads(view[pos:pos + size]))
-            pos += size
-        self.partial = data[pos:] if pos < end else b""
+        pos = 0
+        with memoryview(inbox) as view:
+            while end - pos >= _HEADER:
+                size = int.from_bytes(view[pos:pos + _HEADER], "big")
+                if end - pos - _HEADER < size:
+                    break
+                pos += _HEADER
+                batches.append(pickle.loads(view[pos:pos + size]))
+                pos += size
+        self.filled = end - pos
+        if pos and self.filled:
+            inbox[:self.filled] = inbox[pos:end]       # the start of the next frame
+        if self.filled >= _HEADER:
+            need = _HEADER + int.from_bytes(inbox[:_HEADER], "big")
+            if need > len(inbox):                      # a frame bigger than the buffer
+                inbox.extend(bytes(need - len(inbox)))
         if batches:
             self.on_batches(batches)
 
