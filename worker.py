@@ -91,6 +91,7 @@ class Worker(Service):
         self.handoff = None        # Connection from the acceptor (an order brings it)
         self.notes = None          # the same pipe, for telling the acceptor who left
         self.handoffs = 0          # connections received on it, lost ones too
+        self.client_family = None  # the listening socket's address family
         self.unsent_notes = b""    # what it could not take yet
         self.handoffs_resume = 0.0  # while out of descriptors: when to look again
         self.starved = False       # out of descriptors, and said so in the log
@@ -313,7 +314,7 @@ class Worker(Service):
                 self.acceptor_lost()
                 return
             else:
-                self.add_client(socket.socket(fileno=fd))
+                self.add_client(self.adopt(fd))
                 self.handoffs += 1
                 self.starved = False
             if not self.handoff_waiting():
@@ -332,6 +333,16 @@ class Worker(Service):
     def acceptor_lost(self):
         self.log.debug("acceptor link lost; waiting for a new acceptor")
         self.detach_handoff()
+
+    def adopt(self, fd):
+        """A socket object for a received descriptor. All come from the one
+        listening socket: learn their family once, and spare the three
+        system calls ``socket()`` makes to find it out for each."""
+        if self.client_family is None:
+            sock = socket.socket(fileno=fd)
+            self.client_family = sock.family
+            return sock
+        return socket.socket(self.client_family, socket.SOCK_STREAM, 0, fileno=fd)
 
     def add_client(self, sock):
         sock.setblocking(False)
