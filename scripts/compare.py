@@ -18,6 +18,7 @@ The load generator and the references live outside the product, in
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -33,10 +34,17 @@ FIGURES = ("deliveries_per_s", "delivery_ratio", "lat_p50_ms", "lat_p99_ms",
 
 
 def free_port():
-    """A port outside the ephemeral range is safer, but any free one will do."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range: a server port inside it can be
+    taken as a source port by one of thousands of client connections."""
+    for _ in range(100):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def wait_listening(port, proc, timeout=30):
