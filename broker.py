@@ -10,6 +10,11 @@ line: a worker sends ready-made ``MSG`` lines as one blob per batch and the
 broker passes each blob to every other worker, joined with whatever else that
 worker gets this turn, as one batch. So its cost is per batch, not per message
 and never per recipient: it is the design's serial ceiling, kept thin.
+
+It also keeps the promise that nothing accepted is lost or doubled when it
+dies (``chatlib.delivery``): it acknowledges a worker's batches only once all
+it routed is in the kernel, and names the origin batch before the lines it
+routes, so that workers can drop what a predecessor had routed already.
 """
 
 import sys
