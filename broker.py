@@ -42,9 +42,9 @@ class Broker(Service):
         super().__init__(config, ctrl)
         self.channels = {}              # slot -> Channel
         self.outboxes = {}              # slot -> events for that worker this turn
-        self.received = {}              # slot -> batches taken from it on this link
-        self.ackable = {}               # slot -> how many of those are safely routed
-        self.acked = {}                 # slot -> how many of those it has been told of
+        self.received = {}              # slot -> number of the last batch taken from it
+        self.ackable = {}               # slot -> the last one safely routed (in the kernel)
+        self.acked = {}                 # slot -> the last one it has been told of
         self.lazy = {}                  # slot -> new names, sent with its next batch
         self.lazy_due = None            # when acknowledgements and new names go
                                         # without a batch
@@ -244,13 +244,14 @@ class Broker(Service):
         the next batch to each (a worker that does not know it yet only
         waits for the broker's answer to a DM), so a burst of logins does
         not wake every worker; a departure goes now, after those."""
+        if event[0] == link.JOINED:
+            for waiting in self.lazy.values():
+                waiting.append(event)
+            self.lazy_soon()
+            return
         for slot in self.outboxes:
-            if event[0] == link.JOINED:
-                self.lazy[slot].append(event)
-                self.lazy_soon()
-            else:
-                self.flush_lazy(slot)
-                self.outboxes[slot].append(event)
+            self.flush_lazy(slot)
+            self.outboxes[slot].append(event)
 
     def box(self, slot):
         """``slot``'s outbox, after a FROM naming the batch being routed, so

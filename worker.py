@@ -516,16 +516,16 @@ class Worker(Service):
 
     def on_batches(self, batches):
         for batch in batches:
-            resent = False         # the lines that follow were routed to us before
+            seen_before = False    # the lines that follow were routed to us already
             for event in batch:
                 tag = event[0]
                 if tag == link.MSG:
-                    if not resent:
+                    if not seen_before:
                         self.fan_out(event[1])
                 elif tag == link.FROM:
-                    resent = not self.routed.is_new(event[1], event[2])
+                    seen_before = not self.routed.is_new(event[1], event[2])
                 elif tag == link.DELIVER:
-                    if resent:
+                    if seen_before:
                         continue
                     c = self.users.get(event[1])
                     if c is not None:
