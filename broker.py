@@ -21,7 +21,6 @@ import sys
 import time
 from functools import partial
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle
 
 from chatlib import link, protocol
 from chatlib.channel import Channel
@@ -38,8 +37,8 @@ class _Run(list):
 class Broker(Service):
     role = "broker"
 
-    def __init__(self, config, ctrl, expected=()):
-        super().__init__(config, ctrl)
+    def __init__(self, config, pipes, expected=()):
+        super().__init__(config, pipes)
         self.channels = {}              # slot -> Channel
         self.outboxes = {}              # slot -> events for that worker this turn
         self.received = {}              # slot -> number of the last batch taken from it
@@ -96,7 +95,7 @@ class Broker(Service):
 
     def on_order(self, order):
         if order[0] == "attach":
-            self.attach(order[1], Connection(recv_handle(self.ctrl)))
+            self.attach(order[1], Connection(self.received_fd()))
         elif order[0] == "detach":
             self.detach(order[1])
         else:

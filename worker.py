@@ -1,6 +1,6 @@
 """The worker: one event loop running many client connections.
 
-A worker receives accepted sockets from the acceptor (``recv_handle``), reads
+A worker receives accepted sockets from the acceptor (``recvfds``), reads
 lines, answers what it can alone (``PING``, syntax errors) and asks the broker
 for the rest over one batched :class:`~chatlib.channel.Channel`.
 
@@ -21,15 +21,14 @@ worker holds at most one read's worth of unprocessed input per client.
 """
 
 import heapq
-import os
 import selectors
 import socket
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle
+from multiprocessing.reduction import recvfds
 
 from chatlib import link, protocol
-from chatlib.acceptor import EXHAUSTED, note_gone, note_lost, note_open
+from chatlib.acceptor import note_gone, note_lost, note_open
 from chatlib.channel import Channel
 from chatlib.delivery import Inbound, Outbound
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,
@@ -43,7 +42,6 @@ IOV_MAX = 512              # buffers per sendmsg; POSIX guarantees 16, Linux/mac
 HANDOFFS_PER_TURN = 256    # new sockets taken per turn, so clients are not starved
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
-HANDOFF_PAUSE = 0.1        # seconds to wait for descriptors before taking connections again
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
 FLOOD_GRACE = 10.0         # seconds a client may stay over --rate before ERR flood
 COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
@@ -86,14 +84,13 @@ class Client:
 class Worker(Service):
     role = "worker"
 
-    def __init__(self, config, ctrl, slot):
-        super().__init__(config, ctrl, slot)
-        self.handoff = None        # Connection from the acceptor (an order brings it)
-        self.notes = None          # the same pipe, for telling the acceptor who left
+    def __init__(self, config, pipes, slot):
+        super().__init__(config, pipes, slot)
+        self.handoff = None        # socket: connections from the acceptor (an order brings it)
+        self.notes = None          # socket: notes to the acceptor, who left (see chatlib.acceptor)
         self.handoffs = 0          # connections received on it, lost ones too
         self.client_family = None  # the listening socket's address family
         self.unsent_notes = b""    # what it could not take yet
-        self.handoffs_resume = 0.0  # while out of descriptors: when to look again
         self.starved = False       # out of descriptors, and said so in the log
         self.link = None           # Channel to the broker (an order brings it)
         self.clients = {}          # cid -> Client
@@ -158,13 +155,14 @@ class Worker(Service):
 
     def on_order(self, order):
         if order[0] == "link":            # a broker: here is our end
-            self.attach_link(Connection(recv_handle(self.ctrl)))
-        elif order[0] == "handoff":       # an acceptor: here is our end
+            self.attach_link(Connection(self.received_fd()))
+        elif order[0] == "handoff":       # an acceptor: here are our ends
             self.detach_handoff()
-            self.handoff = Connection(recv_handle(self.ctrl))
-            self.notes = socket.socket(fileno=os.dup(self.handoff.fileno()))
+            self.handoff = socket.socket(fileno=self.received_fd())
+            self.handoff.setblocking(False)
+            self.notes = socket.socket(fileno=self.received_fd())
             self.handoffs = 0
-            self.sel.register(self.handoff.fileno(), READ, self.on_handoff)
+            self.sel.register(self.handoff, READ, self.on_handoff)
             # A new acceptor learns which connections we hold.
             self.unsent_notes = b"".join(note_open(c.ip) for c in self.clients.values())
         else:
@@ -172,10 +170,7 @@ class Worker(Service):
 
     def detach_handoff(self):
         if self.handoff is not None:
-            if self.handoffs_resume:
-                self.handoffs_resume = 0.0
-            else:
-                self.sel.unregister(self.handoff.fileno())
+            self.sel.unregister(self.handoff)
             self.handoff.close()
             self.notes.close()
             self.handoff = self.notes = None
@@ -192,8 +187,6 @@ class Worker(Service):
         if self.held:
             return PAUSED_POLL
         until = min(self.next_sweep, self.throttled[0][0]) if self.throttled else self.next_sweep
-        if self.handoffs_resume:
-            until = min(until, self.handoffs_resume)
         return max(0.0, min(self.heartbeat_interval, until - time.monotonic()))
 
     def stop(self):
@@ -224,9 +217,6 @@ class Worker(Service):
 
     def tick(self, now):
         self.now = now
-        if self.handoffs_resume and now >= self.handoffs_resume:
-            self.handoffs_resume = 0.0
-            self.sel.register(self.handoff.fileno(), READ, self.on_handoff)
         if self.held and not self.congested():
             waiting, self.held = self.held, set()
             for c in waiting:
@@ -289,46 +279,28 @@ class Worker(Service):
     # -- new connections ------------------------------------------------------
 
     def on_handoff(self, mask=None):
+        """Take the connections waiting in the hand-off pipe (a bounded number
+        per turn, so that the clients already here are not starved)."""
         for _ in range(HANDOFFS_PER_TURN):
             try:
-                fd = recv_handle(self.handoff)
+                fd = recvfds(self.handoff, 1)[0]
+            except (BlockingIOError, InterruptedError):
+                return
             except RuntimeError:
                 # Out of descriptors: the kernel dropped the socket in transit
                 # (the client sees it closed). Tell the acceptor it is gone.
-                self.log.warning("could not receive a connection: out of file descriptors")
+                if not self.starved:
+                    self.log.warning("could not receive a connection: out of file descriptors")
+                    self.starved = True
                 self.unsent_notes += note_lost(self.handoffs)
                 self.handoffs += 1
-            except OSError as exc:
-                if exc.errno not in EXHAUSTED:
-                    self.acceptor_lost()
-                    return
-                # No descriptor even to look at the pipe: the connection
-                # waits in it while we pause taking any (logged once).
-                if not self.starved:
-                    self.log.warning("cannot take connections (%s); pausing", exc.strerror)
-                    self.starved = True
-                self.sel.unregister(self.handoff.fileno())
-                self.handoffs_resume = self.now + HANDOFF_PAUSE
-                return
-            except EOFError:
+            except (EOFError, OSError):
                 self.acceptor_lost()
                 return
             else:
                 self.add_client(self.adopt(fd))
                 self.handoffs += 1
                 self.starved = False
-            if not self.handoff_waiting():
-                return
-
-    def handoff_waiting(self):
-        """Is another connection in the pipe? One peek, where
-        ``Connection.poll`` would build a selector every time."""
-        try:
-            return bool(self.notes.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True            # recv_handle will say what is wrong
 
     def acceptor_lost(self):
         self.log.debug("acceptor link lost; waiting for a new acceptor")

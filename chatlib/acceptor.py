@@ -2,14 +2,17 @@
 
 The listening socket is created by the supervisor and outlives any acceptor,
 so connection attempts wait in the kernel's backlog while an acceptor is
-replaced. Each accepted socket goes to a worker with
-``multiprocessing.reduction.send_handle`` over that worker's pipe, and the
-acceptor then closes its own copy (otherwise the TCP connection would outlive
-the worker's close).
+replaced. Each accepted socket goes to a worker over that worker's hand-off
+pipe with ``multiprocessing.reduction.sendfds`` (what ``send_handle`` does,
+on a socket kept for the pipe's life instead of one dup'ed, wrapped and
+closed for every connection), and the acceptor then closes its own copy
+(otherwise the TCP connection would outlive the worker's close).
 
-The same pipe carries *notes* back, one line per connection: ``-IP`` when a
+A second pipe carries *notes* back, one line per connection: ``-IP`` when a
 worker closed a connection from IP, ``+IP`` for each connection it holds when
-it first meets a new acceptor. From them the acceptor knows, exactly, how many
+it first meets a new acceptor, ``!N`` when it lost hand-off number N. (They
+cannot share the hand-off pipe: on macOS each descriptor sent is acknowledged
+by a byte on it, which a note would be taken for.) From them the acceptor knows, exactly, how many
 connections each worker holds and each address has open, which gives:
 
 * least-loaded spreading: stays even under churn and fills a restarted worker
@@ -19,12 +22,10 @@ connections each worker holds and each address has open, which gives:
 """
 
 import errno
-import os
 import socket
 import time
 from collections import Counter, deque
-from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle, send_handle
+from multiprocessing.reduction import sendfds
 from selectors import EVENT_READ
 
 from chatlib import protocol
@@ -51,13 +52,11 @@ def note_lost(index):
 
 
 class WorkerPipe:
-    """The acceptor's end of one worker's pipe, and what it knows of that worker."""
+    """The acceptor's ends of one worker's pipes, and what it knows of that worker."""
 
-    def __init__(self, conn):
-        self.conn = conn
-        # For the notes: a descriptor of its own, so that whichever of the
-        # two objects the interpreter collects first closes only its own.
-        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+    def __init__(self, handoff, notes):
+        self.handoff = handoff      # socket: connections go this way...
+        self.notes = notes          # socket: ...and notes come back this way
         self.partial = b""
         self.ips = Counter()        # address -> connections this worker holds
         self.load = 0               # connections this worker holds
@@ -70,15 +69,15 @@ class WorkerPipe:
         return self.recent[offset] if 0 <= offset < len(self.recent) else None
 
     def close(self):
-        self.sock.close()
-        self.conn.close()
+        self.handoff.close()
+        self.notes.close()
 
 
 class Acceptor(Service):
     role = "acceptor"
 
-    def __init__(self, config, ctrl, listener, expected=0):
-        super().__init__(config, ctrl)
+    def __init__(self, config, pipes, listener, expected=0):
+        super().__init__(config, pipes)
         self.listener = listener
         # Wait for the workers running when we were started, so that the
         # first burst of connections is spread over all of them.
@@ -101,9 +100,10 @@ class Acceptor(Service):
         if order[0] == "attach":            # a (new) worker in this slot
             slot = order[1]
             self.detach(slot)
-            pipe = WorkerPipe(Connection(recv_handle(self.ctrl)))
+            handoff = socket.socket(fileno=self.received_fd())
+            pipe = WorkerPipe(handoff, socket.socket(fileno=self.received_fd()))
             self.workers[slot] = pipe
-            self.sel.register(pipe.sock, EVENT_READ, lambda mask: self.on_notes(slot, pipe))
+            self.sel.register(pipe.notes, EVENT_READ, lambda mask: self.on_notes(slot, pipe))
             self.update_listening()
         elif order[0] == "detach":
             self.detach(order[1])
@@ -114,7 +114,7 @@ class Acceptor(Service):
         """Worker ``slot`` is gone, and so are its connections."""
         pipe = self.workers.pop(slot, None)
         if pipe is not None:
-            self.sel.unregister(pipe.sock)
+            self.sel.unregister(pipe.notes)
             self.per_ip -= pipe.ips
             pipe.close()
         self.update_listening()
@@ -123,7 +123,7 @@ class Acceptor(Service):
         if self.workers.get(slot) is not pipe:
             return                          # detached earlier in this turn
         try:
-            data = pipe.sock.recv(65536, socket.MSG_DONTWAIT)
+            data = pipe.notes.recv(65536, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -223,9 +223,9 @@ class Acceptor(Service):
             slot = min(self.workers, key=lambda k: self.workers[k].load)
             pipe = self.workers[slot]
             try:
-                send_handle(pipe.conn, sock.fileno(), None)
-            except OSError as exc:
-                if exc.errno in EXHAUSTED:     # no descriptor to dup the pipe with
+                sendfds(pipe.handoff, [sock.fileno()])
+            except (OSError, RuntimeError) as exc:   # RuntimeError: macOS had no acknowledgement
+                if getattr(exc, "errno", None) in EXHAUSTED:   # the kernel is short of memory
                     self.back_off(exc)
                     return
                 self.log.warning("worker-%d unreachable (%s)", slot, exc)

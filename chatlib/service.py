@@ -5,10 +5,14 @@ one picklable entry point, so it works under ``fork``, ``spawn`` and
 ``forkserver`` alike: everything a child needs arrives as arguments.
 
 Each child runs one selector loop that also watches two things besides its
-own work: its control pipe to the supervisor (orders in, heartbeats out) and
-the supervisor's sentinel (``parent_process().sentinel``), which becomes
+own work: its pipe of orders from the supervisor and the supervisor's sentinel (``parent_process().sentinel``), which becomes
 readable when the supervisor dies, even under ``forkserver`` where the child
 is not the supervisor's own child. So a child never outlives the server.
+
+Orders and reports (ready, heartbeats) travel on two pipes, one each way,
+because some orders carry a descriptor: ``multiprocessing.reduction`` sends
+it on the orders pipe and, on macOS, waits for a byte of acknowledgement
+coming back on that same pipe, where any other traffic would be misread.
 """
 
 import logging
@@ -18,6 +22,8 @@ import selectors
 import signal
 import sys
 import time
+
+from multiprocessing.reduction import recv_handle
 
 from chatlib import logs
 
@@ -31,9 +37,9 @@ class Service:
 
     role = "service"
 
-    def __init__(self, config, ctrl, slot=None):
+    def __init__(self, config, pipes, slot=None):
         self.config = config
-        self.ctrl = ctrl
+        self.orders, self.reports = pipes     # from / to the supervisor
         self.slot = slot
         self.name = self.role if slot is None else "%s-%d" % (self.role, slot)
         self.running = True
@@ -58,12 +64,12 @@ class Service:
         # here must not wake the supervisor.
         signal.set_wakeup_fd(-1)
         self.sel = selectors.DefaultSelector()
-        self.sel.register(self.ctrl.fileno(), selectors.EVENT_READ, self._on_control)
+        self.sel.register(self.orders.fileno(), selectors.EVENT_READ, self._on_control)
         parent = multiprocessing.parent_process()
         if parent is not None:
             self.sel.register(parent.sentinel, selectors.EVENT_READ, self._on_parent_gone)
         self.start()
-        self.ctrl.send(("ready",))
+        self.reports.send(("ready",))
         try:
             while self.running:
                 self.on_events(self.sel.select(self.poll_timeout()))
@@ -79,7 +85,7 @@ class Service:
 
     def _on_control(self, mask=None):
         try:
-            order = self.ctrl.recv()
+            order = self.orders.recv()
         except (EOFError, OSError):
             self._on_parent_gone()
             return
@@ -97,9 +103,13 @@ class Service:
 
     def _send_control(self, message):
         try:
-            self.ctrl.send(message)
+            self.reports.send(message)
         except OSError:
             self._on_parent_gone()
+
+    def received_fd(self):
+        """The descriptor the supervisor sends right after an order that needs one."""
+        return recv_handle(self.orders)
 
     # -- hooks ----------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Modelled on gunicorn's arbiter: signal handlers only record the signal; the
 main loop acts on it. The loop sleeps in one ``multiprocessing.connection.wait``
-over every child's sentinel (a death), every child's control pipe (ready,
+over every child's sentinel (a death), every child's reports pipe (ready,
 heartbeats) and the signal wake-up socket.
 
 What it owns:
@@ -10,7 +10,7 @@ What it owns:
 * the listening socket, so that it survives the acceptor, and connection
   attempts wait in the backlog while an acceptor is replaced;
 * every pipe between children: it creates them, hands each end to its process
-  (as a start argument, or later with ``send_handle`` over the control pipe),
+  (as a start argument, or later with ``send_handle`` over its orders pipe),
   and closes its own copies;
 
 When a child dies (or misses heartbeats and is killed) it is replaced, and
@@ -52,11 +52,12 @@ LOOP_TIMEOUT = 0.25
 class Child:
     """One running process and what the supervisor knows about it."""
 
-    def __init__(self, role, slot, process, ctrl):
+    def __init__(self, role, slot, process, orders, reports):
         self.role = role
         self.slot = slot
         self.process = process
-        self.ctrl = ctrl
+        self.orders = orders          # our end: orders, and descriptors, to it
+        self.reports = reports        # our end: ready and heartbeats, from it
         self.started = time.monotonic()
         self.last_heartbeat = self.started
         self.ready = False
@@ -66,12 +67,12 @@ class Child:
     def name(self):
         return self.role if self.slot is None else "%s-%d" % (self.role, self.slot)
 
-    def order(self, *message, handle=None):
-        """Send an order, and with ``handle`` a descriptor for the child to adopt."""
+    def order(self, *message, handles=()):
+        """Send an order, then the descriptors of ``handles`` for the child to adopt."""
         try:
-            self.ctrl.send(message)
-            if handle is not None:
-                send_handle(self.ctrl, handle.fileno(), self.process.pid)
+            self.orders.send(message)
+            for handle in handles:
+                send_handle(self.orders, handle.fileno(), self.process.pid)
         except OSError:
             pass              # it is dying; its sentinel will tell us
 
@@ -189,18 +190,21 @@ class Supervisor:
     # -- starting -------------------------------------------------------------
 
     def spawn(self, cls, slot, *args):
-        parent_end, child_end = self.ctx.Pipe()
+        orders, their_orders = self.ctx.Pipe()       # a socket pair: can carry descriptors
+        reports, their_reports = self.ctx.Pipe(duplex=False)
+        pipes = (their_orders, their_reports)
         role = cls.role
         name = role if slot is None else "%s-%d" % (role, slot)
         if slot is None:
-            target_args = (cls, self.config, child_end) + args
+            target_args = (cls, self.config, pipes) + args
         else:
-            target_args = (cls, self.config, child_end, slot) + args
+            target_args = (cls, self.config, pipes, slot) + args
         process = self.ctx.Process(target=run_service, args=target_args, name=name)
         with operator_signals_deferred(self.ctx.get_start_method()):
             process.start()
-        child_end.close()
-        child = Child(role, slot, process, parent_end)
+        their_orders.close()
+        their_reports.close()
+        child = Child(role, slot, process, orders, reports)
         self.children[(role, slot)] = child
         log.info("started %s (pid %d)", name, process.pid)
         return child
@@ -235,16 +239,19 @@ class Supervisor:
         return sorted(slot for role, slot in self.children if role == "worker")
 
     def connect(self, slot, role):
-        """A new pipe between worker ``slot`` and the broker or the acceptor."""
+        """New pipes between worker ``slot`` and the broker (the link) or the
+        acceptor (hand-offs one way, notes the other: see chatlib.acceptor)."""
         peer = self.children.get((role, None))
         worker = self.children.get(("worker", slot))
         if peer is None or worker is None:
             return
-        peer_end, worker_end = self.ctx.Pipe()
-        peer.order("attach", slot, handle=peer_end)
-        worker.order("link" if role == "broker" else "handoff", handle=worker_end)
-        peer_end.close()
-        worker_end.close()
+        pipes = [self.ctx.Pipe() for _ in range(1 if role == "broker" else 2)]
+        peer.order("attach", slot, handles=[peer_end for peer_end, _ in pipes])
+        worker.order("link" if role == "broker" else "handoff",
+                     handles=[worker_end for _, worker_end in pipes])
+        for ends in pipes:
+            for end in ends:
+                end.close()
 
     def disconnect(self, slot):
         """Worker ``slot`` is gone: the broker and the acceptor forget it."""
@@ -279,22 +286,22 @@ class Supervisor:
                 self.log_stats()
 
     def poll(self, timeout):
-        by_ctrl = {c.ctrl: c for c in self.children.values()}
+        by_reports = {c.reports: c for c in self.children.values()}
         by_sentinel = {c.process.sentinel: c for c in self.children.values()}
-        for obj in wait(list(by_ctrl) + list(by_sentinel) + [self.wake], timeout):
+        for obj in wait(list(by_reports) + list(by_sentinel) + [self.wake], timeout):
             if obj is self.wake:
                 try:
                     self.wake.recv(512)
                 except OSError:
                     pass
-            elif obj in by_ctrl:
-                self.on_message(by_ctrl[obj])
+            elif obj in by_reports:
+                self.on_message(by_reports[obj])
             else:
                 self.on_death(by_sentinel[obj])
 
     def on_message(self, child):
         try:
-            message = child.ctrl.recv()
+            message = child.reports.recv()
         except (EOFError, OSError):
             return                    # it died; the sentinel says so
         child.last_heartbeat = time.monotonic()
@@ -344,14 +351,15 @@ class Supervisor:
         key = (child.role, child.slot)
         if self.children.get(key) is not child:
             return
-        # Its control pipe can close a moment before the process is reaped:
+        # Its reports pipe can close a moment before the process is reaped:
         # wait for the exit status, and make sure of it if it does not come.
         child.process.join(0.5)
         if child.process.exitcode is None:
             child.process.kill()
             child.process.join()
         del self.children[key]
-        child.ctrl.close()
+        child.orders.close()
+        child.reports.close()
         code = child.process.exitcode
         how = "killed by %s" % signal.Signals(-code).name if code and code < 0 \
             else "exited with status %s" % code

@@ -118,6 +118,20 @@ class Server:
     def pids(self):
         return session_pids(self.proc.pid)
 
+    def roles(self):
+        """Process title -> pid, for every process of this server."""
+        return {process_role(pid): pid for pid in self.pids()}
+
+    def replacement(self, role, old_pid, within):
+        """The pid of the new process titled ``role``, once it is running."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            pid = self.roles().get(role)
+            if pid is not None and pid != old_pid:
+                return pid
+            time.sleep(0.02)
+        raise AssertionError("no new %s within %.1f s:\n%s" % (role, within, self.log()))
+
     def stop(self, signum=signal.SIGTERM, timeout=10):
         """Signal the main process; return its exit status."""
         self.proc.send_signal(signum)

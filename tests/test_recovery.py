@@ -2,28 +2,14 @@
 
 import os
 import signal
-import time
 import unittest
 
-from support import Server, TestCase, process_role
+from support import Server, TestCase
 
 RECOVERY_TIME = 1.0      # seconds within which a replacement must be running
 
 
 class Recovery(TestCase):
-
-    def roles(self, server):
-        return {process_role(pid): pid for pid in server.pids()}
-
-    def wait_for_replacement(self, server, role, old_pid, within=RECOVERY_TIME):
-        """The pid of the new process titled ``role``, once it is running."""
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            pid = self.roles(server).get(role)
-            if pid is not None and pid != old_pid:
-                return pid
-            time.sleep(0.02)
-        self.fail("no new %s within %.1f s:\n%s" % (role, within, server.log()))
 
     def logged_in(self, server, n):
         return [self.client(server, "user%d" % i) for i in range(n)]
@@ -57,9 +43,9 @@ class Recovery(TestCase):
     def test_worker_death(self):
         s = self.server(workers=2)
         clients = self.logged_in(s, 6)
-        old = self.roles(s)["chat-worker-0"]
+        old = s.roles()["chat-worker-0"]
         os.kill(old, signal.SIGKILL)
-        self.wait_for_replacement(s, "chat-worker-0", old)
+        s.replacement("chat-worker-0", old, RECOVERY_TIME)
         lost, alive = self.split_by_survival(clients)
         self.assertEqual(len(lost), 3, "least-loaded hand-off puts 3 of 6 on each worker")
         self.assert_told_once(lost, alive)
@@ -73,9 +59,9 @@ class Recovery(TestCase):
     def test_broker_death(self):
         s = self.server(workers=2)
         clients = self.logged_in(s, 4)
-        old = self.roles(s)["chat-broker"]
+        old = s.roles()["chat-broker"]
         os.kill(old, signal.SIGKILL)
-        self.wait_for_replacement(s, "chat-broker", old)
+        s.replacement("chat-broker", old, RECOVERY_TIME)
         # Connections survive; the new broker knows every user again.
         c0, c1, c2, c3 = clients
         c0.send("WHO")
@@ -95,7 +81,7 @@ class Recovery(TestCase):
         s = self.server(workers=1)
         a = self.client(s, "a")
         b = self.client(s, "b")
-        broker = self.roles(s)["chat-broker"]
+        broker = s.roles()["chat-broker"]
         os.kill(broker, signal.SIGSTOP)        # no broker answers meanwhile
         try:
             late = self.client(s)
@@ -114,7 +100,7 @@ class Recovery(TestCase):
         s = self.server(workers=2)
         clients = self.logged_in(s, 4)
         leaver = self.client(s, "leaver")
-        broker = self.roles(s)["chat-broker"]
+        broker = s.roles()["chat-broker"]
         os.kill(broker, signal.SIGSTOP)        # it takes nothing from its links now
         try:
             clients[0].send("DM user1 psst")
@@ -143,11 +129,11 @@ class Recovery(TestCase):
     def test_acceptor_death(self):
         s = self.server(workers=2)
         a = self.client(s, "a")
-        old = self.roles(s)["chat-acceptor"]
+        old = s.roles()["chat-acceptor"]
         os.kill(old, signal.SIGKILL)
         # Connection attempts meanwhile wait in the backlog, never refused.
         b = self.client(s, "b")
-        self.wait_for_replacement(s, "chat-acceptor", old)
+        s.replacement("chat-acceptor", old, RECOVERY_TIME)
         b.send("MSG hi")
         a.expect("MSG b hi")
         a.expect_nothing_more()
@@ -155,9 +141,9 @@ class Recovery(TestCase):
     def test_hung_worker_is_replaced(self):
         s = self.server("--heartbeat-timeout", "0.5", workers=2)
         clients = self.logged_in(s, 4)
-        old = self.roles(s)["chat-worker-1"]
+        old = s.roles()["chat-worker-1"]
         os.kill(old, signal.SIGSTOP)
-        self.wait_for_replacement(s, "chat-worker-1", old, within=3.0)
+        s.replacement("chat-worker-1", old, 3.0)
         s.wait_log(r"worker-1 \(pid %d\) missed its heartbeats" % old)
         lost, alive = self.split_by_survival(clients)
         self.assertEqual(len(lost), 2)

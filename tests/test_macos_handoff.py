@@ -1,0 +1,74 @@
+"""Descriptor passing the macOS way, emulated on Linux.
+
+On macOS, ``multiprocessing.reduction`` acknowledges every descriptor it
+passes with a byte sent back on the same pipe (its ``ACKNOWLEDGE`` flag), so
+a pipe that carries descriptors must carry nothing else the other way. We
+cannot run macOS here, but the flag is a module global read at every call: a
+``sitecustomize`` that sets it, put on the server's ``PYTHONPATH``, makes
+every process of the server pass descriptors the macOS way, under any start
+method. (Before the supervisor's orders and the acceptor's notes got pipes of
+their own, the server died at start-up like this.)
+"""
+
+import os
+import signal
+import tempfile
+
+from support import START_METHODS, TestCase
+
+SITECUSTOMIZE = "import multiprocessing.reduction\nmultiprocessing.reduction.ACKNOWLEDGE = True\n"
+RECOVERY_TIME = 3.0
+
+
+class AcknowledgedHandoff(TestCase):
+    start_method = None
+
+    def start(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        with open(os.path.join(tmp.name, "sitecustomize.py"), "w") as f:
+            f.write(SITECUSTOMIZE)
+        path = os.pathsep.join(p for p in (tmp.name, os.environ.get("PYTHONPATH")) if p)
+        return self.server(workers=2, start_method=self.start_method,
+                           env={"PYTHONPATH": path})
+
+    def check_chat(self, s, *names):
+        """New users ``names`` see each other, and MSG and DM reach them. (Users
+        of earlier rounds are around too, and their INFO lines may come.)"""
+        users = [self.client(s, n) for n in names]
+        for u in users:
+            u.send("WHO", "PING")
+            self.assertLessEqual({"USER " + n for n in names}, set(self.lines_until(u, "PONG")))
+        users[0].send("MSG hello", "DM %s psst" % names[1])
+        for u in users[1:]:
+            self.lines_until(u, "MSG %s hello" % names[0])
+        self.lines_until(users[1], "DM %s psst" % names[0])
+
+    def lines_until(self, client, wanted):
+        """The lines before ``wanted``, which must come; only INFO may come first."""
+        lines = []
+        while True:
+            line = client.read_line()
+            if line == wanted:
+                return lines
+            if not line.startswith(("USER ", "INFO ")):
+                self.fail("%r while waiting for %r" % (line, wanted))
+            lines.append(line)
+
+    def test_serves_and_rewires_every_role(self):
+        s = self.start()
+        self.check_chat(s, "a", "b", "c")
+        # Each restart sends new pipes to the survivors, acknowledged.
+        for role in ("chat-worker-0", "chat-broker", "chat-acceptor"):
+            old = s.roles()[role]
+            os.kill(old, signal.SIGKILL)
+            s.replacement(role, old, RECOVERY_TIME)
+            tag = role.rsplit("-", 1)[-1]
+            self.check_chat(s, "x" + tag, "y" + tag)
+        self.assertNotIn("Traceback", s.log())
+
+
+for _method in START_METHODS:
+    _name = "AcknowledgedHandoff_" + _method
+    globals()[_name] = type(_name, (AcknowledgedHandoff,), {"start_method": _method})
+del AcknowledgedHandoff
