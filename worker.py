@@ -298,9 +298,13 @@ class Worker(Service):
                 self.acceptor_lost()
                 return
             else:
-                self.add_client(self.adopt(fd))
+                c = self.add_client(self.adopt(fd))
                 self.handoffs += 1
                 self.starved = False
+                # A client's first line is usually here already (it was sent
+                # as soon as the connection was up): reading now saves this
+                # client a loop turn, and costs one failed recv if not.
+                self.on_readable(c)
 
     def acceptor_lost(self):
         self.log.debug("acceptor link lost; waiting for a new acceptor")
@@ -326,6 +330,7 @@ class Worker(Service):
         c = Client(sock, cid, ip, self.config.max_line, self.now, self.burst)
         self.clients[cid] = c
         self.set_interest(c, READ)
+        return c
 
     # -- reading and running lines --------------------------------------------
 
