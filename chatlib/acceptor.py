@@ -12,9 +12,8 @@ A second pipe carries *notes* back, one line per connection: ``-IP`` when a
 worker closed a connection from IP, ``+IP`` for each connection it holds when
 it first meets a new acceptor, ``!N`` when it lost hand-off number N. (They
 cannot share the hand-off pipe: on macOS each descriptor sent is acknowledged
-by a byte on it, which a note would be taken for.) From them the acceptor
-knows, exactly, how many connections each worker holds and each address has
-open, which gives:
+by a byte on it, which a note would be taken for.) From them the acceptor knows, exactly, how many
+connections each worker holds and each address has open, which gives:
 
 * least-loaded spreading: stays even under churn and fills a restarted worker
   first, where round-robin would not. The connections accepted in one turn
@@ -228,7 +227,12 @@ class Acceptor(Service):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while self.workers:
-            slot = self.pick_worker()
+            if self.run_left and self.run_slot in self.workers:
+                slot = self.run_slot
+                self.run_left -= 1
+            else:
+                slot = min(self.workers, key=lambda k: self.workers[k].load)
+                self.run_slot, self.run_left = slot, HANDOFF_RUN - 1
             pipe = self.workers[slot]
             try:
                 sendfds(pipe.handoff, [sock.fileno()])
@@ -245,14 +249,6 @@ class Acceptor(Service):
             pipe.handed += 1
             pipe.recent.append(ip)
             return
-
-    def pick_worker(self):
-        """The least-loaded worker, kept for a run of this turn's connections."""
-        if not (self.run_left and self.run_slot in self.workers):
-            self.run_slot = min(self.workers, key=lambda k: self.workers[k].load)
-            self.run_left = HANDOFF_RUN
-        self.run_left -= 1
-        return self.run_slot
 
     def refuse(self, sock, line, reason, ip):
         self.log.debug("refused a connection from %s: %s", ip, reason)
