@@ -16,11 +16,7 @@ by a byte on it, which a note would be taken for.) From them the acceptor knows,
 connections each worker holds and each address has open, which gives:
 
 * least-loaded spreading: stays even under churn and fills a restarted worker
-  first, where round-robin would not. The connections accepted in one turn
-  go in runs of ``HANDOFF_RUN`` to the same worker: one wake-up there takes
-  them all, and their LOGINs travel to the broker in one batch. (Spread one
-  by one, four workers on two cores woke twice per login, and a login cost
-  20 % more CPU.) The imbalance this allows is at most one run;
+  first, where round-robin would not;
 * ``--max-clients`` (``ERR server-full``) and ``--max-per-ip``
   (``ERR too-many-connections``) without asking anyone.
 """
@@ -36,7 +32,6 @@ from chatlib import protocol
 from chatlib.service import Service
 
 ACCEPTS_PER_TURN = 256
-HANDOFF_RUN = 16           # connections of one accept burst given to one worker in a row
 # accept() errors that mean "out of descriptors or memory": back off, retry.
 EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
@@ -92,7 +87,6 @@ class Acceptor(Service):
         self.backoff = 0.0
         self.resume_at = 0.0
         self.listening = False
-        self.run_slot, self.run_left = None, 0   # the worker of the current run, and its room
 
     def start(self):
         self.listener.setblocking(False)
@@ -183,7 +177,6 @@ class Acceptor(Service):
             self.update_listening()
 
     def on_accept(self, mask=None):
-        self.run_slot, self.run_left = None, 0
         for _ in range(ACCEPTS_PER_TURN):
             if not self.listening:
                 return
@@ -227,12 +220,7 @@ class Acceptor(Service):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while self.workers:
-            if self.run_left and self.run_slot in self.workers:
-                slot = self.run_slot
-                self.run_left -= 1
-            else:
-                slot = min(self.workers, key=lambda k: self.workers[k].load)
-                self.run_slot, self.run_left = slot, HANDOFF_RUN - 1
+            slot = min(self.workers, key=lambda k: self.workers[k].load)
             pipe = self.workers[slot]
             try:
                 sendfds(pipe.handoff, [sock.fileno()])
