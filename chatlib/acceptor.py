@@ -217,8 +217,6 @@ class Acceptor(Service):
             self.refuse(sock, protocol.ERR_TOO_MANY_CONNECTIONS,
                         "too many connections from this address", ip)
             return
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while self.workers:
             slot = min(self.workers, key=lambda k: self.workers[k].load)
             pipe = self.workers[slot]

@@ -180,6 +180,9 @@ class Supervisor:
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Chat lines are small and must go at once. Accepted sockets inherit
+        # this (Linux, macOS, the BSDs): no setsockopt per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((cfg.host, cfg.port))
         sock.listen(socket.SOMAXCONN if socket.SOMAXCONN > 1024 else 1024)
         return sock
