@@ -91,6 +91,17 @@ class ParseCommands(unittest.TestCase):
         self.assertEqual(parse_line(b"MSG\t\thi \t there\t \t", True), Msg(b"hi \t there"))
         self.assertEqual(parse_line(b"MSG a  b\t\tc", True), Msg(b"a  b\t\tc"))
 
+    def test_msg_fast_path_agrees_with_the_general_one(self):
+        # "MSG " takes a shortcut; "msg " the general path. Same answers.
+        rng = random.Random(7)
+        pieces = [b" ", b"\t", b"a", b"Z", b"\x0b", b"\x1b", b"\xc3\xa9", b"\xff", b"\x00"]
+        for _ in range(2000):
+            text = b"".join(rng.choice(pieces) for _ in range(rng.randrange(8)))
+            for logged_in in (True, False):
+                with self.subTest(text=text, logged_in=logged_in):
+                    self.assertEqual(parse_line(b"MSG " + text, logged_in),
+                                     parse_line(b"msg " + text, logged_in))
+
     def test_msg_empty(self):
         for line in (b"MSG", b"MSG ", b"MSG     ", b"MSG\t", b"MSG \t \t ", b"msg"):
             with self.subTest(line=line):
