@@ -26,6 +26,15 @@ from procfs import process_role, session_pids  # noqa: E402  (re-exported to the
 START_METHODS = ["fork", "spawn", "forkserver"] if sys.platform != "win32" else ["spawn"]
 
 
+def per_start_method(namespace, base):
+    """Replace test class ``base`` in a module's ``namespace`` with one
+    subclass per start method, named ``<base>_<method>``."""
+    for method in START_METHODS:
+        name = "%s_%s" % (base.__name__, method)
+        namespace[name] = type(name, (base,), {"start_method": method})
+    del namespace[base.__name__]
+
+
 class Server:
     """``python broker.py`` on a free port; ``with Server(...) as s:``."""
 
@@ -211,6 +220,15 @@ class Client:
         if got != list(lines):
             raise AssertionError("expected %r, got %r" % (list(lines), got))
 
+    def lines_until(self, wanted):
+        """The lines that come before ``wanted``, which must come."""
+        lines = []
+        while True:
+            line = self.read_line()
+            if line == wanted:
+                return lines
+            lines.append(line)
+
     def login(self, name):
         self.send("LOGIN " + name)
         self.expect("OK")
@@ -227,12 +245,7 @@ class Client:
         delivers a DM to a local user without asking the broker.)
         """
         self.send("WHO", "PING")
-        before = []
-        while True:
-            line = self.read_line()
-            if line == "PONG":
-                break
-            before.append(line)
+        before = self.lines_until("PONG")
         if before and before[-1] == "ERR not-logged-in":
             before.pop()
         while before and before[-1].startswith("USER "):

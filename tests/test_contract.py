@@ -15,8 +15,8 @@ import sys
 import time
 import unittest
 
-from support import (BROKER, IO_TIMEOUT, ROOT, START_METHODS, Server, TestCase,
-                     process_role)
+from support import (BROKER, IO_TIMEOUT, ROOT, Server, TestCase,
+                     per_start_method, process_role)
 
 FFFD = "\ufffd"
 OPTIONS = ["--port", "-p", "--host", "--workers", "-w", "--idle-timeout", "-t",
@@ -997,10 +997,7 @@ class MultiWorker(TestCase):
         a.expect_closed()
 
 
-for _method in START_METHODS:
-    _name = "MultiWorker_" + _method
-    globals()[_name] = type(_name, (MultiWorker,), {"start_method": _method})
-del MultiWorker
+per_start_method(globals(), MultiWorker)
 
 if __name__ == "__main__":
     unittest.main()

@@ -14,7 +14,7 @@ import os
 import signal
 import tempfile
 
-from support import START_METHODS, TestCase
+from support import TestCase, per_start_method
 
 SITECUSTOMIZE = "import multiprocessing.reduction\nmultiprocessing.reduction.ACKNOWLEDGE = True\n"
 RECOVERY_TIME = 3.0
@@ -38,22 +38,14 @@ class AcknowledgedHandoff(TestCase):
         users = [self.client(s, n) for n in names]
         for u in users:
             u.send("WHO", "PING")
-            self.assertLessEqual({"USER " + n for n in names}, set(self.lines_until(u, "PONG")))
+            self.assertLessEqual({"USER " + n for n in names}, set(u.lines_until("PONG")))
         users[0].send("MSG hello", "DM %s psst" % names[1])
         for u in users[1:]:
-            self.lines_until(u, "MSG %s hello" % names[0])
-        self.lines_until(users[1], "DM %s psst" % names[0])
+            self.assert_only_info(u.lines_until("MSG %s hello" % names[0]))
+        self.assert_only_info(users[1].lines_until("DM %s psst" % names[0]))
 
-    def lines_until(self, client, wanted):
-        """The lines before ``wanted``, which must come; only INFO may come first."""
-        lines = []
-        while True:
-            line = client.read_line()
-            if line == wanted:
-                return lines
-            if not line.startswith(("USER ", "INFO ")):
-                self.fail("%r while waiting for %r" % (line, wanted))
-            lines.append(line)
+    def assert_only_info(self, lines):
+        self.assertEqual([line for line in lines if not line.startswith("INFO ")], [])
 
     def test_serves_and_rewires_every_role(self):
         s = self.start()
@@ -68,7 +60,4 @@ class AcknowledgedHandoff(TestCase):
         self.assertNotIn("Traceback", s.log())
 
 
-for _method in START_METHODS:
-    _name = "AcknowledgedHandoff_" + _method
-    globals()[_name] = type(_name, (AcknowledgedHandoff,), {"start_method": _method})
-del AcknowledgedHandoff
+per_start_method(globals(), AcknowledgedHandoff)

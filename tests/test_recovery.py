@@ -21,13 +21,7 @@ class Recovery(TestCase):
         for c in clients:
             c.send("PING")
             try:
-                lines = []
-                while True:
-                    line = c.read_line()
-                    if line == "PONG":
-                        break
-                    lines.append(line)
-                alive[c] = lines
+                alive[c] = c.lines_until("PONG")
             except (AssertionError, OSError):
                 lost.append(c)
         return lost, alive

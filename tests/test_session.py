@@ -2,7 +2,7 @@
 
 import unittest
 
-from support import START_METHODS, TestCase
+from support import TestCase, per_start_method
 
 
 class ExampleSession(TestCase):
@@ -31,10 +31,7 @@ class ExampleSession(TestCase):
         third.expect("ERR username-taken")
 
 
-for _method in START_METHODS:
-    _name = "ExampleSession_" + _method
-    globals()[_name] = type(_name, (ExampleSession,), {"start_method": _method})
-del ExampleSession
+per_start_method(globals(), ExampleSession)
 
 if __name__ == "__main__":
     unittest.main()
