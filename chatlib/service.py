@@ -57,14 +57,14 @@ class Service:
         logs.setup(self.name, self.config.log_level, self.config.log_file)
         logs.set_process_title("chat-" + self.name)
         # Ctrl-C reaches the whole foreground process group; the supervisor
-        # alone decides how to stop, and tells us over the control pipe.
+        # alone decides how to stop, and tells us over the orders pipe.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         # Under fork we inherited the supervisor's wake-up socket: a signal
         # here must not wake the supervisor.
         signal.set_wakeup_fd(-1)
         self.sel = selectors.DefaultSelector()
-        self.sel.register(self.orders.fileno(), selectors.EVENT_READ, self._on_control)
+        self.sel.register(self.orders.fileno(), selectors.EVENT_READ, self._on_order)
         parent = multiprocessing.parent_process()
         if parent is not None:
             self.sel.register(parent.sentinel, selectors.EVENT_READ, self._on_parent_gone)
@@ -77,13 +77,13 @@ class Service:
                 self.tick(now)
                 if now >= self._next_heartbeat:
                     self._next_heartbeat = now + self.heartbeat_interval
-                    self._send_control(("heartbeat", self.heartbeat_info()))
+                    self._report(("heartbeat", self.heartbeat_info()))
         finally:
             self.finish()
         logging.shutdown()
         sys.exit(0)
 
-    def _on_control(self, mask=None):
+    def _on_order(self, mask=None):
         try:
             order = self.orders.recv()
         except (EOFError, OSError):
@@ -101,7 +101,7 @@ class Service:
         self.log.warning("supervisor is gone; exiting")
         self.running = False
 
-    def _send_control(self, message):
+    def _report(self, message):
         try:
             self.reports.send(message)
         except OSError:
