@@ -64,7 +64,7 @@ class Service:
         # here must not wake the supervisor.
         signal.set_wakeup_fd(-1)
         self.sel = selectors.DefaultSelector()
-        self.sel.register(self.orders.fileno(), selectors.EVENT_READ, self._on_order)
+        self.sel.register(self.orders.fileno(), selectors.EVENT_READ, self._read_order)
         parent = multiprocessing.parent_process()
         if parent is not None:
             self.sel.register(parent.sentinel, selectors.EVENT_READ, self._on_parent_gone)
@@ -83,7 +83,7 @@ class Service:
         logging.shutdown()
         sys.exit(0)
 
-    def _on_order(self, mask=None):
+    def _read_order(self, mask=None):
         try:
             order = self.orders.recv()
         except (EOFError, OSError):
