@@ -5,9 +5,10 @@ one picklable entry point, so it works under ``fork``, ``spawn`` and
 ``forkserver`` alike: everything a child needs arrives as arguments.
 
 Each child runs one selector loop that also watches two things besides its
-own work: its pipe of orders from the supervisor and the supervisor's sentinel (``parent_process().sentinel``), which becomes
-readable when the supervisor dies, even under ``forkserver`` where the child
-is not the supervisor's own child. So a child never outlives the server.
+own work: its pipe of orders from the supervisor, and the supervisor's
+sentinel (``parent_process().sentinel``), which becomes readable when the
+supervisor dies, even under ``forkserver`` where the child is not the
+supervisor's own child. So a child never outlives the server.
 
 Orders and reports (ready, heartbeats) travel on two pipes, one each way,
 because some orders carry a descriptor: ``multiprocessing.reduction`` sends

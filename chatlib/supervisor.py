@@ -73,7 +73,7 @@ class Child:
             self.orders.send(message)
             for handle in handles:
                 send_handle(self.orders, handle.fileno(), self.process.pid)
-        except OSError:
+        except (OSError, RuntimeError):   # RuntimeError: macOS had no acknowledgement
             pass              # it is dying; its sentinel will tell us
 
 
