@@ -14,7 +14,7 @@ import os
 import signal
 import tempfile
 
-from support import TestCase, per_start_method
+from support import Server, TestCase, per_start_method
 
 SITECUSTOMIZE = "import multiprocessing.reduction\nmultiprocessing.reduction.ACKNOWLEDGE = True\n"
 RECOVERY_TIME = 3.0
@@ -23,14 +23,17 @@ RECOVERY_TIME = 3.0
 class AcknowledgedHandoff(TestCase):
     start_method = None
 
-    def start(self):
+    def env(self):
+        """Environment for a server whose processes all acknowledge descriptors."""
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
         with open(os.path.join(tmp.name, "sitecustomize.py"), "w") as f:
             f.write(SITECUSTOMIZE)
-        path = os.pathsep.join(p for p in (tmp.name, os.environ.get("PYTHONPATH")) if p)
-        return self.server(workers=2, start_method=self.start_method,
-                           env={"PYTHONPATH": path})
+        return {"PYTHONPATH": os.pathsep.join(
+            p for p in (tmp.name, os.environ.get("PYTHONPATH")) if p)}
+
+    def start(self):
+        return self.server(workers=2, start_method=self.start_method, env=self.env())
 
     def check_chat(self, s, *names):
         """New users ``names`` see each other, and MSG and DM reach them. (Users
@@ -57,6 +60,18 @@ class AcknowledgedHandoff(TestCase):
             s.replacement(role, old, RECOVERY_TIME)
             tag = role.rsplit("-", 1)[-1]
             self.check_chat(s, "x" + tag, "y" + tag)
+        self.assertNotIn("Traceback", s.log())
+
+    def test_child_dead_before_acknowledging(self):
+        # Each new worker dies before it reads its orders: the supervisor's
+        # wait for the acknowledgement ends in a reset, which must not stop
+        # it from replacing the worker, then giving up.
+        s = Server(workers=1, start_method=self.start_method,
+                   env=dict(self.env(), CHAT_CRASH_AT_START="worker"))
+        self.addCleanup(s.kill)
+        s.launch()
+        self.assertEqual(s.proc.wait(30), 1)
+        s.wait_log(r"worker-0 keeps dying at start-up; giving up")
         self.assertNotIn("Traceback", s.log())
 
 
