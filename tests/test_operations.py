@@ -181,6 +181,33 @@ class StatsAndSignalsTest(TestCase):
         self.assertEqual(m.group(1), "0")
 
 
+@unittest.skipUnless(hasattr(os, "SCHED_BATCH"), "SCHED_BATCH is Linux's")
+class SchedulingTest(TestCase):
+    """The children run as SCHED_BATCH (see chatlib.service.prefer_batching)
+    unless the operator started the server under another policy."""
+
+    def policies(self, s):
+        return {process_role(pid): os.sched_getscheduler(pid) for pid in s.pids()}
+
+    def test_children_batch_the_main_process_does_not(self):
+        s = self.server(workers=2)
+        self.client(s, "ada")
+        policies = self.policies(s)
+        self.assertEqual(os.sched_getscheduler(s.proc.pid), os.SCHED_OTHER)
+        for role in ("chat-acceptor", "chat-broker", "chat-worker-0", "chat-worker-1"):
+            self.assertEqual(policies[role], os.SCHED_BATCH, policies)
+
+    @unittest.skipUnless(shutil.which("chrt"), "needs chrt(1)")
+    def test_an_operators_policy_is_kept(self):
+        s = CommandServer(["chrt", "--idle", "0", sys.executable, BROKER], workers=2)
+        self.addCleanup(s.kill)
+        s.start()
+        self.client(s, "ada")
+        policies = self.policies(s)
+        for role in ("chat-acceptor", "chat-broker", "chat-worker-0", "chat-worker-1"):
+            self.assertEqual(policies[role], os.SCHED_IDLE, policies)
+
+
 class NotifyTest(TestCase):
     """A fake service manager: a Unix datagram socket in $NOTIFY_SOCKET."""
 
