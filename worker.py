@@ -104,7 +104,7 @@ class Worker(Service):
         self.sent = Outbound()     # our batches, until the broker acknowledges them
         self.routed = Inbound()    # which batches were routed to us already
         self.msg_run = []          # MSG lines not yet closed into an event
-        self.local = []            # (sender, line) for this turn's local fan-out
+        self.local = []            # (sender, lines) for this turn's local fan-out
         self.held = set()          # clients holding lines until the link drains
         self.throttled = []        # heap of (when, cid): flood-controlled clients
         self.rate = config.rate
@@ -413,6 +413,11 @@ class Worker(Service):
 
     def run_lines(self, c, lines):
         """Run lines in order until one needs the broker; return the rest."""
+        if c.name is not None:
+            block = protocol.msg_block(lines, c.name_b)
+            if block is not None:          # the flood's fast path: all MSGs
+                self.queue_msgs(c, block, len(lines))
+                return None
         for i, line in enumerate(lines):
             if line is TOO_LONG:
                 self.send(c, protocol.ERR_LINE_TOO_LONG)
@@ -422,10 +427,7 @@ class Worker(Service):
                 continue
             kind = type(cmd)
             if kind is Msg:
-                out = protocol.msg_line(c.name_b, cmd.text)
-                self.local.append((c, out))
-                self.counters["msgs"] += 1
-                self.msg_run.append(out)
+                self.queue_msgs(c, protocol.msg_line(c.name_b, cmd.text), 1)
             elif kind is Reply:
                 self.send(c, cmd.data)
             elif kind is Ping:
@@ -442,6 +444,13 @@ class Worker(Service):
                 self.ask_broker(c, cmd)
                 return lines[i + 1:]
         return None
+
+    def queue_msgs(self, c, lines, count):
+        """``count`` ready-made MSG lines from ``c``: for the local users at
+        the end of the turn, and for the broker's batch."""
+        self.local.append((c, lines))
+        self.msg_run.append(lines)
+        self.counters["msgs"] += count
 
     def send_dm(self, c, cmd):
         """The DM fast path; False when the broker must be asked and waited for.
@@ -565,10 +574,10 @@ class Worker(Service):
         """
         local, self.local = self.local, []
         senders = {sender for sender, _ in local}
-        blob = b"".join([line for _, line in local])
+        blob = b"".join([lines for _, lines in local])
         for c in self.users.values():
             if c in senders:
-                data = b"".join([line for s, line in local if s is not c])
+                data = b"".join([lines for s, lines in local if s is not c])
                 if not data:
                     continue
             else:
@@ -576,7 +585,7 @@ class Worker(Service):
             c.out.append(data)
             c.out_bytes += len(data)
         self.dirty.update(self.users.values())
-        self.counters["deliveries"] += len(local) * (len(self.users) - 1)
+        self.counters["deliveries"] += blob.count(b"\n") * (len(self.users) - 1)
 
     def flush(self, c, writable):
         """Write what ``c`` is owed: one syscall, no copy of the buffers."""

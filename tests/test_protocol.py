@@ -330,6 +330,50 @@ class Lines(unittest.TestCase):
         self.assertEqual(protocol.ERR_SERVER_SHUTDOWN, b"ERR server-shutdown\n")
 
 
+class MsgBlock(unittest.TestCase):
+    """msg_block, the flood's fast path, against parse_line and msg_line."""
+
+    @staticmethod
+    def line_by_line(lines, sender):
+        """What the worker makes of ``lines`` one at a time (None: not all MSGs)."""
+        out = []
+        for line in lines:
+            cmd = parse_line(line, True) if line is not TOO_LONG else None
+            if type(cmd) is not Msg:
+                return None
+            out.append(protocol.msg_line(sender, cmd.text))
+        return b"".join(out)
+
+    def test_plain_msgs(self):
+        lines = [b"MSG hi everyone!", b"MSG a  b\tc", b"MSG x"]
+        self.assertEqual(protocol.msg_block(lines, b"Naman"),
+                         b"MSG Naman hi everyone!\nMSG Naman a  b\tc\nMSG Naman x\n")
+        self.assertEqual(protocol.msg_block(lines, b"Naman"), self.line_by_line(lines, b"Naman"))
+
+    def test_refuses_what_needs_a_closer_look(self):
+        for odd in (b"msg lower case", b"MSG  leading", b"MSG \tleading", b"MSG trailing ",
+                    b"MSG trailing\t", b"MSG ", b"MSG", b"MSG esc\x1b[2J", b"MSG caf\xc3\xa9",
+                    b"PING", b"DM bob hi", b"", TOO_LONG):
+            for lines in ([odd], [b"MSG fine", odd], [odd, b"MSG fine"]):
+                with self.subTest(lines=lines):
+                    self.assertIsNone(protocol.msg_block(lines, b"ann"))
+
+    def test_agrees_with_the_line_by_line_path(self):
+        rng = random.Random(11)
+        heads = [b"MSG "] * 12 + [b"msg ", b"MSG", b"DM ", b""]
+        pieces = [b"a", b"a", b"~", b" ", b"\t", b"MSG ", b"\x1b", b"\xc3\xa9", b"\x7f"]
+        fast = 0
+        for _ in range(3000):
+            lines = [rng.choice(heads) + b"".join(rng.choice(pieces) for _ in range(rng.randrange(4)))
+                     for _ in range(rng.randrange(1, 4))]
+            block = protocol.msg_block(lines, b"ann")
+            with self.subTest(lines=lines):
+                if block is not None:
+                    fast += 1
+                    self.assertEqual(block, self.line_by_line(lines, b"ann"))
+        self.assertGreater(fast, 100)       # the comparison really ran
+
+
 def reference_lines(stream, max_line):
     """What a LineReader must produce for ``stream`` fed at once (spec model)."""
     out = []
