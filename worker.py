@@ -438,7 +438,7 @@ class Worker(Service):
 
     def run_lines(self, c, lines):
         """Run lines in order until one needs the broker; return the rest."""
-        if c.name is not None:
+        if c.name is not None and len(lines) > 1:
             block = protocol.msg_block(lines, c.name_b)
             if block is not None:          # the flood's fast path: all MSGs
                 self.queue_msgs(c, block, len(lines))

@@ -112,6 +112,8 @@ def parse_line(line, logged_in):
     checks is the contract's: ``already-logged-in`` and ``not-logged-in`` win
     over any problem with the arguments.
     """
+    if line == b"PING":
+        return PING                      # a keep-alive, the commonest line of all
     if line[:4] == b"MSG " and logged_in:
         # The hot path, a message typed the usual way: no regex split, no
         # upper-casing (0.26 µs where the general path takes 0.68).
