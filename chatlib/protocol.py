@@ -2,8 +2,9 @@
 
 Nothing here touches a socket, a clock or a process, in the style of ``h11``:
 the worker feeds received bytes to a :class:`LineReader`, hands each line to
-:func:`parse_line` and writes the bytes the ``*_line`` helpers build. That keeps
-every rule of ``PROTOCOL.md`` testable with plain function calls.
+:func:`parse_line` and writes the bytes the ``*_line`` helpers build (a read
+of nothing but plain ``MSG`` lines goes to :func:`msg_block` whole). That
+keeps every rule of ``PROTOCOL.md`` testable with plain function calls.
 
 Text stays ``bytes`` end to end: a line is decoded only when it is not pure
 ASCII, so the common case costs no codec round trip.
