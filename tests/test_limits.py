@@ -427,8 +427,13 @@ class OutOfDescriptors(LimitCase):
         self.assertEqual(s.roles(), before)
 
     def test_dropped_handoffs_free_their_per_ip_slot(self):
-        s = self.server("--max-per-ip", 6, workers=1)
+        s = self.server("--max-per-ip", 7, workers=1)
         worker = s.roles()["chat-worker-0"]
+        # A user first, who stays: once it is logged in, the worker holds its
+        # pipes to the acceptor and the broker. Receiving each of them opens
+        # a descriptor for a moment, and a limit taken meanwhile would leave
+        # a free one below it once that closes.
+        self.client(s, "user")
         limits = self.starve(worker)
         for _ in range(4):
             c = self.client(s)
@@ -436,8 +441,9 @@ class OutOfDescriptors(LimitCase):
             self.assertTrue(closed_without_answer(c))
         s.wait_log(r"could not receive a connection")
         resource.prlimit(worker, resource.RLIMIT_NOFILE, limits)
-        # Nothing from 127.0.0.1 is open: six connections must fit again
-        # (each stays open: the test's cleanup holds it), and a seventh must not.
+        # Only the user is open from 127.0.0.1: six more connections must
+        # fit again (each stays open: the test's cleanup holds it), and a
+        # seventh must not.
         for _ in range(6):
             self.wait_for_slot(s, lambda: self.client(s))
         self.assertEqual(self.client(s).expect_closed(), ["ERR too-many-connections"])
