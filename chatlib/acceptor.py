@@ -12,8 +12,9 @@ A second pipe carries *notes* back, one line per connection: ``-IP`` when a
 worker closed a connection from IP, ``+IP`` for each connection it holds when
 it first meets a new acceptor, ``!N`` when it lost hand-off number N. (They
 cannot share the hand-off pipe: on macOS each descriptor sent is acknowledged
-by a byte on it, which a note would be taken for.) From them the acceptor knows, exactly, how many
-connections each worker holds and each address has open, which gives:
+by a byte on it, which a note would be taken for.) From them the acceptor
+knows, exactly, how many connections each worker holds and each address has
+open, which gives:
 
 * least-loaded spreading: stays even under churn and fills a restarted worker
   first, where round-robin would not;

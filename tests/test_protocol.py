@@ -364,7 +364,8 @@ class MsgBlock(unittest.TestCase):
         pieces = [b"a", b"a", b"~", b" ", b"\t", b"MSG ", b"\x1b", b"\xc3\xa9", b"\x7f"]
         fast = 0
         for _ in range(3000):
-            lines = [rng.choice(heads) + b"".join(rng.choice(pieces) for _ in range(rng.randrange(4)))
+            lines = [rng.choice(heads)
+                     + b"".join(rng.choice(pieces) for _ in range(rng.randrange(4)))
                      for _ in range(rng.randrange(1, 4))]
             block = protocol.msg_block(lines, b"ann")
             with self.subTest(lines=lines):
