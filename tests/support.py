@@ -22,6 +22,7 @@ IO_TIMEOUT = 5.0            # seconds any single read may wait
 TEST_TIMEOUT = 60           # seconds any single test may take
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from procfs import process_role, session_pids  # noqa: E402  (re-exported to the tests)
+from harness import REDIS_HINT, RedisServer, redis_program  # noqa: E402,F401
 
 START_METHODS = ["fork", "spawn", "forkserver"] if sys.platform != "win32" else ["spawn"]
 
@@ -33,6 +34,14 @@ def per_start_method(namespace, base):
         name = "%s_%s" % (base.__name__, method)
         namespace[name] = type(name, (base,), {"start_method": method})
     del namespace[base.__name__]
+
+
+def requires_redis(cls):
+    """Cluster tests need a real ``redis-server``: without one they skip,
+    saying how to get it; under ``CI=true`` they run, and fail."""
+    if redis_program() is None and os.environ.get("CI") != "true":
+        return unittest.skip(REDIS_HINT)(cls)
+    return cls
 
 
 class Server:
