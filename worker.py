@@ -108,6 +108,7 @@ class Worker(Service):
         self.resend = []           # what a new broker gets before this turn's events
         self.sent = Outbound()     # our batches, until the broker acknowledges them
         self.routed = Inbound()    # which batches were routed to us already
+        self.cursor = None         # cluster mode: the last stream entry routed to us
         self.msg_run = []          # MSG lines not yet closed into an event
         self.local = []            # (sender, lines) for this turn's local fan-out
         self.held = set()          # clients holding lines until the link drains
@@ -146,7 +147,7 @@ class Worker(Service):
         unacked = self.sent.replay()
         users = [(c.cid, c.name, c.login_stamp) for c in self.users.values()]
         departed = [e[1:] for e in unacked + self.outbox if e[0] == link.BYE and e[2] is not None]
-        self.resend = [(link.SYNC, users, departed)] + requests + unacked
+        self.resend = [(link.SYNC, users, departed, self.cursor)] + requests + unacked
 
     def on_link_lost(self):
         self.log.debug("broker link lost; holding requests until a new broker")
@@ -557,6 +558,11 @@ class Worker(Service):
                     self.directory.discard(event[1])
                 elif tag == link.DIRECTORY:
                     self.directory = set(event[1])
+                elif tag == link.CURSOR:
+                    self.cursor = event[1]
+                elif tag == link.EVICT:
+                    for c in list(self.users.values()):
+                        self.cut(c, event[1], "cluster unavailable")
                 elif tag == link.GRANTED:
                     c = self.clients.get(event[1])
                     if c is not None and c.waiting:

@@ -21,10 +21,12 @@ Worker -> broker
                                 left: then a DELIVER of the ERR line.
     (BYE, cid, name, stamp)     the connection is gone (``name`` None if it
                                 never logged in)
-    (SYNC, users, departed)     first event on a new link: the users this
+    (SYNC, users, departed, cursor)
+                                first event on a new link: the users this
                                 worker holds, as [(cid, name, stamp), ...] (a
-                                restarted broker learns them), and those whose
-                                BYE it is about to send again
+                                restarted broker learns them), those whose
+                                BYE it is about to send again, and the last
+                                CURSOR it was told (None outside cluster mode)
 
 Broker -> worker
     (MSG, blob)                 lines for every logged-in user of this worker
@@ -41,7 +43,16 @@ Broker -> worker
                                 sent at once, with the departure's INFO
     (FROM, slot, n)             the MSG and DELIVER events that follow come
                                 from worker ``slot``'s batch ``n``; slot None:
-                                from no batch (a dead worker's departures)
+                                from no batch (a dead worker's departures).
+                                In cluster mode ``slot`` may also be a tuple:
+                                (node, slot) for another node's worker, or
+                                ("left", epoch) for departures read from the
+                                cluster's stream, numbered by stream entry
+    (CURSOR, entry_id)          cluster mode: the stream entries up to this
+                                one are routed; a restarted broker resumes
+                                reading after the oldest cursor of its workers
+    (EVICT, line)               cluster mode: the node lost its lease; cut
+                                every logged-in user with ``line``
     (ACK, n)                    this worker's batches up to number ``n`` are
                                 routed and their lines are in the kernel's
                                 socket buffers: a broker killed now loses none
@@ -74,3 +85,5 @@ DIRECTORY = "Y"
 ACK = "K"
 SEQ = "N"
 FROM = "F"
+CURSOR = "C"
+EVICT = "E"
