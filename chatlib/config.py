@@ -7,6 +7,7 @@ object, so nothing depends on state inherited through ``fork``.
 import argparse
 import multiprocessing
 import os
+import re
 import sys
 
 from chatlib import __version__
@@ -40,6 +41,25 @@ _non_negative_int = _ranged(int, 0)
 _non_negative = _ranged(float, 0)
 _seconds = _ranged(float, 0, above=True)
 _max_line = _ranged(int, 16, unit=" bytes")
+
+
+_lease = _ranged(float, 1, 3600)
+
+
+def _cluster_name(text):
+    """Names that go into Redis keys and log lines: short, no spaces."""
+    if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,64}", text):
+        raise argparse.ArgumentTypeError(
+            "must be 1 to 64 characters from A-Z a-z 0-9 _ . : @ -, got %r" % text)
+    return text
+
+
+def _redis_url(text):
+    from chatlib.redis_client import parse_url
+    try:
+        return parse_url(text, os.environ.get("REDIS_PASSWORD"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
 def _default_port():
@@ -121,6 +141,25 @@ def build_parser():
     p.add_argument("--stats-interval", type=_non_negative, default=0.0, metavar="S",
                    help="log a statistics line every S seconds (0: off; "
                         "SIGUSR1 logs one at once)")
+    c = p.add_argument_group(
+        "cluster mode",
+        "Several servers, each on its own host, form one chat through a shared "
+        "Redis (>= 6.2) or Valkey. Without --redis the server is a single host, "
+        "as always.")
+    c.add_argument("--redis", default=None, metavar="URL", type=_redis_url,
+                   help="join the cluster on this Redis: "
+                        "redis://[[user]:password@]host[:port][/db]; the password "
+                        "may also come from $REDIS_PASSWORD (default: no cluster)")
+    c.add_argument("--cluster", default="chat", type=_cluster_name, metavar="NAME",
+                   help="prefix of every Redis key and stream, so that several "
+                        "chats can share one Redis")
+    c.add_argument("--node-id", default=None, type=_cluster_name, metavar="ID",
+                   help="this node's name in the cluster, unique among live nodes "
+                        "(default: host name and port)")
+    c.add_argument("--node-lease", type=_lease, default=10.0, metavar="SECONDS",
+                   help="a node that cannot renew its lease in Redis for this long "
+                        "is taken for dead: the others announce its users gone, and "
+                        "it closes their connections with ERR unavailable first")
     p.add_argument("--version", action="version",
                    version="%(prog)s " + __version__)
     return p

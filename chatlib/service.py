@@ -37,6 +37,7 @@ class Service:
     :meth:`tick` (run every loop turn), :meth:`on_order` and :meth:`stop`."""
 
     role = "service"
+    ready_when_started = True   # else the service calls report_ready() itself
 
     def __init__(self, config, pipes, slot=None):
         self.config = config
@@ -71,7 +72,8 @@ class Service:
         if parent is not None:
             self.sel.register(parent.sentinel, selectors.EVENT_READ, self._on_parent_gone)
         self.start()
-        self.reports.send(("ready",))
+        if self.ready_when_started:
+            self.report_ready()
         try:
             while self.running:
                 self.on_events(self.sel.select(self.poll_timeout()))
@@ -108,6 +110,16 @@ class Service:
             self.reports.send(message)
         except OSError:
             self._on_parent_gone()
+
+    def report_ready(self):
+        """Tell the supervisor we can serve (it says ``listening on`` once all can)."""
+        self._report(("ready",))
+
+    def fatal(self, message):
+        """A condition no restart can cure (a duplicate cluster node id): the
+        supervisor logs ``message`` and stops the server with status 2."""
+        self._report(("fatal", message))
+        self.running = False
 
     def received_fd(self):
         """The descriptor the supervisor sends right after an order that needs one."""

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import multiprocessing
 import resource
+import secrets
 import signal
 import socket
 import time
@@ -151,6 +152,8 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
             return 1
+        if cfg.redis is not None:
+            self.name_node()
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -169,11 +172,22 @@ class Supervisor:
                 if cfg.stats_interval:
                     self.next_stats = time.monotonic() + cfg.stats_interval
                 self.watch()
-            return 0 if not self.failed else 1
+            return self.exit_status if self.failed else 0
         finally:
             self.shutdown()
 
     failed = False
+    exit_status = 1               # when failed: 2 for what no restart can cure
+
+    def name_node(self):
+        """Cluster mode: this node's id (default: host name and port) and a
+        token for this run of it, which its brokers, restarted or not, share:
+        a node that finds its id leased with another token is a duplicate."""
+        cfg = self.config
+        if cfg.node_id is None:
+            cfg.node_id = "%s:%d" % (socket.gethostname(), self.listener.getsockname()[1])
+        cfg.node_token = secrets.token_hex(8)
+        log.info("cluster %r on %s, node %s", cfg.cluster, cfg.redis, cfg.node_id)
 
     def listen(self):
         cfg = self.config
@@ -266,7 +280,9 @@ class Supervisor:
     def wait_ready(self):
         deadline = time.monotonic() + READY_TIMEOUT
         while not all(c.ready for c in self.children.values()):
-            if self.signals or time.monotonic() > deadline:
+            # A cluster node's broker waits for Redis as long as it takes.
+            late = time.monotonic() > deadline and not self.only_redis_awaited()
+            if self.signals or late:
                 if not self.signals:
                     log.error("processes did not start within %.0f s", READY_TIMEOUT)
                     self.failed = True
@@ -275,6 +291,10 @@ class Supervisor:
             if self.failed:
                 return False
         return True
+
+    def only_redis_awaited(self):
+        return self.config.redis is not None and all(
+            c.ready for c in self.children.values() if c.role != "broker")
 
     # -- watching -------------------------------------------------------------
 
@@ -310,6 +330,10 @@ class Supervisor:
         child.last_heartbeat = time.monotonic()
         if message[0] == "ready":
             child.ready = True
+        elif message[0] == "fatal":
+            log.error("%s", message[1])
+            self.failed = True
+            self.exit_status = 2
         elif message[0] == "heartbeat":
             child.info = message[1]
 
@@ -366,7 +390,7 @@ class Supervisor:
         code = child.process.exitcode
         how = "killed by %s" % signal.Signals(-code).name if code and code < 0 \
             else "exited with status %s" % code
-        if self.stopping:
+        if self.stopping or self.failed:
             return
         log.error("%s (pid %d) %s", child.name, child.process.pid, how)
         if not child.ready or time.monotonic() - child.started < RESTART_WINDOW:
