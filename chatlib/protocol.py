@@ -46,6 +46,7 @@ ERR_FLOOD = b"ERR flood\n"
 ERR_LOGIN_TIMEOUT = b"ERR login-timeout\n"
 ERR_TOO_MANY_CONNECTIONS = b"ERR too-many-connections\n"
 ERR_NOT_A_CHAT_CLIENT = b"ERR not-a-chat-client\n"
+ERR_UNAVAILABLE = b"ERR unavailable\n"      # cluster mode: Redis cannot be reached
 
 
 def msg_line(sender, text):
