@@ -15,6 +15,11 @@ It also keeps the promise that nothing accepted is lost or doubled when it
 dies (``chatlib.delivery``): it acknowledges a worker's batches only once all
 it routed is in the kernel, and names the origin batch before the lines it
 routes, so that workers can drop what a predecessor had routed already.
+
+In cluster mode (``--redis``) a :class:`chatlib.cluster.Cluster` beside it
+carries to the other nodes what they must see, and brings back what they
+send; the broker's routing between its own workers stays as it is, and
+``users`` holds this node's users only.
 """
 
 import sys
@@ -22,7 +27,7 @@ import time
 from functools import partial
 from multiprocessing.connection import Connection
 
-from chatlib import link, protocol
+from chatlib import bus, link, protocol
 from chatlib.channel import Channel
 from chatlib.service import Service
 
@@ -59,6 +64,10 @@ class Broker(Service):
         self.owner = {}                 # (slot, cid) -> lower-case name
         self.who_cache = None           # the USER lines, rebuilt after a change
         self.paused = False
+        self.cursor = None              # cluster mode: the last bus entry routed
+        self.cursor_told = {}           # slot -> the cursor it was last told
+        self.cluster = None             # cluster mode: made in start(), on our selector
+        self.ready_when_started = config.redis is None   # a node: once it has joined
 
     # -- set-up and control ---------------------------------------------------
 
@@ -84,10 +93,27 @@ class Broker(Service):
         self.unsynced.discard(slot)
         self.marked.pop(slot, None)
         self.deferred = [(s, event) for s, event in self.deferred if s != slot]
+        if self.cluster is not None:
+            self.cluster.cancel(slot)
         self.origin = None                      # its departures come from no batch
         for key in [k for k, user in self.users.items() if user[1] == slot]:
             self.log_out(slot, self.users[key][2])
         self.run_deferred()
+
+    def start(self):
+        if self.config.redis is not None:
+            from chatlib.cluster import Cluster
+            self.cluster = Cluster(self)
+            self.cluster.start()
+
+    def stop(self):
+        if self.cluster is not None:
+            self.cluster.leave(self.stopped)
+        else:
+            self.stopped()
+
+    def stopped(self):
+        self.running = False
 
     def on_link_lost(self, slot):
         self.log.debug("worker-%d link lost", slot)
@@ -107,6 +133,8 @@ class Broker(Service):
     def finish(self):
         for channel in self.channels.values():
             channel.close()
+        if self.cluster is not None:
+            self.cluster.close()
 
     # -- the loop -------------------------------------------------------------
 
@@ -116,15 +144,24 @@ class Broker(Service):
         self.end_turn()
 
     def poll_timeout(self):
-        if self.lazy_due is None:
+        due = self.lazy_due
+        if self.cluster is not None:
+            wakeup = self.cluster.next_wakeup()
+            if wakeup is not None:
+                due = wakeup if due is None else min(due, wakeup)
+        if due is None:
             return self.heartbeat_interval
-        return max(0.0, min(self.heartbeat_interval, self.lazy_due - time.monotonic()))
+        return max(0.0, min(self.heartbeat_interval, due - time.monotonic()))
 
     def tick(self, now):
         """Backpressure: while a worker cannot take more, read from nobody."""
         if self.lazy_due is not None and now >= self.lazy_due:
             self.send_lazy()
         congested = any(ch.congested for ch in self.channels.values())
+        if self.cluster is not None:
+            self.cluster.tick(now)
+            self.end_turn()
+            congested = congested or self.cluster.congested
         if congested != self.paused:
             self.paused = congested
             for channel in self.channels.values():
@@ -143,12 +180,14 @@ class Broker(Service):
                     self.outboxes[slot] = []
                     self.marked.pop(slot, None)
                     batch = [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box]
-                    if self.lazy[slot]:
-                        batch[:0], self.lazy[slot] = self.lazy[slot], []
+                    if self.lazy[slot] or self.cursor is not None:
+                        batch[:0] = self.take_lazy(slot)
                     if self.ackable[slot] != self.acked[slot]:
                         self.acked[slot] = self.ackable[slot]
                         batch.append((link.ACK, self.acked[slot]))
                     self.channels[slot].send(batch)
+        if self.cluster is not None:
+            self.cluster.end_turn(self.received)
         self.mark_ackable()
 
     def mark_ackable(self):
@@ -157,7 +196,7 @@ class Broker(Service):
         LAZY_DELAY, so that acknowledging costs no extra frame under load."""
         if self.deferred or any(ch.pending_bytes for ch in self.channels.values()):
             return
-        self.ackable.update(self.received)
+        self.ackable.update(self.received if self.cluster is None else self.cluster.safe())
         if self.ackable != self.acked:
             self.lazy_soon()
 
@@ -176,8 +215,16 @@ class Broker(Service):
         self.end_turn()
 
     def flush_lazy(self, slot):
-        self.outboxes[slot].extend(self.lazy[slot])
-        self.lazy[slot] = []
+        self.outboxes[slot].extend(self.take_lazy(slot))
+
+    def take_lazy(self, slot):
+        """What waits for the next batch to ``slot``: new names, and in
+        cluster mode the bus cursor if it moved."""
+        events, self.lazy[slot] = self.lazy[slot], []
+        if self.cursor is not None and self.cursor_told.get(slot) != self.cursor:
+            self.cursor_told[slot] = self.cursor
+            events.append((link.CURSOR, self.cursor))
+        return events
 
     def on_batches(self, slot, batches):
         for batch in batches:
@@ -198,6 +245,8 @@ class Broker(Service):
             deferred, self.deferred = self.deferred, []
             for slot, event in deferred:
                 self.route(slot, event)
+        if self.cluster is not None and not self.unsynced:
+            self.cluster.synced()
 
     # -- routing --------------------------------------------------------------
 
@@ -205,9 +254,14 @@ class Broker(Service):
         tag = event[0]
         if tag == link.MSG:
             self.broadcast(event[1], skip=slot)
+            if self.cluster is not None:
+                self.cluster.add_msg(slot, self.origin[1], event[1])
         elif tag == link.LOGIN:
             self.log_in(slot, event[1], event[2])
         elif tag == link.WHO:
+            if self.cluster is not None:
+                self.cluster.who(slot, event[1])
+                return
             if self.who_cache is None:
                 self.who_cache = protocol.user_lines(user[0] for user in self.users.values())
             self.answer(slot, event[1], self.who_cache)
@@ -219,6 +273,12 @@ class Broker(Service):
                 self.box(tslot).append((link.DELIVER, tcid, line))
                 if awaited:
                     self.answer(slot, cid, b"")
+            elif self.cluster is not None and self.cluster.knows(key):
+                self.cluster.add_dm(slot, self.origin[1], key, line)
+                if awaited:
+                    self.answer(slot, cid, b"")
+            elif self.cluster is not None and awaited:
+                self.cluster.dm(slot, cid, key, line)
             elif awaited:
                 self.answer(slot, cid, protocol.ERR_USER_NOT_FOUND)
             else:
@@ -232,6 +292,8 @@ class Broker(Service):
                 self.received[slot] = event[1]
         elif tag == link.SYNC:
             self.sync(slot, event[1], event[2])
+            if self.cluster is not None:
+                self.cluster.note_cursor(event[3])
         else:
             self.log.error("unknown event from worker-%d: %r", slot, tag)
 
@@ -299,29 +361,94 @@ class Broker(Service):
         """Once every worker has synced, the ones that lack it get the directory."""
         if self.unlisted and not self.unsynced:
             names = list(self.users)
+            if self.cluster is not None:
+                names += self.cluster.mirror
             for slot in self.unlisted:
                 if slot in self.outboxes:
                     self.outboxes[slot].append((link.DIRECTORY, names))
             self.unlisted.clear()
 
     def log_in(self, slot, cid, name):
-        """Atomic across workers: the broker is the only one who decides."""
+        """Atomic across workers: the broker is the only one who decides
+        (in cluster mode, Redis decides for the whole cluster)."""
         if name.lower() in self.users:
             self.answer(slot, cid, protocol.ERR_USERNAME_TAKEN)
+        elif self.cluster is not None:
+            self.cluster.claim(slot, cid, name)
         else:
-            stamp = max(time.time_ns(), self.last_stamp + 1)
-            self.register(name, slot, cid, stamp)
-            self.outboxes[slot].append((link.GRANTED, cid, name, stamp))
-            self.tell_all((link.JOINED, name.lower()))
+            self.grant(slot, cid, name, max(time.time_ns(), self.last_stamp + 1))
+
+    def grant(self, slot, cid, name, stamp):
+        if slot not in self.outboxes:
+            if self.cluster is not None:        # its worker died meanwhile
+                self.cluster.release(name.lower(), slot, cid, announce=False)
+            return
+        self.register(name, slot, cid, stamp)
+        self.outboxes[slot].append((link.GRANTED, cid, name, stamp))
+        self.tell_all((link.JOINED, name.lower()))
 
     def log_out(self, slot, cid):
         key = self.owner.pop((slot, cid), None)
-        if key is None:
-            return                              # never logged in
+        if key is None:                         # never logged in
+            if self.cluster is not None:
+                self.cluster.cancel(slot, cid)  # a claim it was waiting for
+            return
         name = self.users.pop(key)[0]
         self.who_cache = None
         self.tell_all((link.LEFT, key))
         self.broadcast(protocol.info_disconnected(name))
+        if self.cluster is not None:
+            self.cluster.release(key, slot, cid)
+
+    # -- cluster mode: what other nodes send ----------------------------------
+
+    def route_remote(self, node, records):
+        """Another node's lines, records of :mod:`chatlib.bus`, under a FROM
+        naming their origin batch there."""
+        for record in records:
+            tag = record[0]
+            if tag == bus.MSG:
+                self.broadcast(record[1])
+            elif tag == bus.DM:
+                target = self.users.get(record[1])
+                if target is not None:
+                    self.box(target[1]).append((link.DELIVER, target[2], record[2]))
+            else:
+                self.origin = ((node, record[1]), record[2])
+        self.origin = None
+
+    def remote_joined(self, key):
+        self.tell_all((link.JOINED, key))
+
+    def remote_left(self, key):
+        self.tell_all((link.LEFT, key))
+
+    def remote_departures(self, names, number):
+        """Users gone from other nodes: an INFO each, numbered by bus entry."""
+        self.origin = ("left", number)
+        for name in names:
+            self.tell_all((link.LEFT, name.lower()))
+            self.broadcast(protocol.info_disconnected(name))
+        self.origin = None
+
+    def tell_cursor(self, cursor):
+        """The bus entries up to ``cursor`` are routed: workers learn it with
+        their next batch, for a restarted broker to resume from."""
+        self.cursor = cursor
+        self.lazy_soon()
+
+    def directory_changed(self):
+        self.unlisted.update(self.outboxes)
+        self.send_directories()
+
+    def evict(self, keys=None):
+        """The node cannot vouch for its users any more: close their
+        connections (``keys``: only those) with ERR unavailable."""
+        for slot in self.outboxes:
+            cids = None if keys is None else [self.users[k][2] for k in keys
+                                              if k in self.users and self.users[k][1] == slot]
+            if cids is None or cids:
+                self.outboxes[slot].append((link.EVICT, protocol.ERR_UNAVAILABLE, cids))
 
 
 def main(argv=None):

@@ -561,7 +561,8 @@ class Worker(Service):
                 elif tag == link.CURSOR:
                     self.cursor = event[1]
                 elif tag == link.EVICT:
-                    for c in list(self.users.values()):
+                    cids = self.users if event[2] is None else event[2]
+                    for c in [self.users[cid] for cid in cids if cid in self.users]:
                         self.cut(c, event[1], "cluster unavailable")
                 elif tag == link.GRANTED:
                     c = self.clients.get(event[1])

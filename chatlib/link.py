@@ -51,8 +51,8 @@ Broker -> worker
     (CURSOR, entry_id)          cluster mode: the stream entries up to this
                                 one are routed; a restarted broker resumes
                                 reading after the oldest cursor of its workers
-    (EVICT, line)               cluster mode: the node lost its lease; cut
-                                every logged-in user with ``line``
+    (EVICT, line, cids)         cluster mode: the node lost its lease; cut
+                                these logged-in users (None: all) with ``line``
     (ACK, n)                    this worker's batches up to number ``n`` are
                                 routed and their lines are in the kernel's
                                 socket buffers: a broker killed now loses none

@@ -1,0 +1,86 @@
+"""What one node tells the others: the records in the ``d`` field of a bus entry.
+
+A broker turn's lines for other nodes travel as one stream entry (see
+:mod:`chatlib.registry`), its records in the order the worker batches came:
+
+    (ORIGIN, slot, n)   the records that follow come from worker ``slot``'s
+                        batch ``n`` (``slot`` ``dm``: a DM sent on its own,
+                        numbered by the broker), so that a receiving worker
+                        drops lines it had before (:class:`chatlib.delivery.Inbound`)
+    (MSG, blob)         ready-made ``MSG`` lines, for every user of the node
+    (DM, key, line)     a ``DM`` line for the user ``key`` (lower-case name)
+
+Each record is a tag byte, then its fields, each a 4-byte length and the
+bytes: no pickle, since anyone who can write to Redis could make a pickle
+run code on every node. Sans-IO, tested in ``tests/test_bus.py``.
+"""
+
+ORIGIN = b"B"
+MSG = b"M"
+DM = b"D"
+_FIELDS = {ORIGIN: 2, MSG: 1, DM: 2}
+
+
+class Records:
+    """The records of one entry being built, with one ORIGIN per run of a batch."""
+
+    def __init__(self):
+        self.parts = []
+        self.origin = None
+
+    def __bool__(self):
+        return bool(self.parts)
+
+    def _field(self, data):
+        self.parts.append(len(data).to_bytes(4, "big"))
+        self.parts.append(data)
+
+    def from_batch(self, slot, number):
+        if self.origin != (slot, number):
+            self.origin = (slot, number)
+            self.parts.append(ORIGIN)
+            self._field(str(slot).encode())
+            self._field(b"%d" % number)
+
+    def msg(self, blob):
+        self.parts.append(MSG)
+        self._field(blob)
+
+    def dm(self, key, line):
+        self.parts.append(DM)
+        self._field(key.encode())
+        self._field(line)
+
+    def encode(self):
+        return b"".join(self.parts)
+
+
+def decode(data):
+    """The records of ``data`` as tuples: (ORIGIN, slot str, n int),
+    (MSG, blob), (DM, key str, line). ValueError if it is malformed."""
+    records = []
+    view = memoryview(data)
+    pos, end = 0, len(data)
+    while pos < end:
+        tag = bytes(view[pos:pos + 1])
+        count = _FIELDS.get(tag)
+        if count is None:
+            raise ValueError("unknown record tag %r" % tag)
+        pos += 1
+        fields = []
+        for _ in range(count):
+            if pos + 4 > end:
+                raise ValueError("record cut short")
+            size = int.from_bytes(view[pos:pos + 4], "big")
+            pos += 4
+            if pos + size > end:
+                raise ValueError("record cut short")
+            fields.append(bytes(view[pos:pos + size]))
+            pos += size
+        if tag == ORIGIN:
+            records.append((ORIGIN, fields[0].decode(), int(fields[1])))
+        elif tag == DM:
+            records.append((DM, fields[0].decode(), fields[1]))
+        else:
+            records.append((MSG, fields[0]))
+    return records

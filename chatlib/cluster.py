@@ -1,0 +1,544 @@
+"""Cluster mode: one node's side of a chat shared through Redis.
+
+The broker keeps routing between its own workers exactly as on one host; a
+:class:`Cluster` beside it carries what other nodes must see, and brings back
+what they send. Two connections to Redis (:mod:`chatlib.redis_client`): one
+for commands, pipelined, and one blocked reading the bus stream.
+
+What it keeps true, and how:
+
+* **One name space, atomic LOGIN, linearizable WHO.** Names are claimed and
+  released by Lua scripts (:mod:`chatlib.registry`); ``WHO`` reads Redis.
+  Commands go out on one connection in the order they were made, so a
+  release queued before a ``WHO`` is done before it.
+* **Batching.** All a turn's lines for other nodes, and its departures,
+  travel as one script call that appends one bus entry; requests
+  (``LOGIN``, ``WHO``) follow it in the same write.
+* **Nothing lost, nothing twice, across a reconnect.** Commands whose reply
+  never came are sent again after reconnecting, in their order; a worker
+  drops lines of a batch it had before (the entry's records name their
+  origin batch, as the broker's FROM does between local workers), and the
+  scripts are idempotent (a claim sent twice is recognised, a name is
+  released once). Worker batches are acknowledged only once Redis confirmed
+  the entry that carries them, so a broker that dies loses none either.
+  Reading resumes after the last entry read; a restarted broker resumes
+  after the oldest entry its workers say they were given.
+* **Leases.** A node renews its lease every HEARTBEAT seconds and reaps the
+  nodes whose lease ran out (announcing their users gone). A node that could
+  not renew closes its users' connections with ``ERR unavailable`` before
+  its lease can run out, so that nobody is announced gone on one side and
+  still chatting on the other; what it had not yet passed to Redis is
+  dropped, except the departures.
+* **Redis restarted empty.** The registry's epoch is gone: the node
+  registers its users again, and no new name is given for one lease, until
+  every live node has had the time to do the same.
+"""
+
+import os
+import time
+from collections import deque
+from functools import partial
+
+from chatlib import bus, protocol, registry
+from chatlib.redis_client import ConnectionLost, RedisClient, RedisError
+
+REQUEST_TIMEOUT = 5.0     # a LOGIN or WHO waiting longer gets ERR unavailable
+RETRY_DELAY = 0.25        # a claim refused for now (recovering) tries again after this
+READ_COUNT = 1000         # bus entries per read
+READ_BLOCK = 1.0          # seconds a read waits for new entries
+BACKLOG_LIMIT = 64 << 20  # bytes waiting for Redis above which the broker stops reading
+LEAVE_TIMEOUT = 1.5       # seconds a stopping node waits for its departures to be published
+
+
+def entry_number(entry_id):
+    """A bus entry id ``b"<ms>-<seq>"`` as one growing integer."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms) * 1000000 + int(seq or 0)
+
+
+class _Op:
+    """One command for Redis that must be sent, and sent again after a
+    reconnect until its reply comes: ``script`` run with ``args``, or the
+    plain command ``args`` if ``script`` is None; ``on_reply`` takes the reply."""
+
+    def __init__(self, script, args, on_reply, size=0):
+        self.script = script
+        self.args = args
+        self.on_reply = on_reply
+        self.size = size
+
+
+class _Request:
+    """A client's LOGIN, WHO or DM waiting for Redis, bounded by REQUEST_TIMEOUT."""
+
+    def __init__(self, slot, cid, deadline):
+        self.slot = slot
+        self.cid = cid
+        self.deadline = deadline
+        self.done = False
+
+
+class Cluster:
+    def __init__(self, broker):
+        cfg = broker.config
+        self.broker = broker
+        self.log = broker.log
+        self.prefix = cfg.cluster
+        self.node = cfg.node_id
+        self.node_b = cfg.node_id.encode()
+        self.token = cfg.node_token
+        self.lease = cfg.node_lease
+        self.lease_ms = int(self.lease * 1000)
+        self.heartbeat_every = min(1.0, self.lease / 4)
+        self.fence_margin = min(2.0, self.lease / 4)
+        self.commands = RedisClient(cfg.redis, broker.sel, "redis", on_up=self.on_up,
+                                    on_down=self.on_down, scripts=registry.SCRIPTS,
+                                    log=self.log)
+        self.reader = RedisClient(cfg.redis, broker.sel, "redis-bus", on_up=self.read,
+                                  log=self.log)
+        self.epoch = ""            # the registry's epoch, once joined
+        self.registered = False    # joined on the current connection
+        self.ready = False         # told the supervisor once
+        self.fenced = False        # lease lost: no names given until renewed
+        # Our lease surely holds until then. A restarted broker does not know
+        # when its predecessor last renewed: it has a moment to join.
+        self.lease_until = time.monotonic() + 2 * self.fence_margin
+        self.next_heartbeat = 0.0
+        self.heartbeat_sent = None  # when the heartbeat in flight was sent
+        self.mirror = set()        # lower-case names logged in on other nodes
+        self.cursor = None         # id of the last bus entry read
+        self.worker_cursors = []   # what a restarted broker's workers were given
+        self.reading = False
+        self.records = bus.Records()   # this turn's lines for other nodes
+        self.releases = []         # this turn's (key, owner, announce)
+        self.joins = []            # this turn's (key, owner) claimed
+        self.requests = []         # this turn's requests, sent after its entry
+        self.backlog = deque()     # ops not sent yet, in order
+        self.inflight = deque()    # ops sent, unanswered, in order
+        self.lost = []             # inflight ops whose connection died, in order
+        self.backlog_bytes = 0
+        self.waiting = deque()     # _Request in the order made (= deadline order)
+        self.later = []            # (when, op) claims to send again
+        self.unconfirmed = deque()  # per entry in flight: the batches it covers
+        self.confirmed = {}        # slot -> last batch whose lines Redis holds
+        self.dm_number = time.time_ns()
+        self.join_last_id = None   # the bus's last entry when we joined
+        self.leaving = None        # (deadline, callback) while stopping
+        self.leave_queued = False
+
+    # -- life -----------------------------------------------------------------
+
+    def start(self):
+        self.commands.start()
+        self.reader.start()
+
+    def owner(self, slot, cid):
+        return "%s %d %d" % (self.node, slot, cid)
+
+    @property
+    def congested(self):
+        return self.backlog_bytes + self.commands.buffered_bytes > BACKLOG_LIMIT
+
+    def note_cursor(self, cursor):
+        """A worker's SYNC: where this (restarted) broker's reading may resume."""
+        if cursor is not None:
+            self.worker_cursors.append(cursor)
+
+    def next_wakeup(self):
+        times = [self.next_heartbeat if self.registered else None,
+                 self.waiting[0].deadline if self.waiting else None,
+                 self.later[0][0] if self.later else None,
+                 self.lease_until - self.fence_margin if self.broker.users and not self.fenced
+                 else None,
+                 self.commands.next_wakeup(), self.reader.next_wakeup()]
+        return min([t for t in times if t is not None], default=None)
+
+    def tick(self, now):
+        self.commands.tick(now)
+        self.reader.tick(now)
+        while self.waiting and (self.waiting[0].done or self.waiting[0].deadline <= now):
+            request = self.waiting.popleft()
+            if not request.done:
+                request.done = True
+                self.broker.answer(request.slot, request.cid, protocol.ERR_UNAVAILABLE)
+        if self.later and self.later[0][0] <= now:
+            due = [op for when, op in self.later if when <= now]
+            self.later = [(when, op) for when, op in self.later if when > now]
+            self.queue(*due)
+        if not self.fenced and self.broker.users and now >= self.lease_until - self.fence_margin:
+            self.fence()
+        if self.registered and now >= self.next_heartbeat and self.heartbeat_sent is None:
+            self.heartbeat(now)
+        if self.leaving and now >= self.leaving[0]:
+            self.left(None)
+        self.send()
+
+    # -- the command connection ------------------------------------------------
+
+    def on_up(self):
+        """Connected: register (again) before anything else goes."""
+        self.registered = False
+        self.join("")
+
+    def join(self, mode, users=()):
+        args = [self.prefix, self.node, self.token, self.lease_ms, registry.STREAM_MAXLEN,
+                os.urandom(8).hex(), self.epoch, mode]
+        for cid_slot, name, stamp in users:
+            slot, cid = cid_slot
+            args += [name.lower(), self.owner(slot, cid), name, stamp]
+        sent = time.monotonic()
+        self.commands.evalsha(partial(self.on_join, sent), registry.JOIN, (), args)
+        self.commands.flush()
+
+    def on_join(self, sent, reply):
+        if isinstance(reply, (ConnectionLost, RedisError)):
+            if isinstance(reply, RedisError):
+                self.log.error("cannot join the cluster: %s", reply)
+            return                              # on_up joins again
+        status = reply[0]
+        if status == b"duplicate":
+            self.broker.fatal(
+                "node id %r is in use by another live node of cluster %r (its lease "
+                "runs out in %.1f s): give each node its own --node-id"
+                % (self.node, self.prefix, max(0, reply[1]) / 1000))
+            return
+        if status == b"epoch":
+            self.log.warning("redis has lost the cluster's data (restarted empty?): "
+                             "registering this node's %d users again", len(self.broker.users))
+            self.join("restore", [((u[1], u[2]), u[0], u[3])
+                                  for u in self.broker.users.values()])
+            return
+        _, epoch, last_id, keys, conflicts = reply
+        if not self.epoch:
+            self.log.info("joined cluster %r as node %s", self.prefix, self.node)
+        self.epoch = epoch.decode()
+        self.registered = True
+        self.join_last_id = last_id
+        self.renewed(sent)
+        self.mirror = {k.decode() for k in keys} - set(self.broker.users)
+        if conflicts:
+            self.broker.evict([k.decode() for k in conflicts])
+        self.broker.directory_changed()
+        self.synced()
+        self.send()
+
+    def synced(self):
+        """Registered, and every worker has synced (a restarted broker has
+        their cursors): start reading, and serving."""
+        if not self.registered or self.broker.unsynced:
+            return
+        if self.cursor is None:
+            self.cursor = min(self.worker_cursors, key=entry_number, default=self.join_last_id)
+        self.read()
+        if not self.ready:
+            self.ready = True
+            self.broker.report_ready()
+
+    def on_down(self):
+        """Every unanswered command failed (in order): send them again later,
+        first, after registering again."""
+        self.registered = False
+        self.heartbeat_sent = None
+        self.backlog.extendleft(reversed(self.lost))
+        self.lost = []
+
+    def renewed(self, sent):
+        self.lease_until = sent + self.lease
+        self.next_heartbeat = sent + self.heartbeat_every
+        if self.fenced:
+            self.fenced = False
+            self.log.info("cluster lease renewed: serving logins again")
+
+    def heartbeat(self, now):
+        self.heartbeat_sent = now
+        self.commands.evalsha(self.on_heartbeat, registry.HEARTBEAT, (),
+                              [self.prefix, self.node, self.token, self.lease_ms, self.epoch,
+                               registry.STREAM_MAXLEN, self.lease_ms * 3])
+
+    def on_heartbeat(self, reply):
+        sent, self.heartbeat_sent = self.heartbeat_sent, None
+        if isinstance(reply, (ConnectionLost, RedisError)) or sent is None:
+            if isinstance(reply, RedisError):
+                self.log.error("cluster heartbeat failed: %s", reply)
+                self.next_heartbeat = time.monotonic() + self.heartbeat_every
+            return
+        status = reply[0]
+        if status == b"ok":
+            self.renewed(sent)
+            pairs = reply[1]
+            for node, count in zip(pairs[::2], pairs[1::2]):
+                self.log.warning("node %s missed its lease: %d users announced gone",
+                                 node.decode(), count)
+        elif status == b"epoch":
+            self.registered = False
+            self.join("")
+        else:                                   # reaped: the others took us for dead
+            self.log.error("this node was taken for dead by the cluster; joining again")
+            self.fence()
+            self.registered = False
+            self.join("")
+
+    def fence(self):
+        """Our lease may run out before Redis hears from us: give up our users
+        (the others will announce them) and drop what they said that Redis
+        has not got. Their departures stay queued: if nobody reaped us after
+        all, the release announces them, exactly once."""
+        self.fenced = True
+        if self.broker.users:
+            self.log.error("cannot renew the cluster lease: closing %d users' connections "
+                           "(ERR unavailable)", len(self.broker.users))
+        for op in self.backlog:
+            if op.script is registry.PUBLISH:
+                op.args[4] = b""
+                op.args[6 + 3 * int(op.args[5]):] = []      # claims: gone with the users
+                self.backlog_bytes -= op.size
+                op.size = 0
+        self.broker.evict()
+
+    # -- queueing and sending -------------------------------------------------
+
+    def queue(self, *ops):
+        for op in ops:
+            self.backlog.append(op)
+            self.backlog_bytes += op.size
+
+    def send(self):
+        """Send what waits, in order, once registered. A fenced node gives
+        no names until its lease is renewed: its claims wait."""
+        if not (self.registered and self.commands.up and self.backlog):
+            return
+        held = deque()
+        while self.backlog:
+            op = self.backlog.popleft()
+            if self.fenced and op.script is registry.CLAIM:
+                held.append(op)
+                continue
+            self.backlog_bytes -= op.size
+            self.inflight.append(op)
+            callback = partial(self.on_reply, op)
+            if op.script is None:
+                self.commands.call(callback, *op.args)
+            else:
+                self.commands.evalsha(callback, op.script, (), op.args)
+        self.backlog = held
+        self.commands.flush()
+
+    def on_reply(self, op, reply):
+        if self.inflight and self.inflight[0] is op:
+            self.inflight.popleft()
+        if isinstance(reply, ConnectionLost):
+            self.lost.append(op)
+            return
+        if isinstance(reply, RedisError):
+            self.log.error("redis refused a cluster command: %s", reply)
+        op.on_reply(reply)
+
+    def end_turn(self, received):
+        """The turn's one bus entry, then its requests."""
+        if self.records or self.releases or self.joins:
+            data = self.records.encode()
+            args = [self.prefix, self.node, self.token, registry.STREAM_MAXLEN, data,
+                    len(self.releases)]
+            for key, owner, announce in self.releases:
+                args += [key, owner, "1" if announce else "0"]
+            for key, owner in self.joins:
+                args += [key, owner]
+            covered = dict(received)
+            self.unconfirmed.append(covered)
+            self.queue(_Op(registry.PUBLISH, args, partial(self.on_published, covered),
+                           len(data)))
+            self.records = bus.Records()
+            self.releases = []
+            self.joins = []
+        elif not self.unconfirmed:
+            self.confirmed = dict(received)
+        if self.requests:
+            self.queue(*self.requests)
+            self.requests = []
+        if self.leaving and not self.leave_queued:
+            self.leave_queued = True
+            self.queue(_Op(registry.LEAVE, [self.prefix, self.node, self.token,
+                                            registry.STREAM_MAXLEN], self.left))
+        self.send()
+
+    def on_published(self, covered, reply):
+        if reply == b"reaped":
+            self.log.error("redis refused this node's lines: it was taken for dead")
+        if self.unconfirmed and self.unconfirmed[0] is covered:
+            self.unconfirmed.popleft()
+        self.confirmed = covered
+
+    def safe(self):
+        """Worker batches whose lines Redis holds: they may be acknowledged."""
+        return self.confirmed
+
+    # -- what the broker hands over ------------------------------------------
+
+    def add_msg(self, slot, number, blob):
+        self.records.from_batch(slot, number)
+        self.records.msg(blob)
+
+    def add_dm(self, slot, number, key, line):
+        self.records.from_batch(slot, number)
+        self.records.dm(key, line)
+
+    def release(self, key, slot, cid, announce=True):
+        self.releases.append((key, self.owner(slot, cid), announce))
+
+    def knows(self, key):
+        return key in self.mirror
+
+    def request(self, slot, cid):
+        request = _Request(slot, cid, time.monotonic() + REQUEST_TIMEOUT)
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, slot, cid=None):
+        """The client (``cid`` None: every client of worker ``slot``) is gone:
+        its answers must not go to whoever takes its place."""
+        for request in self.waiting:
+            if request.slot == slot and (cid is None or request.cid == cid):
+                request.done = True
+
+    def claim(self, slot, cid, name):
+        request = self.request(slot, cid)
+        key = name.lower()
+        owner = self.owner(slot, cid)
+        args = [self.prefix, self.node, self.token, key, name, owner]
+        op = _Op(registry.CLAIM, args, None)
+        op.on_reply = partial(self.on_claim, request, op, name, owner)
+        self.requests.append(op)
+
+    def on_claim(self, request, op, name, owner, reply):
+        key = name.lower()
+        if isinstance(reply, RedisError):
+            stamp = 0 if request.done else None
+        else:
+            stamp = reply
+        if stamp == -1:
+            if not request.done:
+                self.later.append((time.monotonic() + RETRY_DELAY, op))
+            return
+        if request.done:                       # answered ERR unavailable meanwhile
+            if stamp:
+                self.releases.append((key, owner, False))
+            return
+        request.done = True
+        if stamp is None:
+            self.broker.answer(request.slot, request.cid, protocol.ERR_UNAVAILABLE)
+        elif stamp == 0:
+            self.broker.answer(request.slot, request.cid, protocol.ERR_USERNAME_TAKEN)
+        else:
+            self.joins.append((key, owner))
+            self.broker.grant(request.slot, request.cid, name, stamp)
+
+    def who(self, slot, cid):
+        request = self.request(slot, cid)
+        self.requests.append(_Op(None, registry.who_command(self.prefix),
+                                 partial(self.on_who, request)))
+
+    def on_who(self, request, reply):
+        if request.done:
+            return
+        request.done = True
+        if isinstance(reply, RedisError):
+            answer = protocol.ERR_UNAVAILABLE
+        else:
+            answer = protocol.user_lines(name.decode() for name in reply)
+        self.broker.answer(request.slot, request.cid, answer)
+
+    def dm(self, slot, cid, key, line):
+        """A DM to a name no directory here knows: Redis says if it exists."""
+        request = self.request(slot, cid)
+        self.dm_number += 1
+        records = bus.Records()
+        records.from_batch("dm", self.dm_number)
+        records.dm(key, line)
+        args = [self.prefix, self.node, self.token, registry.STREAM_MAXLEN, key,
+                records.encode()]
+        self.requests.append(_Op(registry.DM, args, partial(self.on_dm, request)))
+
+    def on_dm(self, request, reply):
+        if request.done:
+            return
+        request.done = True
+        if reply == 1:
+            answer = b""
+        elif reply == 0:
+            answer = protocol.ERR_USER_NOT_FOUND
+        else:
+            answer = protocol.ERR_UNAVAILABLE
+        self.broker.answer(request.slot, request.cid, answer)
+
+    # -- reading the bus ------------------------------------------------------
+
+    def read(self):
+        if self.reading or self.cursor is None or not self.reader.up:
+            return
+        self.reading = True
+        self.reader.call(self.on_entries,
+                         *registry.read_command(self.prefix, self.cursor, READ_COUNT,
+                                                int(READ_BLOCK * 1000)),
+                         block=READ_BLOCK)
+        self.reader.flush()
+
+    def on_entries(self, reply):
+        self.reading = False
+        if isinstance(reply, ConnectionLost):
+            return                               # read() again when it is up
+        if isinstance(reply, RedisError):
+            self.log.error("cannot read the cluster's stream: %s", reply)
+        elif reply:
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    self.take(entry_id, fields)
+                    self.cursor = entry_id
+            self.broker.tell_cursor(self.cursor)
+        self.read()
+
+    def take(self, entry_id, fields):
+        """Route one bus entry: lines to our users, changes to the directory."""
+        entry = dict(zip(fields[::2], fields[1::2]))
+        if entry.get(b"o") == self.node_b:
+            return                               # our own
+        origin = entry.get(b"o", b"?").decode()
+        broker = self.broker
+        if b"d" in entry:
+            try:
+                records = bus.decode(entry[b"d"])
+            except ValueError as exc:
+                self.log.error("skipping a malformed bus entry %s from %s: %s",
+                               entry_id.decode(), origin, exc)
+                records = ()
+            broker.route_remote(origin, records)
+        for key in _names(entry.get(b"j")):
+            self.mirror.add(key)
+            broker.remote_joined(key)
+        for key in _names(entry.get(b"q")):
+            self.mirror.discard(key)
+            broker.remote_left(key)
+        names = [n for n in entry.get(b"l", b"").decode().split("\n") if n]
+        if names:
+            for name in names:
+                self.mirror.discard(name.lower())
+            broker.remote_departures(names, entry_number(entry_id))
+
+    # -- stopping ------------------------------------------------------------
+
+    def leave(self, callback):
+        """Stopping: our users are announced gone now rather than after the
+        lease; the next end_turn queues that after what they said before."""
+        self.leaving = (time.monotonic() + LEAVE_TIMEOUT, callback)
+
+    def left(self, reply):
+        if self.leaving is not None:
+            callback, self.leaving = self.leaving[1], None
+            callback()
+
+    def close(self):
+        self.commands.close()
+        self.reader.close()
+
+
+def _names(field):
+    return [n for n in (field or b"").decode().split("\n") if n]
