@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import recvfds
 
 from chatlib import link, protocol
-from chatlib.acceptor import note_gone, note_lost, note_open
+from chatlib.notes import note_gone, note_lost, note_open
 from chatlib.channel import Channel
 from chatlib.delivery import Inbound, Outbound
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,

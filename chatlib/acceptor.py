@@ -8,13 +8,10 @@ on a socket kept for the pipe's life instead of one dup'ed, wrapped and
 closed for every connection), and the acceptor then closes its own copy
 (otherwise the TCP connection would outlive the worker's close).
 
-A second pipe carries *notes* back, one line per connection: ``-IP`` when a
-worker closed a connection from IP, ``+IP`` for each connection it holds when
-it first meets a new acceptor, ``!N`` when it lost hand-off number N. (They
-cannot share the hand-off pipe: on macOS each descriptor sent is acknowledged
-by a byte on it, which a note would be taken for.) From them the acceptor
-knows, exactly, how many connections each worker holds and each address has
-open, which gives:
+A second pipe carries *notes* back (``chatlib.notes``): which connections
+each worker closed, or holds when it meets a new acceptor, or lost in the
+hand-off. From them the acceptor knows how many connections each worker holds
+and each address has open, which gives:
 
 * least-loaded spreading: stays even under churn and fills a restarted worker
   first, where round-robin would not;
@@ -30,6 +27,7 @@ from multiprocessing.reduction import sendfds
 from selectors import EVENT_READ
 
 from chatlib import protocol
+from chatlib.notes import LOST, OPEN, NoteReader
 from chatlib.service import Service
 
 ACCEPTS_PER_TURN = 256
@@ -39,26 +37,13 @@ BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
 RECENT_HANDOFFS = 4096      # addresses kept to match a worker's "lost" note
 
 
-def note_open(ip):
-    return b"+%s\n" % ip.encode()
-
-
-def note_gone(ip):
-    return b"-%s\n" % ip.encode()
-
-
-def note_lost(index):
-    """The worker could not receive hand-off number ``index`` on this pipe."""
-    return b"!%d\n" % index
-
-
 class WorkerPipe:
     """The acceptor's ends of one worker's pipes, and what it knows of that worker."""
 
     def __init__(self, handoff, notes):
         self.handoff = handoff      # socket: connections go this way...
         self.notes = notes          # socket: ...and notes come back this way
-        self.partial = b""
+        self.reader = NoteReader()
         self.ips = Counter()        # address -> connections this worker holds
         self.load = 0               # connections this worker holds
         self.handed = 0             # connections handed over on this pipe
@@ -132,15 +117,12 @@ class Acceptor(Service):
         if not data:
             self.detach(slot)               # the worker died; the supervisor knows
             return
-        lines = (pipe.partial + data).split(b"\n")
-        pipe.partial = lines.pop()
-        for line in lines:
-            ip = line[1:].decode()
-            if line[:1] == b"!":            # lost in the hand-off: as if closed
-                ip = pipe.address_of(int(ip))
+        for kind, ip in pipe.reader.feed(data):
+            if kind == LOST:                # lost in the hand-off: as if closed
+                ip = pipe.address_of(ip)
                 if ip is None:
                     continue
-            if line[:1] == b"+":
+            if kind == OPEN:
                 pipe.load += 1
                 pipe.ips[ip] += 1
                 self.per_ip[ip] += 1
