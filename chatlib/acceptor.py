@@ -17,6 +17,11 @@ and each address has open, which gives:
   first, where round-robin would not;
 * ``--max-clients`` (``ERR server-full``) and ``--max-per-ip``
   (``ERR too-many-connections``) without asking anyone.
+
+Those counts run a moment behind the clients: a close is counted when the
+worker's note comes, not when the client closed. ``--max-per-ip`` allows for
+that (see :meth:`Acceptor.dispatch`), so that a client that closes and at
+once reconnects is not refused.
 """
 
 import errno
@@ -35,6 +40,8 @@ ACCEPTS_PER_TURN = 256
 EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
 RECENT_HANDOFFS = 4096      # addresses kept to match a worker's "lost" note
+HOLD_FOR = 1.0              # seconds a connection over --max-per-ip waits for a close
+HELD_MAX = 256              # connections held so at once, all addresses together
 
 
 class WorkerPipe:
@@ -70,6 +77,10 @@ class Acceptor(Service):
         self.awaited = expected
         self.workers = {}                   # slot -> WorkerPipe
         self.per_ip = Counter()             # address -> open connections
+        self.held = {}                      # address -> deque of (deadline, socket):
+        self.held_count = 0                 #   over --max-per-ip, waiting for a close
+        self.next_expiry = 0.0              # the first deadline among them
+        self.freed = set()                  # addresses with fewer connections this turn
         self.backoff = 0.0
         self.resume_at = 0.0
         self.listening = False
@@ -79,6 +90,10 @@ class Acceptor(Service):
 
     def finish(self):
         self.listener.close()
+        for ip, queue in self.held.items():
+            for _, sock in queue:
+                self.refuse(sock, protocol.ERR_SERVER_SHUTDOWN, "server shutdown", ip)
+                sock.close()
 
     # -- workers come and go --------------------------------------------------
 
@@ -102,6 +117,7 @@ class Acceptor(Service):
         if pipe is not None:
             self.sel.unregister(pipe.notes)
             self.per_ip -= pipe.ips
+            self.freed.update(pipe.ips)
             pipe.close()
         self.update_listening()
 
@@ -133,6 +149,14 @@ class Acceptor(Service):
                     self.per_ip[ip] -= 1
                     if not self.per_ip[ip]:
                         del self.per_ip[ip], pipe.ips[ip]
+                    if ip in self.held:
+                        self.freed.add(ip)
+
+    def read_notes(self):
+        """Take the notes waiting on every pipe now, without waiting for the
+        loop to come to them."""
+        for slot, pipe in list(self.workers.items()):
+            self.on_notes(slot, pipe)
 
     # -- accepting ------------------------------------------------------------
 
@@ -150,14 +174,18 @@ class Acceptor(Service):
             self.listening = want
 
     def poll_timeout(self):
-        if self.resume_at:
-            return max(0.0, min(self.resume_at - time.monotonic(), super().poll_timeout()))
-        return super().poll_timeout()
+        timeout = super().poll_timeout()
+        for at in (self.resume_at, self.next_expiry if self.held else 0.0):
+            if at:
+                timeout = max(0.0, min(at - time.monotonic(), timeout))
+        return timeout
 
     def tick(self, now):
         if self.resume_at and now >= self.resume_at:
             self.resume_at = 0.0
             self.update_listening()
+        if self.freed or (self.held and now >= self.next_expiry):
+            self.release(now)
 
     def on_accept(self, mask=None):
         for _ in range(ACCEPTS_PER_TURN):
@@ -177,10 +205,12 @@ class Acceptor(Service):
             if self.backoff:
                 self.log.info("accepting again")
                 self.backoff = 0.0
+            held = False
             try:
-                self.dispatch(sock, address[0] if isinstance(address, tuple) else "?")
+                held = self.dispatch(sock, address[0] if isinstance(address, tuple) else "?")
             finally:
-                sock.close()
+                if not held:
+                    sock.close()
 
     def back_off(self, exc):
         """Out of descriptors: stop accepting a while (10 ms doubling to 1 s),
@@ -192,14 +222,105 @@ class Acceptor(Service):
         self.update_listening()
 
     def dispatch(self, sock, ip):
+        """Hand ``sock`` to a worker, refuse it, or hold it; True if held (the
+        acceptor keeps it open, to hand it on or refuse it later).
+
+        An address's count lags behind its clients: a connection counts until
+        its worker's note says it closed, a moment after the client closed
+        (the worker's next loop turn, then ours). A client at ``--max-per-ip``
+        that closes a connection and at once opens another can be accepted in
+        between, and must not be refused for a connection it no longer has.
+        So before refusing, the acceptor reads the notes waiting; if the
+        address is still at its limit, the new connection waits, unanswered,
+        until a note says a connection from that address closed (then it is
+        handed on, after those waiting before it), or for HOLD_FOR seconds
+        (then it is refused). A client truly over the limit is still refused,
+        HOLD_FOR later; one under it never is, as long as its worker notices
+        the close within HOLD_FOR: one loop turn, milliseconds, longer only
+        for a client whose reads are paused (by flood control). What waits is
+        bounded: ``--max-per-ip`` connections per address (no more of its
+        closes can be in flight) and HELD_MAX in all; past either, a
+        connection is refused at once.
+
+        Other ways fall short: the acceptor cannot see the close itself (it
+        keeps no copy of a handed socket, or the connection would outlive
+        the worker's close), and a margin over the limit would only make the
+        race rarer. ``--max-clients`` only reads the waiting notes before
+        refusing: it protects the server, where a moment's lag errs on the
+        safe side.
+        """
         cfg = self.config
-        if sum(pipe.load for pipe in self.workers.values()) >= cfg.max_clients:
+        if self.server_full():
             self.refuse(sock, protocol.ERR_SERVER_FULL, "server full", ip)
-            return
-        if cfg.max_per_ip and self.per_ip[ip] >= cfg.max_per_ip:
+            return False
+        limit = cfg.max_per_ip
+        if limit and (self.per_ip[ip] >= limit or ip in self.held):
+            self.read_notes()
+            if self.per_ip[ip] >= limit or ip in self.held:
+                self.freed.add(ip)      # release() hands on, in order, what fits
+                return self.hold(sock, ip)
+        self.hand_off(sock, ip)
+        return False
+
+    def server_full(self):
+        def full():
+            return sum(pipe.load for pipe in self.workers.values()) >= self.config.max_clients
+        if not full():
+            return False
+        self.read_notes()
+        return full()
+
+    def hold(self, sock, ip):
+        """Keep ``sock`` until a connection from ``ip`` closes (see dispatch);
+        True if held, False if refused at once."""
+        queue = self.held.get(ip)
+        if self.held_count >= HELD_MAX or (queue and len(queue) >= self.config.max_per_ip):
             self.refuse(sock, protocol.ERR_TOO_MANY_CONNECTIONS,
                         "too many connections from this address", ip)
-            return
+            return False
+        if queue is None:
+            queue = self.held[ip] = deque()
+        deadline = time.monotonic() + HOLD_FOR
+        if not self.held_count:
+            self.next_expiry = deadline
+        queue.append((deadline, sock))
+        self.held_count += 1
+        self.log.debug("holding a connection from %s: %d open, waiting for a close",
+                       ip, self.per_ip[ip])
+        return True
+
+    def release(self, now):
+        """Hand on the held connections that fit now, in order of arrival per
+        address; refuse those held for HOLD_FOR."""
+        self.freed = set()
+        limit = self.config.max_per_ip
+        for ip in list(self.held):
+            queue = self.held[ip]
+            while queue and self.workers and self.per_ip[ip] < limit:
+                deadline, sock = queue.popleft()
+                self.held_count -= 1
+                self.log.debug("a connection from %s closed: handing on one held %.0f ms",
+                               ip, (now - deadline + HOLD_FOR) * 1000)
+                try:
+                    if self.server_full():
+                        self.refuse(sock, protocol.ERR_SERVER_FULL, "server full", ip)
+                    else:
+                        self.hand_off(sock, ip)
+                finally:
+                    sock.close()
+            while queue and queue[0][0] <= now:
+                _, sock = queue.popleft()
+                self.held_count -= 1
+                self.refuse(sock, protocol.ERR_TOO_MANY_CONNECTIONS,
+                            "too many connections from this address", ip)
+                sock.close()
+            if not queue:
+                del self.held[ip]
+        if self.held:
+            self.next_expiry = min(queue[0][0] for queue in self.held.values())
+
+    def hand_off(self, sock, ip):
+        """Send ``sock`` to the least-loaded worker, and count it there."""
         while self.workers:
             slot = min(self.workers, key=lambda k: self.workers[k].load)
             pipe = self.workers[slot]
