@@ -452,6 +452,12 @@ class Broker(Service):
 
 
 def main(argv=None):
+    import socket
+    if not hasattr(socket, "SCM_RIGHTS"):
+        # Before anything else: the processes hand client sockets to one
+        # another over Unix sockets (SCM_RIGHTS), which Windows lacks.
+        sys.stderr.write("chat-server runs on Linux and macOS; on Windows, use WSL\n")
+        return 2
     from chatlib.config import parse_args
     from chatlib.supervisor import Supervisor
     return Supervisor(parse_args(argv)).run()
