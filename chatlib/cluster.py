@@ -109,6 +109,7 @@ class Cluster:
         self.cursor = None         # id of the last bus entry read
         self.worker_cursors = []   # what a restarted broker's workers were given
         self.reading = False
+        self.reader_started = False
         self.records = bus.Records()   # this turn's lines for other nodes
         self.releases = []         # this turn's (key, owner, announce)
         self.joins = []            # this turn's (key, owner) claimed
@@ -130,7 +131,6 @@ class Cluster:
 
     def start(self):
         self.commands.start()
-        self.reader.start()
 
     def owner(self, slot, cid):
         return "%s %d %d" % (self.node, slot, cid)
@@ -172,11 +172,17 @@ class Cluster:
         if self.leaving and now >= self.leaving[0]:
             self.left(None)
         self.send()
+        self.commands.flush()
 
     # -- the command connection ------------------------------------------------
 
     def on_up(self):
-        """Connected: register (again) before anything else goes."""
+        """Connected: register (again) before anything else goes. The bus
+        reader starts once Redis first answered, so that a Redis unreachable
+        at start is logged once, not once per connection."""
+        if not self.reader_started:
+            self.reader_started = True
+            self.reader.start()
         self.registered = False
         self.join("")
 
