@@ -28,27 +28,22 @@ Each violation is printed with the kills around it; exit status 1 if any,
 """
 
 import argparse
-import ctypes
 import os
 import random
 import re
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict, deque
 
-from procfs import process_role, session_pids
+from harness import IO_TIMEOUT, Server, StartError
+from procfs import process_age
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BROKER = os.path.join(ROOT, "broker.py")
 ROLES = ("worker", "broker", "acceptor")
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
-IO_TIMEOUT = 5.0        # any blocking socket call
-START_TIMEOUT = 30.0    # for "listening on"
 MIN_AGE = 1.5           # the supervisor gives up on a child that keeps dying
                         # within 1 s of its start: never kill one that young
 REPLACE_TIMEOUT = 10.0  # a killed process must have a successor by then
@@ -57,114 +52,27 @@ PHASE_TIMEOUT = 30.0    # settling, and each barrier
 CUT_WINDOW = 5.0        # a connection lost this soon after a worker kill is explained
 STATUS_EVERY = 10.0
 SHOWN = 25              # violations printed per kind; the rest are counted
-LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
 LOGGED_IN = re.compile(r" (worker-\d+)\[(\d+)\] (\S+) logged in from ")
 
 
-# -- the server's processes -----------------------------------------------------
-
-def process_age(pid):
-    """Seconds since ``pid`` started, from /proc; 0 if it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            stat = f.read()
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-    except OSError:
-        return 0.0
-    start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-def die_with_parent():
-    """In the server, before exec: should this script be SIGKILLed (no finally
-    runs then), the supervisor gets SIGKILL too, and its children follow it."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-class Server:
-    """``broker.py`` in its own session; its merged log read without blocking."""
+class ChaosServer(Server):
+    """``broker.py`` in its own session, and which worker holds each user,
+    from its log."""
 
     def __init__(self, args):
-        self.cmd = [sys.executable, BROKER, "--host", "127.0.0.1", "--port", "0",
-                    "--workers", str(args.workers),
-                    "--heartbeat-timeout", str(args.heartbeat_timeout),
-                    "--max-per-ip", "0"]          # every client comes from 127.0.0.1
-        self.log_file = open(args.server_log, "w") if args.server_log else None
-        self.proc = None
-        self.port = None
-        self.partial = b""
-        self.lines = []
+        super().__init__("--heartbeat-timeout", args.heartbeat_timeout,
+                         "--max-per-ip", "0",      # every client comes from 127.0.0.1
+                         workers=args.workers, die_with_parent=True)
         self.worker_of = {}         # user name -> (title, pid) of its worker, from the log
-
-    def start(self):
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=die_with_parent)
-        self.fd = self.proc.stdout.fileno()
-        os.set_blocking(self.fd, False)
-        sel = selectors.DefaultSelector()
-        sel.register(self.fd, READ)
-        deadline = time.monotonic() + START_TIMEOUT
-        while self.port is None:
-            left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None:
-                raise RuntimeError("server did not start:\n" + "\n".join(self.lines[-30:]))
-            if sel.select(min(left, 0.5)):
-                self.read_log()
-        sel.close()
-        return self.port
+        self.seen = 0
 
     def read_log(self):
-        """Take all the server has logged so far; False once the pipe is closed."""
-        while True:
-            try:
-                data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return True
-            if not data:
-                return False
-            if self.log_file:
-                self.log_file.write(data.decode("utf-8", "replace"))
-            *lines, self.partial = (self.partial + data).split(b"\n")
-            for raw in lines:
-                line = raw.decode("utf-8", "replace")
-                self.lines.append(line)
-                m = LOGGED_IN.search(line)
-                if m:
-                    self.worker_of[m.group(3)] = ("chat-" + m.group(1), int(m.group(2)))
-                m = LISTENING.search(line)
-                if m and self.port is None:
-                    self.port = int(m.group(1))
-
-    def titles(self):
-        """Process title -> pids, for the server's whole session."""
-        found = defaultdict(list)
-        for pid in session_pids(self.proc.pid):
-            found[process_role(pid)].append(pid)
-        return found
-
-    def kill(self):
-        """SIGKILL the whole session, whatever state it is in."""
-        if self.proc is None:
-            return
-        for pid in [self.proc.pid] + session_pids(self.proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
-            self.proc.wait(IO_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
-        self.proc.stdout.close()
-        if self.log_file:
-            self.log_file.close()
+        """Take in what the server has logged since the last call."""
+        for line in self.log_lines_from(self.seen):
+            self.seen += 1
+            m = LOGGED_IN.search(line)
+            if m:
+                self.worker_of[m.group(3)] = ("chat-" + m.group(1), int(m.group(2)))
 
 
 # -- what the checker knows ------------------------------------------------------
@@ -223,7 +131,7 @@ class Chaos:
     def __init__(self, args):
         self.args = args
         self.rng = random.Random(args.seed)
-        self.server = Server(args)
+        self.server = ChaosServer(args)
         self.sel = selectors.DefaultSelector()
         self.users = {}             # every name ever used -> User
         self.active = set()         # the Users with a connection
@@ -579,11 +487,8 @@ class Chaos:
     def step(self):
         """One loop turn: I/O, then whatever timers are due in this phase."""
         for key, mask in self.sel.select(0.02):
-            if key.data is None:
-                if not self.server.read_log():
-                    self.sel.unregister(self.server.fd)
-            else:
-                self.on_ready(key.data, mask)
+            self.on_ready(key.data, mask)
+        self.server.read_log()
         mono = time.monotonic()
         if mono < self.next_timers:
             return
@@ -636,8 +541,7 @@ class Chaos:
 
     def run(self):
         args = self.args
-        port = self.server.start()
-        self.sel.register(self.server.fd, READ, None)
+        port = self.server.start().port
         self.t0 = time.monotonic()
         self.say("server listening on port %d (pid %d); %d clients, seed %d"
                  % (port, self.server.proc.pid, args.clients, args.seed))
@@ -751,14 +655,14 @@ class Chaos:
         """Two new users: LOGIN, MSG, DM, WHO and PING all work after the chaos."""
         names = ("final-a", "final-b")
         try:
-            a, b = [FinalClient(self.server.port, n) for n in names]
+            a, b = [self.server.client(n) for n in names]
             try:
                 a.send("MSG after the chaos")
-                b.wait_for("MSG final-a after the chaos")
+                b.lines_until("MSG final-a after the chaos")
                 b.send("DM final-a still here")
-                a.wait_for("DM final-b still here")
+                a.lines_until("DM final-b still here")
                 a.send("WHO", "PING")
-                listed = a.until("PONG")
+                listed = a.lines_until("PONG")
                 users = [line[5:] for line in listed if line.startswith("USER ")]
                 want = sorted([u.name for u in self.live()] + list(names))
                 if sorted(users) != want:
@@ -790,10 +694,10 @@ class Chaos:
     def check_log(self):
         """Tracebacks are bugs; heartbeat kills are the supervisor's own."""
         self.server.read_log()
-        tracebacks = sum(1 for line in self.server.lines if line.startswith("Traceback"))
+        tracebacks = sum(1 for line in self.server.log_lines if line.startswith("Traceback"))
         if tracebacks:
             self.violation("log", "the server logged %d tracebacks (see --server-log)" % tracebacks)
-        hung = [line for line in self.server.lines if "missed its heartbeats" in line]
+        hung = [line for line in self.server.log_lines if "missed its heartbeats" in line]
         for line in hung:
             self.say("note: the supervisor killed a hung process: %s" % line)
 
@@ -837,43 +741,6 @@ class Chaos:
         return 1
 
 
-class FinalClient:
-    """A plain blocking client with timeouts, for the check after the chaos."""
-
-    def __init__(self, port, name):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
-        self.buf = b""
-        self.send("LOGIN " + name)
-        if self.read_line() != "OK":
-            raise AssertionError("LOGIN %s was not answered OK" % name)
-
-    def send(self, *lines):
-        self.sock.sendall(b"".join(line.encode() + b"\n" for line in lines))
-
-    def read_line(self):
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise AssertionError("connection closed")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line.decode("utf-8", "replace")
-
-    def until(self, last):
-        lines = []
-        while True:
-            line = self.read_line()
-            if line == last:
-                return lines
-            lines.append(line)
-
-    def wait_for(self, line):
-        self.until(line)
-
-    def close(self):
-        self.sock.close()
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load and kills")
@@ -909,13 +776,16 @@ def main(argv=None):
     chaos = Chaos(args)
     try:
         chaos.run()
-    except RuntimeError as exc:
+    except (RuntimeError, StartError) as exc:
         chaos.violation("server", str(exc))
         if chaos.server.port is None:
             print(exc, file=sys.stderr)
             return 2
     finally:
         chaos.server.kill()
+        if args.server_log:
+            with open(args.server_log, "w") as f:
+                f.write(chaos.server.log() + "\n")
     return chaos.summary()
 
 

@@ -18,79 +18,49 @@ The load generator and the references live outside the product, in
 import argparse
 import json
 import os
-import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, Server, free_port
+
 FIGURES = ("deliveries_per_s", "delivery_ratio", "lat_p50_ms", "lat_p99_ms",
            "rtt_p50_ms", "rtt_p99_ms", "pings_per_s", "logins_per_s",
            "rss_per_conn_kb", "server_cpu_s_per_m_deliveries", "server_cpu_pct",
            "loadgen_cpu_pct")
 
 
-def free_port():
-    """A free port below the ephemeral range: a server port inside it can be
-    taken as a source port by one of thousands of client connections."""
-    for _ in range(100):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
-
-
-def wait_listening(port, proc, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited with status %s" % proc.returncode)
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("server not listening on %d" % port)
-
-
-def server_command(kind, port, args):
+def spawn(kind, args):
+    """A fresh server of ``kind`` on a free port below the ephemeral range
+    (a server port inside it can be taken as a source port by one of
+    thousands of client connections), once it takes connections."""
+    port = free_port()
     if kind == "ours":
-        return [sys.executable, os.path.join(ROOT, "broker.py"), "--host", "127.0.0.1",
-                "--port", str(port), "--idle-timeout", "600", "--rate", "0",
-                "--max-per-ip", "0", "--log-level", "WARNING"] + args.ours_arg
-    path = os.path.join(args.bench, "ref", "%s_server.py" % kind)
-    return [sys.executable, path, "--port", str(port), "--idle-timeout", "600"]
+        server = Server("--idle-timeout", "600", "--rate", "0", "--max-per-ip", "0",
+                        "--log-level", "WARNING", *args.ours_arg, port=port, workers=None,
+                        die_with_parent=True)
+    else:
+        path = os.path.join(args.bench, "ref", "%s_server.py" % kind)
+        server = Server("--port", port, "--idle-timeout", "600", port=port,
+                        command=[sys.executable, path], die_with_parent=True)
+    return server.start(connect=True)
 
 
 def run_once(kind, args):
     """Start a fresh server, run the load generator once, stop the server."""
-    port = free_port()
-    server = subprocess.Popen(server_command(kind, port, args), start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = spawn(kind, args)
     try:
-        wait_listening(port, server)
         gen = subprocess.run(
             [sys.executable, os.path.join(args.bench, "loadgen.py"), args.scenario,
-             "--port", str(port), "--server-pid", str(server.pid)] + args.loadgen_args,
+             "--port", str(server.port), "--server-pid", str(server.proc.pid)]
+            + args.loadgen_args,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=args.timeout)
         lines = gen.stdout.decode().strip().splitlines()
         result = json.loads(lines[-1]) if lines else {}
         result["exit"] = gen.returncode
         return result
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        server.shutdown(timeout=5)
 
 
 def cpu_per_million(result):

@@ -28,7 +28,6 @@ Linux (for /proc).
 
 import argparse
 import multiprocessing
-import os
 import random
 import re
 import select
@@ -38,15 +37,14 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (ROOT, os.path.join(ROOT, "tests")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from harness import ROOT, Client, Server, percentile
+from procfs import process_role, usage
 
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 from chatlib import protocol                                    # noqa: E402
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,  # noqa: E402
                               Ping, Quit, Reply, Who, parse_line)
-from support import Server, process_role                       # noqa: E402
 
 MAX_LINE = 4096
 FFFD = "\ufffd"
@@ -281,19 +279,8 @@ def expected_anon_answers(data, max_line):
 
 # -- /proc -----------------------------------------------------------------------
 
-def rss_kib(pid):
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for row in f:
-                if row.startswith("VmRSS:"):
-                    return int(row.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def total_rss_mib(server):
-    return sum(rss_kib(p) for p in server.pids()) / 1024.0
+    return usage([server.proc.pid])[1] / 2 ** 20
 
 
 def roles(server):
@@ -323,51 +310,36 @@ class Probe(threading.Thread):
         self.port, self.name, self.stop_event = port, name, stop
         self.every, self.timeout = every, timeout
         self.rtts, self.problems, self.rounds = [], [], 0
-        self.buf = b""
-
-    def read_line(self, sock, deadline):
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no answer within %.1f s" % self.timeout)
-            sock.settimeout(left)
-            data = sock.recv(262144)
-            if not data:
-                raise ConnectionError("closed by the server")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
 
     def run(self):
         try:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
-            sock.sendall(b"LOGIN %s\n" % self.name.encode())
-            line = self.read_line(sock, time.monotonic() + self.timeout)
-            if line != b"OK":
-                self.problems.append("%s: LOGIN answered %r" % (self.name, line))
-                return
-            while not self.stop_event.is_set():
-                self.round(sock)
-                self.stop_event.wait(self.every)
-            sock.close()
-        except (OSError, TimeoutError, ConnectionError) as exc:
+            with Client(self.port) as sock:
+                sock.sendraw(b"LOGIN %s\n" % self.name.encode())
+                line = sock.read_raw_line(self.timeout)
+                if line != b"OK":
+                    self.problems.append("%s: LOGIN answered %r" % (self.name, line))
+                    return
+                while not self.stop_event.is_set():
+                    self.round(sock)
+                    self.stop_event.wait(self.every)
+        except (OSError, AssertionError) as exc:
             self.problems.append("%s after %d rounds: %s" % (self.name, self.rounds, exc))
 
     def round(self, sock):
         token = b"tok-%d" % self.rounds
         start = time.monotonic()
         deadline = start + self.timeout
-        sock.sendall(b"PING\n")
+        sock.sendraw(b"PING\n")
         while True:
-            line = self.read_line(sock, deadline)
+            line = sock.read_raw_line(deadline - time.monotonic())
             if line == b"PONG":
                 break
             self.other(line)
         self.rtts.append(time.monotonic() - start)
-        sock.sendall(b"DM %s %s\nWHO\nPING\n" % (self.name.encode(), token))
+        sock.sendraw(b"DM %s %s\nWHO\nPING\n" % (self.name.encode(), token))
         got_dm, users = 0, []
         while True:
-            line = self.read_line(sock, deadline)
+            line = sock.read_raw_line(deadline - time.monotonic())
             if line == b"PONG":
                 break
             if line == b"DM %s %s" % (self.name.encode(), token):
@@ -392,11 +364,11 @@ class Probe(threading.Thread):
             check_server_line(line, self.problems, self.name)
 
 
-def percentile(values, p):
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p / 100.0))]
+def ping_figures(rtts):
+    """PING round trips (s): p50, p99 and max; NaN if none."""
+    rtts = sorted(rtts) or [float("nan")]
+    return dict(ping_p50=percentile(rtts, 0.5), ping_p99=percentile(rtts, 0.99),
+                ping_max=rtts[-1])
 
 
 # -- fuzzing a running server ------------------------------------------------------
@@ -571,8 +543,7 @@ def fuzz_server(server, gen, duration, concurrency=12, max_line=MAX_LINE, log=pr
     rtts = [t for p in probes for t in p.rtts]
     figures = dict(sessions=judged, exact=exact, rss_start=rss_start, rss_peak=rss_peak,
                    rss_end=total_rss_mib(server), probe_rounds=sum(p.rounds for p in probes),
-                   ping_p50=percentile(rtts, 50), ping_p99=percentile(rtts, 99),
-                   ping_max=max(rtts) if rtts else float("nan"))
+                   **ping_figures(rtts))
     if "Traceback" in server.log():
         problems.append("a traceback in the server log")
     return problems, figures
@@ -710,8 +681,7 @@ def run_hostile(server, clients, duration, probes=4, chatters=4, max_line=MAX_LI
     rtts = [t for p in pr for t in p.rtts]
     figures = dict(clients=clients, rss_start=rss_start, rss_peak=rss_peak,
                    rss_end=total_rss_mib(server), pings=len(rtts),
-                   ping_p50=percentile(rtts, 50), ping_p99=percentile(rtts, 99),
-                   ping_max=max(rtts) if rtts else float("nan"),
+                   **ping_figures(rtts),
                    reconnects=counters[0], failed_reconnects=counters[1],
                    slow_cuts=server.log().count("(slow consumer)"))
     return problems, figures
@@ -733,7 +703,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     print("seed %d (re-run: %s %s --seed %d)" % (seed, sys.argv[0], args.mode, seed), flush=True)
-    with Server(*args.server_args, workers=args.workers) as server:
+    with Server(*args.server_args, workers=args.workers, die_with_parent=True) as server:
         if args.mode == "fuzz":
             gen = Gen(seed)
             problems = check_sans_io(gen, args.rounds)

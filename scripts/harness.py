@@ -1,22 +1,43 @@
-"""What the tools and the tests share: a throw-away Redis on loopback.
+"""What the tools and the tests share: servers on loopback, and a line client.
 
-Cluster mode needs a real ``redis-server`` (or ``valkey-server``). The tools
-(``cluster.py``, ``stress.py --spawn-cluster``, the chaos run) and the tests
-start one the same way: on a free loopback port, in its own session, with no
-persistence (``--save '' --appendonly no``), killed at the end.
+* :class:`Server`: ``python broker.py`` (or any command) in a session of its
+  own, its output read by a thread; :meth:`Server.start` waits for its
+  ``listening on`` line, :meth:`Server.kill` kills the whole session (which
+  also holds the processes a ``forkserver`` started).
+* :class:`RedisServer`: a throw-away ``redis-server`` on a free loopback port,
+  with no persistence (``--save '' --appendonly no``).
+* :func:`start_cluster`: a Redis and N nodes sharing it, one chat.
+* :class:`Client`: a blocking line client with a timeout on every read.
+
+The tools (stress, chaos, fuzz, compare, cluster) and ``tests/support.py``
+import this module; it imports nothing of the tests.
 """
 
 import os
+import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 
+from procfs import process_role, session_pids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BROKER = os.path.join(ROOT, "broker.py")
+IO_TIMEOUT = 5.0            # seconds any single read may wait
+LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
 REDIS_PROGRAMS = ("redis-server", "valkey-server")
 REDIS_HINT = ("redis-server not found: install it to run the cluster "
               "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)")
+
+
+class StartError(AssertionError):
+    """A server did not come up (an AssertionError, as the tests expect)."""
 
 
 def redis_program():
@@ -28,10 +49,221 @@ def redis_program():
     return None
 
 
-def free_port(host="127.0.0.1"):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host="127.0.0.1", low=20000, high=32000):
+    """A free port below the ephemeral range, so that no client connection
+    (nor a connection to itself) can take it as a source port while its
+    server restarts on it."""
+    for _ in range(200):
+        port = random.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in %d-%d" % (low, high))
+
+
+def percentile(ordered, q):
+    """Nearest-rank percentile of a sorted sequence (None if empty)."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+
+def _die_with_parent():
+    """In a server, before exec: if the tool that started it is SIGKILLed
+    (no ``finally`` runs then), the server gets SIGKILL too."""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+
+
+class Server:
+    """``python broker.py`` on a free port; ``with Server(...) as s:``.
+
+    With ``command`` it runs that command with exactly ``args`` instead.
+    ``die_with_parent`` (Linux) makes the server die with the tool.
+    """
+
+    def __init__(self, *args, workers=2, start_method=None, idle_timeout=None, env=None,
+                 host="127.0.0.1", port=0, command=None, die_with_parent=False):
+        if command is None:
+            self.command = [sys.executable, BROKER]
+            self.args = ["--host", host, "--port", str(port)]
+            if workers is not None:
+                self.args += ["--workers", str(workers)]
+            if start_method:
+                self.args += ["--start-method", start_method]
+            if idle_timeout is not None:
+                self.args += ["--idle-timeout", str(idle_timeout)]
+        else:
+            self.command, self.args = list(command), []
+        self.args += [str(a) for a in args]
+        self.cwd = ROOT
+        self.env = dict(os.environ, **(env or {}))
+        self.preexec = _die_with_parent if die_with_parent and sys.platform == "linux" else None
+        self.proc = None
+        self.port = port or None
+        self.log_lines = []
+        self._listening = threading.Event()
+        self._log_changed = threading.Condition()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.kill()
+
+    def launch(self):
+        """Start the process without waiting for it to listen."""
+        self._listening.clear()
+        self.proc = subprocess.Popen(
+            self.command + self.args, cwd=self.cwd, env=self.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=self.preexec)
+        self._log_reader = threading.Thread(target=self._read_log, daemon=True)
+        self._log_reader.start()
+        return self
+
+    def start(self, timeout=30, connect=False):
+        """Launch, and wait for the ``listening on`` line (or, with
+        ``connect``, until the known port takes a connection)."""
+        self.launch()
+        return self.wait_ready(timeout, connect)
+
+    def wait_ready(self, timeout=30, connect=False):
+        deadline = time.monotonic() + timeout
+        while not self._listening.wait(0 if connect else 0.05):
+            if connect:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    return self
+                except OSError:
+                    pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.kill()
+                raise StartError("server did not start:\n" + self.log()[-3000:])
+            time.sleep(0.05 if connect else 0)
+        return self
+
+    def _read_log(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._log_changed:
+                self.log_lines.append(line)
+                self._log_changed.notify_all()
+            m = LISTENING.search(line)
+            if m and not self._listening.is_set():
+                self.port = int(m.group(1))
+                self._listening.set()
+
+    def log(self):
+        with self._log_changed:
+            return "\n".join(self.log_lines)
+
+    def wait_log_end(self, timeout=IO_TIMEOUT):
+        """Wait until every process has closed the log pipe; True if so.
+
+        Once the processes are gone, this makes :meth:`log` complete.
+        """
+        self._log_reader.join(timeout)
+        return not self._log_reader.is_alive()
+
+    def wait_log(self, pattern, timeout=IO_TIMEOUT, start=0):
+        """Wait until a log line (from index ``start`` on) matches ``pattern``;
+        return the match."""
+        deadline = time.monotonic() + timeout
+        with self._log_changed:
+            while True:
+                for line in self.log_lines[start:]:
+                    m = re.search(pattern, line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("no log line matching %r after line %d in:\n%s"
+                                         % (pattern, start, "\n".join(self.log_lines)))
+                self._log_changed.wait(left)
+
+    def log_lines_from(self, start):
+        with self._log_changed:
+            return list(self.log_lines[start:])
+
+    def client(self, name=None):
+        c = Client(self.port)
+        if name is not None:
+            c.login(name)
+        return c
+
+    def pids(self):
+        return session_pids(self.proc.pid)
+
+    def roles(self):
+        """Process title -> pid, for every process of this server."""
+        return {process_role(pid): pid for pid in self.pids()}
+
+    def titles(self):
+        """Process title -> pids, for every process of this server."""
+        found = {}
+        for pid in self.pids():
+            found.setdefault(process_role(pid), []).append(pid)
+        return found
+
+    def replacement(self, role, old_pid, within):
+        """The pid of the new process titled ``role``, once it is running."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            pid = self.roles().get(role)
+            if pid is not None and pid != old_pid:
+                return pid
+            time.sleep(0.02)
+        raise AssertionError("no new %s within %.1f s:\n%s" % (role, within, self.log()))
+
+    def stop(self, signum=signal.SIGTERM, timeout=10):
+        """Signal the main process; return its exit status."""
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout)
+
+    def shutdown(self, timeout=10.0):
+        """SIGTERM, then kill what is left; the exit status (a text if it
+        had to be killed)."""
+        code = self.proc.poll()
+        if code is None:
+            try:
+                code = self.stop(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                code = "killed after %.0f s" % timeout
+        self.kill()
+        return code
+
+    def kill(self):
+        """Kill everything this server started, whatever state it is in."""
+        if self.proc is None:
+            return
+        for pid in self.pids() + [self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        # The reader thread closes the pipe at EOF: closing it under the
+        # thread's feet would make its read fail.
+        if self.wait_log_end():
+            self.proc.stdout.close()
+
+    def restart(self, timeout=30):
+        """Kill it and start it again on the same port."""
+        self.kill()
+        if "--port" in self.args:
+            self.args[self.args.index("--port") + 1] = str(self.port)
+        return self.start(timeout)
 
 
 class RedisServer:
@@ -107,6 +339,14 @@ class RedisServer:
         return dict(line.split(":", 1) for line in body.splitlines()
                     if ":" in line and not line.startswith("#"))
 
+    def usage(self):
+        """(commands run, CPU seconds) so far, from ``INFO commandstats``
+        and ``INFO cpu``."""
+        calls = sum(int(v.split("calls=", 1)[1].split(",", 1)[0])
+                    for v in self.info("commandstats").values() if "calls=" in v)
+        cpu = self.info("cpu")
+        return calls, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+
     def kill(self):
         if self.proc is not None and self.proc.poll() is None:
             try:
@@ -141,3 +381,170 @@ def _read_reply(sock):
                 raise OSError("redis closed the connection")
             data += chunk
     return data
+
+
+class Cluster:
+    """A Redis and the nodes that share it (see :func:`start_cluster`)."""
+
+    def __init__(self, redis, own_redis):
+        self.redis = redis
+        self.own_redis = own_redis
+        self.nodes = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def ports(self):
+        return [node.port for node in self.nodes]
+
+    def stop(self, timeout=10.0):
+        """SIGTERM every node (then kill what is left), stop our Redis;
+        the nodes' exit statuses."""
+        codes = [node.shutdown(timeout) for node in self.nodes if node.proc is not None]
+        if self.own_redis:
+            self.redis.stop()
+        return codes
+
+
+def start_cluster(n, workers=1, redis=None, extra_args=(), name="chat", base_port=None,
+                  die_with_parent=False, timeout=30):
+    """A RedisServer (unless one is given) and ``n`` nodes on loopback, each
+    ``broker.py --redis URL --cluster NAME --node-id nodeK`` with ``workers``
+    workers; returns a :class:`Cluster` once every node listens.
+
+    Nodes listen below the ephemeral range (or from ``base_port`` on), so a
+    node restarted on its port finds it free.
+    """
+    cluster = Cluster(redis or RedisServer(), redis is None)
+    try:
+        if cluster.own_redis:
+            cluster.redis.start()
+        for k in range(n):
+            port = base_port + k if base_port else free_port()
+            node = Server("--redis", cluster.redis.url, "--cluster", name,
+                          "--node-id", "node%d" % k, *extra_args, workers=workers,
+                          port=port, die_with_parent=die_with_parent)
+            cluster.nodes.append(node.launch())
+        for node in cluster.nodes:
+            node.wait_ready(timeout)
+    except BaseException:
+        cluster.stop(timeout=2)
+        raise
+    return cluster
+
+
+class Client:
+    """A line-oriented TCP client with timeouts everywhere."""
+
+    def __init__(self, port, host="127.0.0.1"):
+        self.sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+        self.sock.settimeout(IO_TIMEOUT)
+        self.buf = b""
+        self.name = None
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send(self, *lines):
+        """Send text lines, each terminated with ``\\n``."""
+        self.sendraw(b"".join(line.encode() + b"\n" for line in lines))
+
+    def sendraw(self, data):
+        self.sock.sendall(data)
+
+    def read_line(self, timeout=IO_TIMEOUT):
+        """The next line without its ``\\n``; AssertionError on timeout or EOF."""
+        raw = self.read_raw_line(timeout)
+        return raw.decode("utf-8")
+
+    def read_raw_line(self, timeout=IO_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no line within %.1f s (have %r)" % (timeout, self.buf))
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise AssertionError("connection closed (have %r)" % self.buf)
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+    def read_lines(self, n, timeout=IO_TIMEOUT):
+        return [self.read_line(timeout) for _ in range(n)]
+
+    def expect(self, *lines):
+        got = self.read_lines(len(lines))
+        if got != list(lines):
+            raise AssertionError("expected %r, got %r" % (list(lines), got))
+
+    def lines_until(self, wanted, timeout=IO_TIMEOUT):
+        """The lines that come before ``wanted``, which must come."""
+        lines = []
+        while True:
+            line = self.read_line(timeout)
+            if line == wanted:
+                return lines
+            lines.append(line)
+
+    def login(self, name):
+        self.send("LOGIN " + name)
+        self.expect("OK")
+        self.name = name
+        return self
+
+    def barrier(self):
+        """Lines that arrive before the answers to a ``WHO`` and a ``PING``.
+
+        The broker answers ``WHO`` after everything it routed to us before,
+        on the same link, and the worker runs the ``PING`` only once that
+        answer is in: so when ``PONG`` comes, all of it has arrived. No
+        sleeping and hoping. (A DM to oneself would not do: the worker
+        delivers a DM to a local user without asking the broker.)
+        """
+        self.send("WHO", "PING")
+        before = self.lines_until("PONG")
+        if before and before[-1] == "ERR not-logged-in":
+            before.pop()
+        while before and before[-1].startswith("USER "):
+            before.pop()
+        return before
+
+    def expect_nothing_more(self):
+        extra = self.barrier()
+        if extra:
+            raise AssertionError("unexpected lines: %r" % extra)
+
+    def expect_closed(self, timeout=IO_TIMEOUT):
+        """Read until EOF; return the lines received before it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("connection not closed (have %r)" % self.buf)
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                lines = self.buf.split(b"\n")
+                self.buf = b""
+                return [l.decode("utf-8") for l in lines if l]
+            self.buf += data

@@ -6,23 +6,76 @@ including those a ``forkserver`` started; each names its role in its title.
 """
 
 import os
+import resource
+
+
+def stat(pid):
+    """The fields of ``/proc/PID/stat`` after the command (state first), or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(b")") + 2:].split()
+
+
+def _table():
+    """(pid, ppid, sid) of every live process."""
+    rows = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat(int(entry))
+            if fields and fields[0] != b"Z":
+                rows.append((int(entry), int(fields[1]), int(fields[3])))
+    return rows
 
 
 def session_pids(sid):
     """Pids of the live processes of session ``sid``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(entry))
-    return pids
+    return [pid for pid, _, s in _table() if s == sid]
+
+
+def process_tree(root):
+    """``root``'s session if it leads one (a spawned server), else its descendants.
+
+    A session also holds processes a forkserver started, which are not
+    descendants of the server's main process.
+    """
+    table = _table()
+    if any(pid == root and sid == root for pid, _, sid in table):
+        return [pid for pid, _, sid in table if sid == root]
+    tree, i = [root], 0
+    while i < len(tree):
+        tree.extend(pid for pid, ppid, _ in table if ppid == tree[i])
+        i += 1
+    return tree
+
+
+def usage(roots):
+    """(CPU seconds, RSS bytes) summed over the process trees of ``roots``;
+    None without /proc or a root."""
+    roots = [r for r in roots if r]
+    if not roots or not os.path.isdir("/proc"):
+        return None
+    ticks = rss_pages = 0
+    for root in roots:
+        for pid in process_tree(root):
+            fields = stat(pid)
+            if fields:
+                ticks += int(fields[11]) + int(fields[12])
+                rss_pages += int(fields[21])
+    return ticks / os.sysconf("SC_CLK_TCK"), rss_pages * resource.getpagesize()
+
+
+def process_age(pid):
+    """Seconds since ``pid`` started; 0 if it is gone."""
+    fields = stat(pid)
+    try:
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except OSError:
+        return 0.0
+    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
 def process_role(pid):

@@ -28,14 +28,12 @@ import selectors
 import signal
 import socket
 import string
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BROKER = os.path.join(ROOT, "broker.py")
+from harness import Server, StartError, percentile
+from procfs import usage
 
 CHUNK = 256 * 1024          # bytes per recv: few syscalls, lines counted in bulk
 PER_ADDRESS = 50            # clients per 127.x source address (server default cap: 64)
@@ -71,56 +69,6 @@ def own_cpu():
     """CPU seconds this process has used (user + system)."""
     t = os.times()
     return t.user + t.system
-
-
-def process_tree(root):
-    """``root``'s session if it leads one (a spawned server), else its descendants.
-
-    A session also holds processes a forkserver started, which are not
-    descendants of the server's main process.
-    """
-    table = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry, "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(b")") + 2:].split()
-            if fields[0] != b"Z":
-                table.append((int(entry), int(fields[1]), int(fields[3])))
-    if any(pid == root and sid == root for pid, _, sid in table):
-        return [pid for pid, _, sid in table if sid == root]
-    tree, i = [root], 0
-    while i < len(tree):
-        tree.extend(pid for pid, ppid, _ in table if ppid == tree[i])
-        i += 1
-    return tree
-
-
-def server_usage(root):
-    """(CPU seconds, RSS bytes) summed over the server's processes; None if unknown."""
-    if not root or not os.path.isdir("/proc"):
-        return None
-    ticks = rss_pages = 0
-    for pid in process_tree(root):
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        ticks += int(fields[11]) + int(fields[12])
-        rss_pages += int(fields[21])
-    return ticks / os.sysconf("SC_CLK_TCK"), rss_pages * resource.getpagesize()
-
-
-def percentile(ordered, q):
-    """Nearest-rank percentile of a sorted sequence (None if empty)."""
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
 
 
 def source_address(index):
@@ -880,61 +828,6 @@ class StressError(Exception):
     """The run could not go on (server did not start, a stress process died...)."""
 
 
-class SpawnedServer:
-    """``broker.py`` started by the tool in its own session, stopped at the end.
-
-    Its log goes to a file, not a pipe, so that a server logging ten
-    thousand logins never blocks on a reader that is busy elsewhere.
-    """
-
-    def __init__(self, host, workers, extra):
-        fd, self.log_path = tempfile.mkstemp(prefix="chat-stress-", suffix=".log")
-        os.close(fd)
-        argv = [sys.executable, BROKER, "--host", host, "--port", "0",
-                "--workers", str(workers)] + extra
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = self.proc.pid
-        self.port = self.wait_listening()
-
-    def log_text(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def wait_listening(self, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.log_text().splitlines():
-                if "listening on " in line:
-                    return int(line.rsplit(":", 1)[1])
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise StressError("server did not start:\n" + self.log_text()[-2000:])
-
-    def stop(self, timeout=10.0):
-        """SIGTERM; the whole session is killed if it has not exited in time."""
-        code = self.proc.poll()
-        if code is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                code = "killed after %.0f s" % timeout
-        try:
-            os.killpg(self.pid, signal.SIGKILL)     # stragglers of a clean exit too
-        except OSError:
-            pass
-        self.proc.wait()
-        try:
-            os.unlink(self.log_path)
-        except OSError:
-            pass
-        return code
-
-
 class Fleet:
     """The stress processes, driven phase by phase, and the memory they share."""
 
@@ -1000,8 +893,8 @@ class Fleet:
 class Monitor:
     """Live progress on stderr once a second, and the server's peak RSS."""
 
-    def __init__(self, server_pid, live):
-        self.server_pid = server_pid
+    def __init__(self, server_pids, live):
+        self.server_pids = server_pids
         self.live = live
         self.fleet = None
         self.t0 = time.monotonic()
@@ -1012,7 +905,7 @@ class Monitor:
 
     def usage(self):
         """(CPU s, RSS bytes) of the server now, or None without a pid."""
-        got = server_usage(self.server_pid)
+        got = usage(self.server_pids)
         if got:
             self.peak_rss = max(self.peak_rss, got[1])
         return got
@@ -1198,20 +1091,21 @@ def run(args):
     tool_cpu0 = own_cpu()
     try:
         if args.spawn_server:
-            server = SpawnedServer(args.host, args.workers, spawn_args(args))
-            args.port, args.server_pid = server.port, server.pid
+            server = Server(*spawn_args(args), host=args.host, workers=args.workers,
+                            die_with_parent=True).start()
+            args.port, args.server_pid = server.port, server.proc.pid
         address = socket.gethostbyname(args.host)
         spread = ipaddress.ip_address(address).is_loopback and not args.no_spread
         result.update(host=args.host, port=args.port, server_pid=args.server_pid)
         cfg = config_for(args, address, args.port, spread)
         result["procs"] = cfg["procs"]
         live = not args.quiet and not args.json and sys.stderr.isatty()
-        monitor = Monitor(args.server_pid, live)
+        monitor = Monitor([args.server_pid], live)
         fleet = Fleet(cfg, monitor)
         monitor.fleet = fleet
-        usage = monitor.usage()
-        if usage:
-            result["server_rss_start_mb"] = round(usage[1] / 2 ** 20, 1)
+        start = monitor.usage()
+        if start:
+            result["server_rss_start_mb"] = round(start[1] / 2 ** 20, 1)
         try:
             figures, failures, examples = drive(args, cfg, fleet, monitor)
         finally:
@@ -1219,14 +1113,14 @@ def run(args):
         result.update(figures)
         if args.scenario == "slow":
             slow_memory_bound(args, result, failures, examples)
-    except StressError as exc:
+    except (StressError, StartError) as exc:
         failures["fatal"] += 1
         examples["fatal"] = [str(exc)]
     finally:
         tool_cpu = (fleet.stop() if fleet else 0.0) + own_cpu() - tool_cpu0
         result["tool_cpu_s"] = round(tool_cpu, 2)
         if server is not None:
-            code = server.stop()
+            code = server.shutdown()
             result["server_exit"] = code
             if code != 0:
                 failures["server-exit"] += 1
