@@ -107,6 +107,7 @@ class Cluster:
         self.heartbeat_sent = None  # when the heartbeat in flight was sent
         self.mirror = set()        # lower-case names logged in on other nodes
         self.cursor = None         # id of the last bus entry read
+        self.cursor_saved = None   # the cursor the next heartbeat saves in Redis
         self.worker_cursors = []   # what a restarted broker's workers were given
         self.reading = False
         self.reader_started = False
@@ -123,7 +124,7 @@ class Cluster:
         self.unconfirmed = deque()  # per entry in flight: the batches it covers
         self.confirmed = {}        # slot -> last batch whose lines Redis holds
         self.dm_number = time.time_ns()
-        self.join_last_id = None   # the bus's last entry when we joined
+        self.join_cursor = None    # where the registry says reading resumes
         self.leaving = None        # (deadline, callback) while stopping
         self.leave_queued = False
 
@@ -219,7 +220,7 @@ class Cluster:
             self.log.info("joined cluster %r as node %s", self.prefix, self.node)
         self.epoch = epoch.decode()
         self.registered = True
-        self.join_last_id = last_id
+        self.join_cursor = last_id
         self.renewed(sent)
         self.mirror = {k.decode() for k in keys} - set(self.broker.users)
         if conflicts:
@@ -234,7 +235,7 @@ class Cluster:
         if not self.registered or self.broker.unsynced:
             return
         if self.cursor is None:
-            self.cursor = min(self.worker_cursors, key=entry_number, default=self.join_last_id)
+            self.cursor = min(self.worker_cursors + [self.join_cursor], key=entry_number)
         self.read()
         if not self.ready:
             self.ready = True
@@ -256,10 +257,13 @@ class Cluster:
             self.log.info("cluster lease renewed: serving logins again")
 
     def heartbeat(self, now):
+        """Renew the lease; save the cursor of one heartbeat ago, whose lines
+        are surely with the workers, for a broker that replaces this one."""
         self.heartbeat_sent = now
+        saved, self.cursor_saved = self.cursor_saved, self.cursor
         self.commands.evalsha(self.on_heartbeat, registry.HEARTBEAT, (),
                               [self.prefix, self.node, self.token, self.lease_ms, self.epoch,
-                               registry.STREAM_MAXLEN, self.lease_ms * 3])
+                               registry.STREAM_MAXLEN, self.lease_ms * 3, saved or ""])
 
     def on_heartbeat(self, reply):
         sent, self.heartbeat_sent = self.heartbeat_sent, None

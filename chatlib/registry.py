@@ -15,6 +15,8 @@ Keys, all under the cluster's prefix ``P`` (``--cluster``, default ``chat``):
     P:nodes        hash   node id -> token of the run that registered it
     P:lease:<id>   string that token, expiring: the node is alive while it exists
     P:held:<id>    set    the names node <id> holds (what a reaper frees)
+    P:cursor:<id>  string the bus entry up to which node <id> surely routed:
+                          where a restarted broker of the same run resumes
     P:epoch        string a random value set when the registry is created: a
                           node that finds another one knows Redis lost its data
     P:recovering   string exists for one lease after such a loss: no new names
@@ -42,6 +44,7 @@ local USERS, NAMES, ORDER = P .. ':users', P .. ':names', P .. ':order'
 local NODES, BUS = P .. ':nodes', P .. ':bus'
 local function held(node) return P .. ':held:' .. node end
 local function lease(node) return P .. ':lease:' .. node end
+local function cursor(node) return P .. ':cursor:' .. node end
 local function node_of(owner) return string.match(owner, '^%S+') end
 
 -- Free `key` if `owner` holds it; the name as typed, or nil.
@@ -64,7 +67,7 @@ local function reap(node)
       names[#names + 1] = release(key, owner)
     end
   end
-  redis.call('DEL', held(node), lease(node))
+  redis.call('DEL', held(node), lease(node), cursor(node))
   redis.call('HDEL', NODES, node)
   return names
 end
@@ -86,7 +89,9 @@ end
 # ARGV: P node token lease_ms maxlen new_epoch known_epoch mode, then for
 # mode 'restore' the node's users as (key owner name stamp) quadruples.
 # Returns {'duplicate', ms left} | {'epoch', epoch} (call again to restore)
-# | {'ok', epoch, last bus id, every key in P:users, keys held by others}.
+# | {'ok', epoch, bus id to read after, every key in P:users, keys held
+# by others}. The bus id is the last entry for a new run of the node, and
+# the saved cursor for a restarted broker of the same run.
 JOIN = Script(_PRELUDE + r"""
 local node, token, lease_ms, maxlen = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local known, mode = ARGV[7], ARGV[8]
@@ -133,21 +138,27 @@ if mode == 'restore' then
 end
 redis.call('SET', lease(node), token, 'PX', lease_ms)
 redis.call('HSET', NODES, node, token)
-local last = redis.call('XREVRANGE', BUS, '+', '-', 'COUNT', 1)
-local last_id = '0-0'
-if #last > 0 then last_id = last[1][1] end
-return {'ok', epoch, last_id, redis.call('HKEYS', USERS), conflicts}
+local start = current and redis.call('GET', cursor(node))
+if not start then
+  local last = redis.call('XREVRANGE', BUS, '+', '-', 'COUNT', 1)
+  start = '0-0'
+  if #last > 0 then start = last[1][1] end
+  redis.call('SET', cursor(node), start, 'PX', lease_ms * 3)
+end
+return {'ok', epoch, start, redis.call('HKEYS', USERS), conflicts}
 """)
 
-# ARGV: P node token lease_ms epoch maxlen retention_ms.
-# Renews this node's lease, reaps the nodes whose lease ran out, trims the
-# bus to what a node resuming after a short outage may still need.
+# ARGV: P node token lease_ms epoch maxlen retention_ms cursor.
+# Renews this node's lease (and saves its cursor, if not ''), reaps the
+# nodes whose lease ran out, trims the bus to what a node resuming after a
+# short outage may still need.
 # Returns {'ok', {node, users reaped, ...}} | {'epoch'} | {'reaped'}.
 HEARTBEAT = Script(_PRELUDE + r"""
 local node, token, lease_ms, maxlen = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 if redis.call('GET', P .. ':epoch') ~= ARGV[5] then return {'epoch'} end
 if redis.call('HGET', NODES, node) ~= token then return {'reaped'} end
 redis.call('SET', lease(node), token, 'PX', lease_ms)
+if ARGV[8] ~= '' then redis.call('SET', cursor(node), ARGV[8], 'PX', lease_ms * 3) end
 local reaped = {}
 for _, other in ipairs(redis.call('HKEYS', NODES)) do
   if redis.call('EXISTS', lease(other)) == 0 then

@@ -1,0 +1,316 @@
+"""Cluster mode, black-box: real nodes (``broker.py --redis``) on one real Redis.
+
+Every test starts its own ``redis-server`` on a free port (no persistence)
+and its own nodes, and kills them all at the end. Faults are real: a node's
+process group is SIGKILLed, Redis is restarted empty, and a FaultProxy
+between a node and Redis stalls or cuts their connection.
+
+Absence across nodes is proved with a marker: a user sends ``MSG marker``
+after what is being checked; per-sender order means that once the marker
+is in, everything before it is too.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from faultproxy import FaultProxy
+from support import (BROKER, ROOT, Client, RedisServer, Server, TestCase,
+                     requires_redis)
+
+LEASE = 3.0                 # seconds: short, so that faults play out quickly
+
+
+@requires_redis
+class ClusterCase(TestCase):
+    timeout = 90
+
+    def setUp(self):
+        super().setUp()
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.stop)
+
+    def node(self, node_id, url=None, workers=1, lease=LEASE, cluster="chat", *extra):
+        return self.server("--redis", url or self.redis.url, "--node-id", node_id,
+                           "--node-lease", lease, "--cluster", cluster, *extra,
+                           workers=workers)
+
+    def proxy(self):
+        proxy = FaultProxy(self.redis.port)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def user(self, node, name):
+        return self.client(node, name)
+
+    @staticmethod
+    def before_marker(client, sender):
+        """The lines ``client`` gets before ``sender``'s ``MSG marker``."""
+        sender.send("MSG marker")
+        return client.lines_until("MSG %s marker" % sender.name)
+
+    @staticmethod
+    def wait_line(client, wanted, timeout):
+        """Read until ``wanted`` comes; the lines before it."""
+        deadline = time.monotonic() + timeout
+        lines = []
+        while True:
+            line = client.read_line(max(0.01, deadline - time.monotonic()))
+            if line == wanted:
+                return lines
+            lines.append(line)
+
+
+class TestTwoNodes(ClusterCase):
+    def test_the_example_session_with_naman_and_yudi_on_two_nodes(self):
+        a, b = self.node("A"), self.node("B")
+        naman = Client(a.port)
+        self.addCleanup(naman.close)
+        yudi = Client(b.port)
+        naman.send("LOGIN Naman")
+        naman.expect("OK")
+        naman.name = "Naman"
+        yudi.send("LOGIN Yudi")
+        yudi.expect("OK")
+        yudi.name = "Yudi"
+        naman.send("MSG hi everyone!", "MSG how are you?")
+        yudi.expect("MSG Naman hi everyone!", "MSG Naman how are you?")
+        yudi.send("MSG hello Naman!")
+        naman.expect("MSG Yudi hello Naman!")
+        yudi.send("WHO")
+        yudi.expect("USER Naman", "USER Yudi")
+        yudi.send("DM Naman secret message")
+        naman.expect("DM Yudi secret message")
+        yudi.send("PING")
+        yudi.expect("PONG")
+        yudi.close()
+        naman.expect("INFO Yudi disconnected")
+        third = self.client(b)
+        third.send("LOGIN naman")
+        third.expect("ERR username-taken")
+
+    def test_names_are_unique_across_nodes_case_insensitively(self):
+        a, b = self.node("A"), self.node("B")
+        self.user(a, "Naman")
+        for name in ["Naman", "naman", "NAMAN"]:
+            c = self.client(b)
+            c.send("LOGIN " + name)
+            c.expect("ERR username-taken")
+
+    def test_of_30_connections_racing_for_a_name_over_two_nodes_one_wins(self):
+        nodes = [self.node("A"), self.node("B")]
+        clients = [self.client(nodes[i % 2]) for i in range(30)]
+        for c in clients:
+            c.send("LOGIN racer")
+        answers = [c.read_line() for c in clients]
+        self.assertEqual(answers.count("OK"), 1, answers)
+        self.assertEqual(answers.count("ERR username-taken"), 29, answers)
+
+    def test_who_lists_every_node_in_login_order(self):
+        a, b = self.node("A"), self.node("B")
+        names = ["u1", "u2", "u3", "u4", "u5"]
+        users = [self.user((a, b)[i % 2], n) for i, n in enumerate(names)]
+        for u in users[:2]:
+            u.send("WHO")
+            u.expect(*["USER " + n for n in names])
+
+    def test_who_is_linearizable_across_nodes(self):
+        a, b = self.node("A"), self.node("B")
+        watcher = self.user(b, "watcher")
+        joiner = self.user(a, "joiner")                 # its OK has been sent
+        watcher.send("WHO")
+        watcher.expect("USER watcher", "USER joiner")
+        joiner.send("QUIT")
+        self.wait_line(watcher, "INFO joiner disconnected", 5)
+        watcher.send("WHO")
+        watcher.expect("USER watcher")
+
+    def test_broadcast_reaches_every_node_in_order_and_info_comes_last(self):
+        a, b = self.node("A", workers=2), self.node("B", workers=2)
+        senders = [self.user(a, "sa"), self.user(b, "sb")]
+        readers = [self.user(a, "ra"), self.user(b, "rb"), self.user(a, "ra2"),
+                   self.user(b, "rb2")]
+        n = 300
+        for s in senders:
+            s.send(*["MSG %s-%d" % (s.name, i) for i in range(n)])
+        for s in senders:
+            s.send("QUIT")
+        for r in readers:
+            got = {s.name: [] for s in senders}
+            gone = set()
+            while len(gone) < len(senders):
+                line = r.read_line()
+                word, who, rest = line.split(" ", 2)
+                if word == "INFO":
+                    self.assertEqual(len(got[who]), n, "INFO %s before its last MSG" % who)
+                    gone.add(who)
+                elif word == "MSG" and who in got:
+                    got[who].append(rest)
+            for s in senders:
+                self.assertEqual(got[s.name], ["%s-%d" % (s.name, i) for i in range(n)])
+        watcher = readers[1]
+        self.assertEqual(self.before_marker(watcher, readers[0]), [])
+
+    def test_dm_across_nodes_both_ways(self):
+        a, b = self.node("A"), self.node("B")
+        x, y = self.user(a, "x"), self.user(b, "y")
+        x.send("DM y one")
+        y.expect("DM x one")
+        y.send("DM X two")
+        x.expect("DM y two")
+        x.send("DM nobody hi")
+        x.expect("ERR user-not-found")
+        fresh = self.user(b, "fresh")           # maybe not in A's directory yet
+        x.send("DM fresh welcome")
+        fresh.expect("DM x welcome")
+        fresh.send("QUIT")
+        self.wait_line(x, "INFO fresh disconnected", 5)
+        x.send("DM fresh hello?")
+        x.expect("ERR user-not-found")
+
+    def test_two_clusters_on_one_redis_do_not_see_each_other(self):
+        a = self.node("A", cluster="one")
+        b = self.node("B", cluster="two")
+        x, y = self.user(a, "same"), self.user(b, "same")
+        x.send("MSG only for one", "WHO")
+        x.expect("USER same")
+        y.send("WHO")
+        y.expect("USER same")
+        other = self.user(a, "other")
+        self.assertEqual(self.before_marker(y, self.user(b, "mark")), [])
+        self.assertEqual(self.before_marker(other, x), [])
+
+    def test_a_second_live_node_with_the_same_id_is_refused(self):
+        self.node("A")
+        twin = Server("--redis", self.redis.url, "--node-id", "A",
+                      "--node-lease", LEASE, workers=1)
+        self.addCleanup(twin.kill)
+        twin.launch()
+        self.assertEqual(twin.proc.wait(30), 2)
+        twin.wait_log_end()
+        self.assertIn("node id 'A' is in use by another live node", twin.log())
+        self.assertNotIn("listening on", twin.log())
+
+    def test_a_node_that_stops_announces_its_users_at_once(self):
+        a, b = self.node("A", lease=30), self.node("B", lease=30)
+        self.user(a, "leaver")
+        stay = self.user(b, "stay")
+        self.assertEqual(a.stop(), 0)
+        self.wait_line(stay, "INFO leaver disconnected", 5)     # not after 30 s
+        self.user(b, "leaver")
+        self.assertEqual(self.before_marker(stay, self.user(b, "m")), [])
+
+    def test_bad_redis_url_is_one_clear_line(self):
+        out = subprocess.run([sys.executable, BROKER, "--redis", "http://x"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("--redis", out.stderr)
+        self.assertNotIn("Traceback", out.stderr)
+
+
+class TestFaults(ClusterCase):
+    def test_a_dead_broker_is_replaced_and_nobody_notices(self):
+        a, b = self.node("A", workers=2), self.node("B")
+        here, there = self.user(a, "here"), self.user(b, "there")
+        a.replacement("chat-broker", None, 5)
+        old = a.roles()["chat-broker"]
+        os.kill(old, signal.SIGKILL)
+        here.send(*["MSG h%d" % i for i in range(50)])
+        there.send(*["MSG t%d" % i for i in range(50)])
+        self.assertEqual(there.read_lines(50), ["MSG here h%d" % i for i in range(50)])
+        self.assertEqual(here.read_lines(50), ["MSG there t%d" % i for i in range(50)])
+        a.replacement("chat-broker", old, 10)
+        self.assertEqual(self.before_marker(there, here), [])
+        self.assertEqual(self.before_marker(here, there), [])
+        here.send("WHO")
+        here.expect("USER here", "USER there")
+
+    def test_a_dead_node_is_announced_once_by_the_survivors_within_the_lease(self):
+        a, b, c = self.node("A"), self.node("B"), self.node("C")
+        self.user(a, "gone1")
+        self.user(a, "gone2")
+        on_b, on_c = self.user(b, "onb"), self.user(c, "onc")
+        killed = time.monotonic()
+        os.killpg(a.proc.pid, signal.SIGKILL)
+        for u in (on_b, on_c):
+            got = sorted(u.read_lines(2, timeout=LEASE + 3))
+            self.assertEqual(got, ["INFO gone1 disconnected", "INFO gone2 disconnected"])
+        self.assertLess(time.monotonic() - killed, LEASE + 2)
+        self.user(b, "gone1")                                   # the name is free
+        self.assertEqual(self.before_marker(on_c, on_b), ["INFO gone1 disconnected"][:0])
+
+    def test_a_short_redis_outage_only_delays(self):
+        proxy = self.proxy()
+        a, b = self.node("A", url=proxy.url, lease=8), self.node("B", lease=8)
+        a1, a2, b1 = self.user(a, "a1"), self.user(a, "a2"), self.user(b, "b1")
+        proxy.stall()
+        a1.send("MSG during", "WHO")
+        a2.expect("MSG a1 during")                 # the node's own users at once
+        time.sleep(1.5)                            # the outage itself
+        proxy.restore()
+        a1.expect("USER a1", "USER a2", "USER b1")
+        self.wait_line(b1, "MSG a1 during", 8)
+        self.assertEqual(self.before_marker(b1, a1), [])       # once, and nothing else
+        self.assertEqual(a2.lines_until("MSG a1 marker"), [])
+
+    def test_a_request_waiting_too_long_gets_err_unavailable(self):
+        proxy = self.proxy()
+        a = self.node("A", url=proxy.url, lease=20)
+        a1 = self.user(a, "a1")
+        proxy.stall()
+        started = time.monotonic()
+        a1.send("WHO")
+        a1.expect("ERR unavailable")
+        self.assertGreater(time.monotonic() - started, 4)
+        a1.send("PING")
+        a1.expect("PONG")                          # still connected
+        proxy.restore()
+        a1.send("WHO")
+        a1.expect("USER a1")
+
+    def test_a_partitioned_node_gives_up_its_users_before_the_others_announce_them(self):
+        proxy = self.proxy()
+        a, b = self.node("A", url=proxy.url), self.node("B")
+        cut_off, watcher = self.user(a, "cutoff"), self.user(b, "watcher")
+        proxy.stall()
+        self.assertEqual(cut_off.expect_closed(timeout=LEASE + 2), ["ERR unavailable"])
+        closed = time.monotonic()
+        self.wait_line(watcher, "INFO cutoff disconnected", LEASE + 3)
+        self.assertLess(closed, time.monotonic())
+        self.user(b, "cutoff")                     # free, and held once
+        proxy.restore()
+        again = self.client(a)
+        again.send("LOGIN cutoff")
+        again.expect("ERR username-taken")
+        self.user(a, "newcomer")                   # it serves logins again
+        self.assertEqual(self.before_marker(watcher, self.user(b, "m")), [])
+
+    def test_redis_restarted_empty_is_refilled_and_no_name_is_given_twice(self):
+        a, b = self.node("A"), self.node("B")
+        x, y = self.user(a, "x"), self.user(b, "y")
+        self.redis.restart()
+        taker = self.client(b)
+        taker.send("LOGIN x")
+        taker.expect("ERR username-taken")
+        x.send("WHO")
+        x.expect("USER x", "USER y")
+        x.send("MSG after")
+        self.wait_line(y, "MSG x after", 10)
+        self.user(b, "newname")                    # once every node re-registered
+
+    def test_redis_unreachable_at_start_delays_listening(self):
+        proxy = self.proxy()
+        proxy.cut()
+        node = Server("--redis", proxy.url, "--node-id", "A", "--node-lease", LEASE,
+                      workers=1)
+        self.addCleanup(node.kill)
+        node.launch()
+        node.wait_log("unreachable", timeout=10)
+        time.sleep(1.0)                            # retrying, and saying so only once
+        self.assertNotIn("listening on", node.log())
+        self.assertEqual(node.log().count("unreachable"), 1, node.log())
+        proxy.restore()
+        node.wait_log("listening on", timeout=10)
+        self.user(node, "late")
