@@ -262,7 +262,7 @@ class TestFaults(ClusterCase):
         proxy.stall()
         started = time.monotonic()
         a1.send("WHO")
-        a1.expect("ERR unavailable")
+        self.assertEqual(a1.read_line(timeout=10), "ERR unavailable")
         self.assertGreater(time.monotonic() - started, 4)
         a1.send("PING")
         a1.expect("PONG")                          # still connected
