@@ -345,5 +345,9 @@ class Acceptor(Service):
         try:
             sock.setblocking(False)
             sock.send(line)
+            # Drop what it sent meanwhile (a held one had time to send its
+            # LOGIN): closed with unread input, a connection is reset, and
+            # the client may never read the line.
+            sock.recv(65536)
         except OSError:
             pass
