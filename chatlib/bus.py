@@ -27,6 +27,7 @@ class Records:
     def __init__(self):
         self.parts = []
         self.origin = None
+        self.size = 0           # bytes of the fields so far
 
     def __bool__(self):
         return bool(self.parts)
@@ -34,6 +35,7 @@ class Records:
     def _field(self, data):
         self.parts.append(len(data).to_bytes(4, "big"))
         self.parts.append(data)
+        self.size += len(data)
 
     def from_batch(self, slot, number):
         if self.origin != (slot, number):

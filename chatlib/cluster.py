@@ -44,6 +44,7 @@ from chatlib.redis_client import ConnectionLost, RedisClient, RedisError
 
 REQUEST_TIMEOUT = 5.0     # a LOGIN or WHO waiting longer gets ERR unavailable
 RETRY_DELAY = 0.25        # a claim refused for now (recovering) tries again after this
+ENTRY_BYTES = 1 << 20     # an entry gathering while another is in flight goes past this
 READ_COUNT = 1000         # bus entries per read
 READ_BLOCK = 1.0          # seconds a read waits for new entries
 BACKLOG_LIMIT = 64 << 20  # bytes waiting for Redis above which the broker stops reading
@@ -115,6 +116,9 @@ class Cluster:
         self.releases = []         # this turn's (key, owner, announce)
         self.joins = []            # this turn's (key, owner) claimed
         self.requests = []         # this turn's requests, sent after its entry
+        self.covered = None        # the batches the entry being gathered covers
+        self.gathered = []         # requests waiting behind that entry
+        self.publishing = 0        # entries sent, unanswered
         self.backlog = deque()     # ops not sent yet, in order
         self.inflight = deque()    # ops sent, unanswered, in order
         self.lost = []             # inflight ops whose connection died, in order
@@ -303,6 +307,8 @@ class Cluster:
                 op.args[6 + 3 * int(op.args[5]):] = []      # claims: gone with the users
                 self.backlog_bytes -= op.size
                 op.size = 0
+        self.records = bus.Records()
+        self.joins = []
         self.broker.evict()
 
     # -- queueing and sending -------------------------------------------------
@@ -325,6 +331,8 @@ class Cluster:
                 continue
             self.backlog_bytes -= op.size
             self.inflight.append(op)
+            if op.script is registry.PUBLISH:
+                self.publishing += 1
             callback = partial(self.on_reply, op)
             if op.script is None:
                 self.commands.call(callback, *op.args)
@@ -336,6 +344,8 @@ class Cluster:
     def on_reply(self, op, reply):
         if self.inflight and self.inflight[0] is op:
             self.inflight.popleft()
+        if op.script is registry.PUBLISH:
+            self.publishing -= 1
         if isinstance(reply, ConnectionLost):
             self.lost.append(op)
             return
@@ -344,8 +354,28 @@ class Cluster:
         op.on_reply(reply)
 
     def end_turn(self, received):
-        """The turn's one bus entry, then its requests."""
-        if self.records or self.releases or self.joins:
+        """What the turn has for Redis: one bus entry, then the requests.
+
+        One entry is in flight at a time: while Redis has not answered the
+        last, the turns that follow gather into the next (with their requests,
+        which must not overtake it), up to ENTRY_BYTES. Under load that makes
+        each command carry many turns' lines; a lone message finds nothing in
+        flight and goes at once.
+        """
+        if self.records or self.releases or self.joins or self.covered is not None:
+            self.covered = dict(received)
+        elif not self.unconfirmed:
+            self.confirmed = dict(received)
+        if self.publishing and (self.covered is not None or self.gathered) \
+                and self.records.size < ENTRY_BYTES and not self.leaving:
+            self.gathered.extend(self.requests)
+            self.requests = []
+            return
+        self.seal()
+
+    def seal(self):
+        if self.covered is not None:
+            covered, self.covered = self.covered, None
             data = self.records.encode()
             args = [self.prefix, self.node, self.token, registry.STREAM_MAXLEN, data,
                     len(self.releases)]
@@ -353,17 +383,15 @@ class Cluster:
                 args += [key, owner, "1" if announce else "0"]
             for key, owner in self.joins:
                 args += [key, owner]
-            covered = dict(received)
             self.unconfirmed.append(covered)
             self.queue(_Op(registry.PUBLISH, args, partial(self.on_published, covered),
                            len(data)))
             self.records = bus.Records()
             self.releases = []
             self.joins = []
-        elif not self.unconfirmed:
-            self.confirmed = dict(received)
-        if self.requests:
-            self.queue(*self.requests)
+        if self.gathered or self.requests:
+            self.queue(*self.gathered, *self.requests)
+            self.gathered = []
             self.requests = []
         if self.leaving and not self.leave_queued:
             self.leave_queued = True
