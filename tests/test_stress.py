@@ -4,12 +4,14 @@ proof that its oracle fails against a server that loses or echoes messages."""
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import unittest
 
 import support
+import stress as stress_tool        # scripts/ is on the path (support puts it there)
 
 STRESS = os.path.join(support.ROOT, "scripts", "stress.py")
 
@@ -31,13 +33,16 @@ class FaultyServer(threading.Thread):
     """A one-thread asyncio chat server with a deliberate fault.
 
     ``drop``: every 10th MSG delivery is skipped; ``echo``: a MSG also goes
-    back to its sender. Just enough protocol for the fanout scenario.
+    back to its sender; ``duplicate``: every 10th delivery is made twice;
+    ``reorder``: every 10th delivery comes after the next one to the same
+    user. Just enough protocol for the fanout scenario.
     """
 
     def __init__(self, fault):
         super().__init__(daemon=True)
         self.fault = fault
         self.users = {}
+        self.held = {}
         self.deliveries = 0
         self.ready = threading.Event()
         self.loop = asyncio.new_event_loop()
@@ -68,9 +73,16 @@ class FaultyServer(threading.Thread):
             if name == sender and self.fault != "echo":
                 continue
             self.deliveries += 1
-            if self.fault == "drop" and self.deliveries % 10 == 0:
+            nth = self.deliveries % 10 == 0
+            if self.fault == "drop" and nth:
                 continue
-            writer.write(line)
+            if self.fault == "duplicate" and nth:
+                writer.write(line)
+            held = self.held.pop(name, b"") if self.fault == "reorder" else b""
+            if self.fault == "reorder" and nth and not held:
+                self.held[name] = line
+                continue
+            writer.write(line + held)
 
     async def serve(self, reader, writer):
         try:
@@ -108,6 +120,7 @@ class StressScenarios(support.TestCase):
         self.assertEqual((status, result["failures"]), (0, {}), result)
         self.assertTrue(result["ok"])
         self.assertGreater(result["tool_cpu_s"], 0)
+        self.assertIn(result["tool_bound"], (True, False))
 
     def test_fanout(self):
         status, r = stress("fanout", "--spawn-server", "--workers", 2, "--clients", 40,
@@ -181,6 +194,108 @@ class OracleCanFail(support.TestCase):
         status, r = self.run_against("echo")
         self.assertEqual(status, 1)
         self.assertGreater(r["failures"].get("echo-to-sender", 0), 0, r["failures"])
+
+    def test_duplicates_and_reordering_are_reported(self):
+        for fault in ("duplicate", "reorder"):
+            with self.subTest(fault=fault):
+                status, r = self.run_against(fault)
+                self.assertEqual(status, 1)
+                self.assertGreater(r["failures"].get("duplicate-or-reordered", 0), 0,
+                                   r["failures"])
+
+
+class ToolBound(unittest.TestCase):
+    """The tool says when its own CPU, not the server, was the limit."""
+
+    def bound(self, cpu, wait=(0, 0), span=10.0):
+        setups = [{"cpu": 1.0, "wait": 0.0}, {"cpu": 1.0, "wait": 0.0}]
+        runs = [{"cpu": 1.0 + c, "wait": w} for c, w in zip(cpu, wait)]
+        return stress_tool.tool_figures(setups, runs, span)
+
+    def test_the_limit(self):
+        self.assertFalse(self.bound([3, 3])["tool_bound"])
+        self.assertTrue(self.bound([9, 9])["tool_bound"])
+        self.assertTrue(self.bound([9, 1])["tool_bound"], "one process on a whole core")
+        r = self.bound([5, 5], wait=[4, 4])
+        self.assertTrue(r["tool_bound"], "waiting for a CPU is wanting it")
+        self.assertEqual((r["tool_cpu_pct"], r["tool_cpu_wait_pct"]), (100.0, 80.0))
+
+    def test_said_beside_the_figures(self):
+        result = {"scenario": "fanout", "failures": {}, "examples": {}}
+        result.update(self.bound([9, 9]))
+        self.assertIn("NOTE: the tool was the limit", stress_tool.summary(result))
+
+
+class BulkCheck(unittest.TestCase):
+    """A read of many MSG lines is judged in bulk; the verdict must be the
+    line-by-line check's: anything wrong falls back to it, changing nothing."""
+
+    def setUp(self):
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        cfg = dict(address="127.0.0.1", port=1, spread=False, prefix=b"t", senders=3,
+                   clients=11, procs=1, size=40, sample=5, window=0, rate=0,
+                   slow_set=frozenset())
+        self.load = stress_tool.Broadcast(cfg, 0, a, [0] * stress_tool.BOARD_SLOTS,
+                                          [0] * 3, [0] * 11)
+        self.reader = self.load.clients[10]         # records latency
+        self.names = self.load.sender_names
+
+    def line(self, sender, seq):
+        text = self.load.msg.batch(seq, 1, 10 ** 18)[4:-1]     # stamped if sampled
+        return b"MSG " + self.names[sender] + b" " + text
+
+    def stream(self, count=60):
+        """``count`` lines, the three senders interleaved in runs, in order."""
+        seqs, lines = [0, 0, 0], []
+        for k in range(count):
+            s = (k // 7 + k % 2) % 3
+            lines.append(self.line(s, seqs[s]))
+            seqs[s] += 1
+        return lines, seqs
+
+    def test_good_lines_pass_in_bulk(self):
+        lines, seqs = self.stream()
+        self.assertTrue(self.load.bulk_check(self.reader, lines))
+        self.assertEqual([self.reader.nxt[n] for n in self.names], seqs)
+        self.assertEqual(len(self.load.lat), sum((q + 4) // 5 for q in seqs))
+        more = [self.line(0, seqs[0] + k) for k in range(20)]
+        self.load.on_lines(self.reader, more)
+        self.assertEqual(self.reader.nxt[self.names[0]], seqs[0] + 20)
+        self.assertEqual(self.load.failures, {})
+
+    def check_fault(self, lines, kind):
+        before = dict(self.reader.nxt)
+        self.assertFalse(self.load.bulk_check(self.reader, lines))
+        self.assertEqual(self.reader.nxt, before)
+        self.load.on_lines(self.reader, lines)
+        self.assertGreater(self.load.failures[kind], 0, self.load.failures)
+
+    def test_a_duplicate(self):
+        lines, _ = self.stream()
+        self.check_fault(lines[:30] + lines[29:], "duplicate-or-reordered")
+
+    def test_two_lines_of_one_sender_swapped(self):
+        lines, _ = self.stream()
+        lines[0], lines[2] = lines[2], lines[0]         # both from sender 0
+        self.check_fault(lines, "duplicate-or-reordered")
+
+    def test_a_lost_line(self):
+        lines, _ = self.stream()
+        self.check_fault(lines[:20] + lines[21:], "lost")
+
+    def test_a_cut_or_corrupt_line(self):
+        for bad in (lambda l: l[:-1], lambda l: l.replace(b"00000", b"0000x", 1)):
+            with self.subTest():
+                lines, _ = self.stream()
+                lines[25] = bad(lines[25])
+                self.check_fault(lines, "unexpected-line")
+
+    def test_a_line_that_is_not_a_msg(self):
+        lines, _ = self.stream()
+        self.check_fault(lines[:10] + [b"INFO tx disconnected"] + lines[10:],
+                         "unexpected-line")
 
 
 if __name__ == "__main__":
