@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 
-from harness import ROOT, RedisServer, Server, start_cluster
+from harness import ROOT, Server, start_cluster
 
 LOADGEN = os.path.join(os.path.dirname(ROOT), "shared", "bench", "loadgen.py")
 
@@ -35,24 +35,16 @@ def loadgen(scenario, ports, pids, args):
     return json.loads(lines[-1])
 
 
-def redis_counters(redis):
-    calls = sum(int(v.split("calls=")[1].split(",")[0])
-                for v in redis.info("commandstats").values() if "calls=" in v)
-    cpu = redis.info("cpu")
-    return calls, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
-
-
 def run_single(scenario, args):
     with Server("--idle-timeout", 600, "--max-per-ip", 0, workers=2) as node:
-        node.start()
         return loadgen(scenario, [node.port], [node.proc.pid], args)
 
 
 def run_cluster(scenario, args):
     with start_cluster(2, workers=1, extra_args=("--idle-timeout", 600, "--max-per-ip", 0)) as cluster:
-        before = redis_counters(cluster.redis)
+        before = cluster.redis.usage()
         result = loadgen(scenario, cluster.ports, [n.proc.pid for n in cluster.nodes], args)
-        after = redis_counters(cluster.redis)
+        after = cluster.redis.usage()
         result["redis_calls"] = after[0] - before[0]
         result["redis_cpu_s"] = round(after[1] - before[1], 3)
         return result
