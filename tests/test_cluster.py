@@ -18,7 +18,7 @@ import time
 
 from faultproxy import FaultProxy
 from support import (BROKER, ROOT, Client, RedisServer, Server, TestCase,
-                     requires_redis)
+                     per_start_method, requires_redis)
 
 LEASE = 3.0                 # seconds: short, so that faults play out quickly
 
@@ -32,10 +32,12 @@ class ClusterCase(TestCase):
         self.redis = RedisServer().start()
         self.addCleanup(self.redis.stop)
 
+    start_method = None
+
     def node(self, node_id, url=None, workers=1, lease=LEASE, cluster="chat", *extra):
         return self.server("--redis", url or self.redis.url, "--node-id", node_id,
                            "--node-lease", lease, "--cluster", cluster, *extra,
-                           workers=workers)
+                           workers=workers, start_method=self.start_method)
 
     def proxy(self):
         proxy = FaultProxy(self.redis.port)
@@ -208,6 +210,20 @@ class TestTwoNodes(ClusterCase):
         self.assertEqual(out.returncode, 2)
         self.assertIn("--redis", out.stderr)
         self.assertNotIn("Traceback", out.stderr)
+
+
+class TestStartMethod(ClusterCase):
+    def test_two_nodes_chat(self):
+        a, b = self.node("A", workers=2), self.node("B", workers=2)
+        x, y = self.user(a, "x"), self.user(b, "y")
+        x.send("MSG hi", "DM y psst", "WHO")
+        x.expect("USER x", "USER y")
+        y.expect("MSG x hi", "DM x psst")
+        y.send("QUIT")
+        x.expect("INFO y disconnected")
+
+
+per_start_method(globals(), TestStartMethod)
 
 
 class TestFaults(ClusterCase):
