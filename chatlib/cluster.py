@@ -130,6 +130,8 @@ class Cluster:
         self.dm_number = time.time_ns()
         self.join_cursor = None    # where the registry says reading resumes
         self.leaving = None        # (deadline, callback) while stopping
+        self.duplicate_seen = False  # our id was leased by another run at start
+        self.rejoin_at = None      # when to look again
         self.leave_queued = False
 
     # -- life -----------------------------------------------------------------
@@ -155,7 +157,7 @@ class Cluster:
                  self.later[0][0] if self.later else None,
                  self.lease_until - self.fence_margin if self.broker.users and not self.fenced
                  else None,
-                 self.commands.next_wakeup(), self.reader.next_wakeup()]
+                 self.rejoin_at, self.commands.next_wakeup(), self.reader.next_wakeup()]
         return min([t for t in times if t is not None], default=None)
 
     def tick(self, now):
@@ -176,6 +178,10 @@ class Cluster:
             self.heartbeat(now)
         if self.leaving and now >= self.leaving[0]:
             self.left(None)
+        if self.rejoin_at is not None and now >= self.rejoin_at:
+            self.rejoin_at = None
+            if self.commands.up:
+                self.join("")
         self.send()
         self.commands.flush()
 
@@ -208,10 +214,7 @@ class Cluster:
             return                              # on_up joins again
         status = reply[0]
         if status == b"duplicate":
-            self.broker.fatal(
-                "node id %r is in use by another live node of cluster %r (its lease "
-                "runs out in %.1f s): give each node its own --node-id"
-                % (self.node, self.prefix, max(0, reply[1]) / 1000))
+            self.duplicate(max(0, reply[1]) / 1000)
             return
         if status == b"epoch":
             self.log.warning("redis has lost the cluster's data (restarted empty?): "
@@ -244,6 +247,20 @@ class Cluster:
         if not self.ready:
             self.ready = True
             self.broker.report_ready()
+
+    def duplicate(self, left):
+        """Our id is leased by another run: a live node (its lease stays
+        renewed), or the run before this one, dead (it runs out). Wait once
+        for it to run out; if it is still held, the node is a duplicate."""
+        if self.rejoin_at is None and not self.epoch and not self.duplicate_seen:
+            self.duplicate_seen = True
+            self.rejoin_at = time.monotonic() + left + 0.25
+            self.log.warning("node id %r is leased by another run (for %.1f s more): "
+                             "waiting to see whether it is alive", self.node, left)
+            return
+        self.broker.fatal(
+            "node id %r is in use by another live node of cluster %r: give each "
+            "node its own --node-id" % (self.node, self.prefix))
 
     def on_down(self):
         """Every unanswered command failed (in order): send them again later,

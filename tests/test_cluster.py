@@ -185,7 +185,7 @@ class TestTwoNodes(ClusterCase):
         self.assertEqual(self.before_marker(other, x), [])
 
     def test_a_second_live_node_with_the_same_id_is_refused(self):
-        self.node("A")
+        self.node("A")                              # renews its lease: alive
         twin = Server("--redis", self.redis.url, "--node-id", "A",
                       "--node-lease", LEASE, workers=1)
         self.addCleanup(twin.kill)
@@ -194,6 +194,16 @@ class TestTwoNodes(ClusterCase):
         twin.wait_log_end()
         self.assertIn("node id 'A' is in use by another live node", twin.log())
         self.assertNotIn("listening on", twin.log())
+
+    def test_a_node_restarted_within_its_old_lease_waits_for_it_and_goes_on(self):
+        first = self.node("A", lease=2)
+        self.user(first, "old")
+        watcher = self.user(self.node("B", lease=2), "watcher")
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        again = self.node("A", lease=2)             # the old run's lease still runs
+        again.wait_log("waiting to see whether it is alive")
+        self.wait_line(watcher, "INFO old disconnected", 5)
+        self.user(again, "old")
 
     def test_a_node_that_stops_announces_its_users_at_once(self):
         a, b = self.node("A", lease=30), self.node("B", lease=30)
