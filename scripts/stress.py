@@ -34,7 +34,7 @@ from bisect import bisect_left
 from collections import Counter
 from operator import itemgetter
 
-from harness import Server, StartError, percentile
+from harness import Server, StartError, percentile, start_cluster
 from procfs import usage
 
 CHUNK = 256 * 1024          # bytes per recv: few syscalls, lines counted in bulk
@@ -137,7 +137,7 @@ class Load:
         self.slot = proc * BOARD_SLOTS
         self.sel = selectors.DefaultSelector()
         self.sel.register(pipe.fileno(), selectors.EVENT_READ, None)
-        self.target = (cfg["address"], cfg["port"])
+        self.targets = cfg["targets"]
         self.spread = cfg["spread"]
         self.failures = Counter()
         self.examples = {}
@@ -196,7 +196,7 @@ class Load:
             if self.spread:
                 s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 s.bind((source_address(c.idx), 0))
-            err = s.connect_ex(self.target)
+            err = s.connect_ex(self.targets[c.idx % len(self.targets)])
         except OSError as exc:
             err = exc.errno
         if err not in (0, 115, 36, 11, 35):     # EINPROGRESS, EAGAIN (Linux, BSD)
@@ -350,7 +350,7 @@ class Load:
                 break
             reply = getattr(self, "phase_" + cmd)(*args)
             reply.setdefault("cpu", own_cpu())
-            reply["wait"] = cpu_wait()
+            reply.update(wait=cpu_wait(), lines_sent=self.sent)
             self.pipe.send(reply)
         for c in self.clients:
             self.close(c)
@@ -700,6 +700,7 @@ class Dm(Load):
             c.got = seq + 1
             if not c.observer:
                 self.write(c, self.FMT % (peer.name, seq, stamp))
+                self.sent += 1
                 continue
             self.round_trips += 1
             self.rtt.append(self.now - stamp)
@@ -1082,8 +1083,9 @@ def scenario_figures(args, runs, fins, window):
     return {"alive_after_hold": sum(r["alive"] for r in runs)}
 
 
-def drive(args, cfg, fleet, monitor):
-    """setup, run, finish: the figures and the failures of one scenario."""
+def drive(args, cfg, fleet, monitor, redis=None):
+    """setup, run, finish: the figures and the failures of one scenario
+    (and with the ``redis`` of a spawned cluster, what it did meanwhile)."""
     result = {}
     before = monitor.usage()
     setups = fleet.command("setup", timeout=args.setup_timeout + 30)
@@ -1104,6 +1106,7 @@ def drive(args, cfg, fleet, monitor):
     t_start = t_cmd + 200_000_000
     t_end = t_start + int(duration * 1e9)
     at_start = monitor.usage()
+    redis_start = redis.usage() if redis else None
     runs = fleet.command("run", t_start, t_end, timeout=duration + args.drain_timeout + 30)
     at_stop = monitor.usage()
     t_stop = max(r.get("t_stop", t_end) for r in runs)
@@ -1113,6 +1116,10 @@ def drive(args, cfg, fleet, monitor):
     deadline = time.monotonic_ns() + int(args.drain_timeout * 1e9)
     fins = fleet.command("finish", expect, deadline, timeout=args.drain_timeout + 30)
     result.update(scenario_figures(args, runs, fins, window))
+    if redis_start:
+        result.update(redis_figures(redis_start, redis.usage(),
+                                    sum(f["lines_sent"] - r["lines_sent"]
+                                        for f, r in zip(fins, setups))))
     if at_start and at_stop:
         result["server_cpu_s"] = round(at_stop[0] - at_start[0], 2)
         result["server_cpu_pct"] = round(100 * (at_stop[0] - at_start[0]) / window, 1)
@@ -1124,6 +1131,14 @@ def drive(args, cfg, fleet, monitor):
         for kind, texts in f["examples"].items():
             examples.setdefault(kind, []).extend(texts[:SAMPLES_PER_KIND - len(examples.get(kind, []))])
     return result, failures, examples
+
+
+def redis_figures(start, end, lines_sent):
+    """Commands Redis ran (less our two INFOs) and its CPU, over the run and
+    the drain; commands per chat line (MSG, or DM) the clients sent."""
+    calls = end[0] - start[0] - 2
+    return {"redis_calls": calls, "redis_cpu_s": round(end[1] - start[1], 3),
+            "redis_calls_per_msg": round(calls / lines_sent, 4) if lines_sent else None}
 
 
 def tool_figures(setups, runs, span):
@@ -1154,10 +1169,10 @@ def slow_memory_bound(args, result, failures, examples):
                                               % (growth, bound)]
 
 
-def config_for(args, address, port, spread):
+def config_for(args, targets, spread):
     """The picklable plan every stress process gets."""
     cfg = dict(vars(args))
-    cfg.update(address=address, port=port, spread=spread,
+    cfg.update(targets=targets, spread=spread,
                prefix=(args.prefix or "".join(random.choice(string.ascii_lowercase)
                                               for _ in range(4))).encode())
     if args.scenario == "slow":
@@ -1182,49 +1197,73 @@ def spawn_args(args):
     return extra + args.server_arg
 
 
+def spawn(args):
+    """The servers --spawn-server or --spawn-cluster asks for, started: (the
+    servers, the cluster or None)."""
+    if args.spawn_cluster:
+        cluster = start_cluster(args.spawn_cluster, workers=args.workers,
+                                extra_args=spawn_args(args), name="stress",
+                                die_with_parent=True)
+        return cluster.nodes, cluster
+    if args.spawn_server:
+        return [Server(*spawn_args(args), host=args.host, workers=args.workers,
+                       die_with_parent=True).start()], None
+    return [], None
+
+
+def one_or_all(values):
+    return values[0] if len(values) == 1 else values
+
+
 def run(args):
     """One scenario from start to end; (result dict, exit status)."""
     raise_nofile()
     result = {"scenario": args.scenario}
     failures, examples = Counter(), {}
-    server = fleet = None
+    servers, cluster, fleet = [], None, None
     tool_cpu0 = own_cpu()
     try:
-        if args.spawn_server:
-            server = Server(*spawn_args(args), host=args.host, workers=args.workers,
-                            die_with_parent=True).start()
-            args.port, args.server_pid = server.port, server.proc.pid
-        address = socket.gethostbyname(args.host)
-        spread = ipaddress.ip_address(address).is_loopback and not args.no_spread
-        result.update(host=args.host, port=args.port, server_pid=args.server_pid)
-        cfg = config_for(args, address, args.port, spread)
+        servers, cluster = spawn(args)
+        if servers:
+            host = "127.0.0.1" if cluster else args.host
+            args.targets = [(host, server.port) for server in servers]
+            args.server_pid = [server.proc.pid for server in servers]
+        targets = [(socket.gethostbyname(host), port) for host, port in args.targets]
+        spread = not args.no_spread and all(ipaddress.ip_address(address).is_loopback
+                                            for address, _ in targets)
+        result.update(host=one_or_all(sorted({host for host, _ in args.targets})),
+                      port=one_or_all([port for _, port in args.targets]),
+                      server_pid=one_or_all(args.server_pid or [0]))
+        cfg = config_for(args, targets, spread)
         result["procs"] = cfg["procs"]
         live = not args.quiet and not args.json and sys.stderr.isatty()
-        monitor = Monitor([args.server_pid], live)
+        monitor = Monitor(args.server_pid, live)
         fleet = Fleet(cfg, monitor)
         monitor.fleet = fleet
         start = monitor.usage()
         if start:
             result["server_rss_start_mb"] = round(start[1] / 2 ** 20, 1)
         try:
-            figures, failures, examples = drive(args, cfg, fleet, monitor)
+            figures, failures, examples = drive(args, cfg, fleet, monitor,
+                                                cluster.redis if cluster else None)
         finally:
             monitor.end_line()
         result.update(figures)
         if args.scenario == "slow":
             slow_memory_bound(args, result, failures, examples)
-    except (StressError, StartError) as exc:
+    except (StressError, StartError, RuntimeError, OSError) as exc:
         failures["fatal"] += 1
         examples["fatal"] = [str(exc)]
     finally:
         tool_cpu = (fleet.stop() if fleet else 0.0) + own_cpu() - tool_cpu0
         result["tool_cpu_s"] = round(tool_cpu, 2)
-        if server is not None:
-            code = server.shutdown()
-            result["server_exit"] = code
-            if code != 0:
+        codes = cluster.stop() if cluster else [server.shutdown() for server in servers]
+        if codes:
+            result["server_exit"] = one_or_all(codes)
+            if any(code != 0 for code in codes):
                 failures["server-exit"] += 1
-                examples["server-exit"] = ["server exited with %s after SIGTERM" % code]
+                examples["server-exit"] = ["server exited with %s after SIGTERM"
+                                           % one_or_all(codes)]
     result["failures"] = dict(failures)
     result["examples"] = examples
     result["ok"] = not failures
@@ -1258,10 +1297,12 @@ def summary(result):
 EXAMPLES = {
     "fanout": "examples:\n"
               "  stress.py fanout --spawn-server --workers 2 --clients 1000 --senders 10 --duration 5\n"
-              "  stress.py fanout --port 4000 --clients 200 --senders 2 --rate 500 --size 200",
+              "  stress.py fanout --port 4000 --clients 200 --senders 2 --rate 500 --size 200\n"
+              "  stress.py fanout --spawn-cluster 2 --workers 1 --clients 1000 --senders 10",
     "dm": "examples:\n"
           "  stress.py dm --spawn-server --workers 2 --pairs 50 --duration 5\n"
-          "  stress.py dm --port 4000 --server-pid $(pgrep -of 'broker.py') --pairs 10",
+          "  stress.py dm --port 4000 --server-pid $(pgrep -of 'broker.py') --pairs 10\n"
+          "  stress.py dm --port 4000,4001 --server-pid 1234,1240 --pairs 50",
     "connect": "examples:\n"
                "  stress.py connect --spawn-server --workers 2 --clients 10000 --hold 2\n"
                "  stress.py connect --port 4000 --server-pid 1234 --clients 2000",
@@ -1278,15 +1319,24 @@ def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="server address (default %(default)s)")
-    g.add_argument("--port", type=int, default=4000, help="server port (default %(default)s)")
+    g.add_argument("--port", type=number_list, default=[4000], metavar="PORT[,PORT...]",
+                   help="server port; the nodes' ports of a cluster, client i going to "
+                        "port i mod n (default 4000)")
+    g.add_argument("--target", action="append", type=host_port, default=[],
+                   metavar="HOST:PORT", help="a server or a node (repeat; instead of "
+                                             "--host and --port), client i to the i mod n-th")
     g.add_argument("--spawn-server", action="store_true",
                    help="start broker.py on a free port for this run, stop it at the end")
+    g.add_argument("--spawn-cluster", type=int, default=0, metavar="N",
+                   help="start a redis-server and N nodes sharing it on loopback for this "
+                        "run, stop them at the end; reports Redis's commands and CPU")
     g.add_argument("--workers", type=int, default=2,
-                   help="--workers of the spawned server (default %(default)s)")
+                   help="--workers of the spawned server, or of each node (default %(default)s)")
     g.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra option for the spawned server (repeat; use --server-arg=--x)")
-    g.add_argument("--server-pid", type=int, default=0,
-                   help="pid of a running server: report its CPU and memory from /proc")
+    g.add_argument("--server-pid", type=number_list, default=[], metavar="PID[,PID...]",
+                   help="pid of a running server (or of each node): report their CPU and "
+                        "memory, summed, from /proc")
     g = common.add_argument_group("tool")
     g.add_argument("--procs", type=int, default=os.cpu_count() or 1,
                    help="stress processes (default: number of CPUs, %(default)s)")
@@ -1360,7 +1410,27 @@ def build_parser():
     return p
 
 
+def number_list(text):
+    """``4000,4001`` -> [4000, 4001]"""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number or a comma-separated list: %r" % text)
+
+
+def host_port(text):
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError("not HOST:PORT: %r" % text)
+    return host.strip("[]"), int(port)
+
+
 def check_args(parser, args):
+    if args.spawn_server and args.spawn_cluster:
+        parser.error("--spawn-server or --spawn-cluster, not both")
+    if args.target and (args.spawn_server or args.spawn_cluster):
+        parser.error("--target names running servers: not with --spawn-*")
+    args.targets = args.target or [(args.host, port) for port in args.port]
     if getattr(args, "size", 64) < 32:
         parser.error("--size must be at least 32")
     if args.scenario in ("fanout", "slow") and not 0 < args.senders <= args.clients:

@@ -4,6 +4,7 @@ proof that its oracle fails against a server that loses or echoes messages."""
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -174,6 +175,59 @@ class StressScenarios(support.TestCase):
         self.assertIn("server_peak_rss_mb", r)
 
 
+class SeveralServers(support.TestCase):
+    """Clients spread over several servers: client i to the (i mod n)-th."""
+
+    timeout = 60
+
+    def test_connect_spread_over_two_servers(self):
+        a, b = self.server("--rate", "0", workers=1), self.server("--rate", "0", workers=1)
+        pids = "%d,%d" % (a.proc.pid, b.proc.pid)
+        spreads = (["--port", "%d,%d" % (a.port, b.port)],
+                   ["--target", "127.0.0.1:%d" % a.port, "--target", "localhost:%d" % b.port])
+        for k, spread in enumerate(spreads):
+            with self.subTest(spread=spread[0]):
+                status, r = stress("connect", *spread, "--server-pid", pids, "--clients", 40,
+                                   "--hold", 0.2, "--settle", 0.1, "--prefix", "c%d" % k)
+                self.assertPassed(status, r)
+                self.assertEqual(r["port"], [a.port, b.port])
+                self.assertEqual(r["server_pid"], [a.proc.pid, b.proc.pid])
+                for s in (a, b):
+                    logins = re.findall(r" c%dc\d+ logged in from " % k, s.log())
+                    self.assertEqual(len(logins), 20, s.log())
+                self.assertIn("server_kb_per_client", r)
+
+    assertPassed = StressScenarios.assertPassed
+
+
+@support.requires_redis
+class Cluster(support.TestCase):
+    """--spawn-cluster: a Redis and two nodes; the oracle holds across them."""
+
+    timeout = 60
+
+    def assertCluster(self, status, r):
+        StressScenarios.assertPassed(self, status, r)
+        self.assertEqual(len(r["port"]), 2)
+        self.assertEqual(r["server_exit"], [0, 0])
+        self.assertGreater(r["redis_calls"], 0)
+        self.assertGreaterEqual(r["redis_cpu_s"], 0)
+        self.assertGreater(r["redis_calls_per_msg"], 0)
+
+    def test_fanout_across_two_nodes(self):
+        status, r = stress("fanout", "--spawn-cluster", 2, "--workers", 1, "--clients", 30,
+                           "--senders", 4, "--duration", 1)
+        self.assertCluster(status, r)
+        self.assertEqual(r["logged_in"], 30)
+        self.assertTrue(r["drain_complete"])
+
+    def test_dm_every_pair_across_nodes(self):
+        status, r = stress("dm", "--spawn-cluster", 2, "--workers", 1, "--pairs", 4,
+                           "--duration", 1)
+        self.assertCluster(status, r)
+        self.assertGreater(r["round_trips"], 0)
+
+
 class OracleCanFail(support.TestCase):
     """Against a faulty server the tool must exit 1 and name the fault."""
 
@@ -234,7 +288,7 @@ class BulkCheck(unittest.TestCase):
         a, b = socket.socketpair()
         self.addCleanup(a.close)
         self.addCleanup(b.close)
-        cfg = dict(address="127.0.0.1", port=1, spread=False, prefix=b"t", senders=3,
+        cfg = dict(targets=[("127.0.0.1", 1)], spread=False, prefix=b"t", senders=3,
                    clients=11, procs=1, size=40, sample=5, window=0, rate=0,
                    slow_set=frozenset())
         self.load = stress_tool.Broadcast(cfg, 0, a, [0] * stress_tool.BOARD_SLOTS,
