@@ -36,12 +36,12 @@ def loadgen(scenario, ports, pids, args):
 
 
 def run_single(scenario, args):
-    with Server("--idle-timeout", 600, "--max-per-ip", 0, workers=2) as node:
+    with Server("--idle-timeout", 600, "--max-per-ip", 0, "--rate", 0, workers=2) as node:
         return loadgen(scenario, [node.port], [node.proc.pid], args)
 
 
 def run_cluster(scenario, args):
-    with start_cluster(2, workers=1, extra_args=("--idle-timeout", 600, "--max-per-ip", 0)) as cluster:
+    with start_cluster(2, workers=1, extra_args=("--idle-timeout", 600, "--max-per-ip", 0, "--rate", 0)) as cluster:
         before = cluster.redis.usage()
         result = loadgen(scenario, cluster.ports, [n.proc.pid for n in cluster.nodes], args)
         after = cluster.redis.usage()
@@ -80,6 +80,12 @@ def main():
     for field in ("deliveries_per_s", "server_cpu_pct", "lat_p50_ms", "lat_p99_ms"):
         single, cluster = median("fanout", "single", field), median("fanout", "cluster", field)
         summary["fanout_" + field] = [single, cluster, round(cluster / single, 3) if single else None]
+    def cpu_per_delivery(setup):
+        return statistics.median(r["server_cpu_pct"] / 100 / r["deliveries_per_s"] * 1e6
+                                 for r in results[("fanout", setup)])
+    single, cluster = cpu_per_delivery("single"), cpu_per_delivery("cluster")
+    summary["fanout_server_cpu_us_per_delivery"] = [round(single, 4), round(cluster, 4),
+                                                    round(cluster / single, 3)]
     for field in ("rtt_p50_ms", "rtt_p99_ms"):
         single, cluster = median("dm", "single", field), median("dm", "cluster", field)
         summary["dm_" + field] = [single, cluster, round(cluster / single, 3) if single else None]
