@@ -163,9 +163,10 @@ def prefer_batching():
     whoever runs, so on a busy machine every process runs for every single
     event, paying a context switch and a loop turn each time. A batch
     thread does not preempt on wake-up: it runs a moment later and finds
-    several events waiting. On two cores with four workers that took a
-    login from 107 to 43 µs of CPU and raised PONG/s by 13 %, with no change
-    in DM round trips (docs/BENCHMARKS.md). The nice value is kept.
+    several events waiting: with more processes than cores, one wake-up then
+    serves many events, where most of a login's CPU went, and DM round trips
+    do not suffer (figures: docs/BENCHMARKS.md, "The scheduling policy").
+    The nice value is kept.
     """
     if hasattr(os, "SCHED_BATCH"):
         try:
