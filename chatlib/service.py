@@ -165,7 +165,7 @@ def prefer_batching():
     thread does not preempt on wake-up: it runs a moment later and finds
     several events waiting: with more processes than cores, one wake-up then
     serves many events, where most of a login's CPU went, and DM round trips
-    do not suffer (figures: docs/BENCHMARKS.md, "The scheduling policy").
+    do not suffer (figures: docs/BENCHMARKS.md, "Why the misses").
     The nice value is kept.
     """
     if hasattr(os, "SCHED_BATCH"):
