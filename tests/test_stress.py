@@ -1,10 +1,13 @@
-"""The stress tool (scripts/stress.py): every scenario at a small size, and
-proof that its oracle fails against a server that loses or echoes messages."""
+"""The stress tool (scripts/stress.py): every scenario at a small size, over
+several servers and across the nodes of a cluster, and proof that its oracle
+fails against a server that loses, doubles, reorders or echoes messages.
+Also scripts/cluster.py, which starts a cluster by hand."""
 
 import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -12,9 +15,11 @@ import threading
 import unittest
 
 import support
-import stress as stress_tool        # scripts/ is on the path (support puts it there)
+import procfs                       # scripts/ is on the path (support puts it there)
+import stress as stress_tool
 
 STRESS = os.path.join(support.ROOT, "scripts", "stress.py")
+CLUSTER = os.path.join(support.ROOT, "scripts", "cluster.py")
 
 
 def stress(*args, timeout=40):
@@ -226,6 +231,49 @@ class Cluster(support.TestCase):
                            "--duration", 1)
         self.assertCluster(status, r)
         self.assertGreater(r["round_trips"], 0)
+
+
+@support.requires_redis
+class ClusterScript(support.TestCase):
+    """scripts/cluster.py up: a chat over its nodes; Ctrl-C leaves no process."""
+
+    timeout = 60
+
+    def test_up_chat_and_ctrl_c(self):
+        proc = subprocess.Popen([sys.executable, CLUSTER, "up", "2", "--quiet"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stdin.close)
+        self.addCleanup(lambda: proc.poll() is None and os.killpg(proc.pid, 9))
+        ports, out = [], []
+        while not out or not out[-1].startswith("try: "):
+            out.append(proc.stdout.readline().decode())
+            self.assertTrue(out[-1], "".join(out))
+            m = re.match(r"node\d+  127.0.0.1:(\d+)  up", out[-1])
+            if m:
+                ports.append(int(m.group(1)))
+        self.assertEqual(len(ports), 2, out)
+        pids = [pid for child in procfs_children(proc.pid) for pid in support.session_pids(child)]
+        self.assertGreaterEqual(len(pids), 8, "2 nodes of 4 processes, and redis")
+        with support.Client(ports[0]) as a, support.Client(ports[1]) as b:
+            a.login("ada")
+            b.login("bob")
+            a.send("MSG across")
+            b.expect("MSG ada across")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(20), 0)
+        self.assertEqual([pid for pid in pids if support.process_role(pid)], [])
+
+
+def procfs_children(parent):
+    """Pids whose parent is ``parent``."""
+    children = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = procfs.stat(int(entry))
+        if fields and int(fields[1]) == parent:
+            children.append(int(entry))
+    return children
 
 
 class OracleCanFail(support.TestCase):
