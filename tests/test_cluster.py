@@ -214,6 +214,21 @@ class TestTwoNodes(ClusterCase):
         self.user(b, "leaver")
         self.assertEqual(self.before_marker(stay, self.user(b, "m")), [])
 
+    def test_a_password_is_used_and_never_logged(self):
+        secret = "s3cret-pw"
+        locked = RedisServer(password=secret).start()
+        self.addCleanup(locked.stop)
+        in_url = self.node("A", url=locked.url)
+        from_env = self.server("--redis", locked.url.replace(secret, ""), "--node-id", "B",
+                               "--log-level", "DEBUG", workers=1,
+                               env={"REDIS_PASSWORD": secret})
+        x, y = self.user(in_url, "x"), self.user(from_env, "y")
+        x.send("MSG through a locked redis")
+        y.expect("MSG x through a locked redis")
+        for node in (in_url, from_env):
+            self.assertIn("redis://:***@127.0.0.1", node.log())
+            self.assertNotIn(secret, node.log())
+
     def test_bad_redis_url_is_one_clear_line(self):
         out = subprocess.run([sys.executable, BROKER, "--redis", "http://x"], cwd=ROOT,
                              capture_output=True, text=True, timeout=30)
