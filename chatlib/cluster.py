@@ -48,6 +48,7 @@ ENTRY_BYTES = 1 << 20     # an entry gathering while another is in flight goes p
 READ_COUNT = 1000         # bus entries per read
 READ_BLOCK = 1.0          # seconds a read waits for new entries
 BACKLOG_LIMIT = 64 << 20  # bytes waiting for Redis above which the broker stops reading
+READ_RETRY = 1.0          # seconds before reading again after Redis refused a read
 LEAVE_TIMEOUT = 1.5       # seconds a stopping node waits for its departures to be published
 
 
@@ -132,6 +133,7 @@ class Cluster:
         self.leaving = None        # (deadline, callback) while stopping
         self.duplicate_seen = False  # our id was leased by another run at start
         self.rejoin_at = None      # when to look again
+        self.read_again_at = None  # after Redis refused a read
         self.leave_queued = False
 
     # -- life -----------------------------------------------------------------
@@ -157,7 +159,8 @@ class Cluster:
                  self.later[0][0] if self.later else None,
                  self.lease_until - self.fence_margin if self.broker.users and not self.fenced
                  else None,
-                 self.rejoin_at, self.commands.next_wakeup(), self.reader.next_wakeup()]
+                 self.rejoin_at, self.read_again_at, self.commands.next_wakeup(),
+                 self.reader.next_wakeup()]
         return min([t for t in times if t is not None], default=None)
 
     def tick(self, now):
@@ -178,6 +181,9 @@ class Cluster:
             self.heartbeat(now)
         if self.leaving and now >= self.leaving[0]:
             self.left(None)
+        if self.read_again_at is not None and now >= self.read_again_at:
+            self.read_again_at = None
+            self.read()
         if self.rejoin_at is not None and now >= self.rejoin_at:
             self.rejoin_at = None
             if self.commands.up:
@@ -542,37 +548,38 @@ class Cluster:
         if isinstance(reply, ConnectionLost):
             return                               # read() again when it is up
         if isinstance(reply, RedisError):
-            self.log.error("cannot read the cluster's stream: %s", reply)
-        elif reply:
+            self.log.error("cannot read the cluster's stream (trying again in %.0f s): %s",
+                           READ_RETRY, reply)
+            self.read_again_at = time.monotonic() + READ_RETRY
+            return
+        if reply:
             for _, entries in reply:
                 for entry_id, fields in entries:
-                    self.take(entry_id, fields)
+                    try:
+                        self.take(entry_id, fields)
+                    except (ValueError, TypeError, IndexError) as exc:
+                        self.log.error("skipping a malformed bus entry %r: %s", entry_id, exc)
                     self.cursor = entry_id
             self.broker.tell_cursor(self.cursor)
         self.read()
 
     def take(self, entry_id, fields):
-        """Route one bus entry: lines to our users, changes to the directory."""
+        """Route one bus entry: lines to our users, changes to the directory.
+        Anything else may have written to Redis: what does not parse is a
+        ValueError, for the caller to skip the entry."""
         entry = dict(zip(fields[::2], fields[1::2]))
         if entry.get(b"o") == self.node_b:
             return                               # our own
-        origin = entry.get(b"o", b"?").decode()
         broker = self.broker
         if b"d" in entry:
-            try:
-                records = bus.decode(entry[b"d"])
-            except ValueError as exc:
-                self.log.error("skipping a malformed bus entry %s from %s: %s",
-                               entry_id.decode(), origin, exc)
-                records = ()
-            broker.route_remote(origin, records)
+            broker.route_remote(entry.get(b"o", b"?").decode(), bus.decode(entry[b"d"]))
         for key in _names(entry.get(b"j")):
             self.mirror.add(key)
             broker.remote_joined(key)
         for key in _names(entry.get(b"q")):
             self.mirror.discard(key)
             broker.remote_left(key)
-        names = [n for n in entry.get(b"l", b"").decode().split("\n") if n]
+        names = _names(entry.get(b"l"))
         if names:
             for name in names:
                 self.mirror.discard(name.lower())

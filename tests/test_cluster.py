@@ -229,6 +229,17 @@ class TestTwoNodes(ClusterCase):
             self.assertIn("redis://:***@127.0.0.1", node.log())
             self.assertNotIn(secret, node.log())
 
+    def test_garbage_on_the_bus_is_skipped_and_logged(self):
+        a, b = self.node("A"), self.node("B")
+        x, y = self.user(a, "x"), self.user(b, "y")
+        self.redis.command("XADD", "chat:bus", "*", "o", "evil", "d", b"Zgarbage")
+        self.redis.command("XADD", "chat:bus", "*", "o", "evil", "l", b"\xff\xfe")
+        self.redis.command("XADD", "chat:bus", "*", "o", "evil", "d", b"B\x00\x00")
+        x.send("MSG still here")
+        y.expect("MSG x still here")
+        a.wait_log("skipping a malformed bus entry")
+        self.assertNotIn("Traceback", a.log() + b.log())
+
     def test_bad_redis_url_is_one_clear_line(self):
         out = subprocess.run([sys.executable, BROKER, "--redis", "http://x"], cwd=ROOT,
                              capture_output=True, text=True, timeout=30)
