@@ -118,7 +118,7 @@ def parse_line(line, logged_in):
         return PING                      # a keep-alive, the commonest line of all
     if line[:4] == b"MSG " and logged_in:
         # The hot path, a message typed the usual way: no regex split, no
-        # upper-casing (0.26 µs where the general path takes 0.68).
+        # upper-casing (figures: docs/BENCHMARKS.md).
         text = line[4:].strip(_WS)
         if text:
             return Msg(clean_text(text))
@@ -170,8 +170,9 @@ def msg_block(lines, sender):
     """The delivered ``MSG`` lines for ``lines``, if all are plain ``MSG``s, else None.
 
     A flooding client sends reads full of nothing but ``MSG <text>``. Doing
-    a whole read with a few bytes operations that run in C costs 0.16 µs a
-    line where :func:`parse_line` and :func:`msg_line` take 0.72. The checks
+    a whole read with a few bytes operations that run in C, instead of a
+    Python loop over :func:`parse_line` and :func:`msg_line`, is several
+    times cheaper per line (figures: docs/BENCHMARKS.md). The checks
     refuse anything unusual (lower case, whitespace to strip, a byte to
     clean, a line too long, any other command): those reads go line by line
     through :func:`parse_line`, which defines the result. ``sender`` is the
