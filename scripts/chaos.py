@@ -23,6 +23,18 @@ arrived, and it checks:
 * afterwards a new session works, and every killed process has exactly one
   replacement.
 
+With ``--cluster N`` it starts a Redis and N nodes sharing it (users spread
+over the nodes) and also kills whole nodes (SIGKILL of the process group; the
+node comes back once its lease has run out) and restarts Redis, empty. It
+then checks the same promises across nodes, as issue 12 states them: a
+user's ``INFO`` exactly once to everyone, after its last ``MSG`` (for a dead
+node's users, once its lease has run out), per-sender order, and nothing lost
+for a reader while its node and Redis are up: lines between two nodes sent
+within a moment of a Redis restart may be lost (they lived in Redis), and
+``ERR unavailable`` may answer a request then.
+
+    python3 scripts/chaos.py --cluster 2 --workers 2 --duration 60
+
 Each violation is printed with the kills around it; exit status 1 if any,
 2 if the server would not start.
 """
@@ -38,10 +50,11 @@ import sys
 import time
 from collections import Counter, defaultdict, deque
 
-from harness import IO_TIMEOUT, Server, StartError
+from harness import IO_TIMEOUT, Server, StartError, lease_left, start_cluster
 from procfs import process_age
 
 ROLES = ("worker", "broker", "acceptor")
+CLUSTER_ROLES = ROLES + ("node", "redis")
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 MIN_AGE = 1.5           # the supervisor gives up on a child that keeps dying
@@ -50,47 +63,57 @@ REPLACE_TIMEOUT = 10.0  # a killed process must have a successor by then
 LOGIN_TIMEOUT = 20.0    # a LOGIN must be answered by then, broker restart or not
 PHASE_TIMEOUT = 30.0    # settling, and each barrier
 CUT_WINDOW = 5.0        # a connection lost this soon after a worker kill is explained
+SLACK = 3.0             # on top of a promised delay, for a machine busy with other work
+IN_REDIS = (2.0, 1.0)   # lines between nodes sent this long before (after) a Redis
+                        # restart may be lost with it
 STATUS_EVERY = 10.0
 SHOWN = 25              # violations printed per kind; the rest are counted
 LOGGED_IN = re.compile(r" (worker-\d+)\[(\d+)\] (\S+) logged in from ")
 
 
-class ChaosServer(Server):
-    """``broker.py`` in its own session, and which worker holds each user,
-    from its log."""
+class Logins:
+    """Which worker of which node holds each user, from the nodes' logs."""
 
-    def __init__(self, args):
-        super().__init__("--heartbeat-timeout", args.heartbeat_timeout,
-                         "--max-per-ip", "0",      # every client comes from 127.0.0.1
-                         workers=args.workers, die_with_parent=True)
-        self.worker_of = {}         # user name -> (title, pid) of its worker, from the log
-        self.seen = 0
+    def __init__(self, nodes):
+        self.nodes = nodes
+        self.seen = [0] * len(nodes)
+        self.worker_of = {}         # user name -> (node, title, pid) of its worker
 
-    def read_log(self):
-        """Take in what the server has logged since the last call."""
-        for line in self.log_lines_from(self.seen):
-            self.seen += 1
-            m = LOGGED_IN.search(line)
-            if m:
-                self.worker_of[m.group(3)] = ("chat-" + m.group(1), int(m.group(2)))
+    def read(self):
+        """Take in what the nodes have logged since the last call."""
+        for k, node in enumerate(self.nodes):
+            lines = node.log_lines_from(self.seen[k])
+            self.seen[k] += len(lines)
+            for line in lines:
+                m = LOGGED_IN.search(line)
+                if m:
+                    self.worker_of[m.group(3)] = (k, "chat-" + m.group(1), int(m.group(2)))
 
 
 # -- what the checker knows ------------------------------------------------------
 
 class Kill:
-    def __init__(self, number, tick, at, title, pid):
+    """A SIGKILL of a process (``title`` ``chat-worker-1`` ...) or of a whole
+    node (``node``), or a restart of Redis (``redis``)."""
+
+    def __init__(self, number, tick, at, title, pid, node=None, cluster=False):
         self.number = number
         self.tick = tick
         self.at = at                # seconds since the start of the load
         self.title = title
         self.pid = pid
+        self.node = node            # the node's index, but for redis
+        self.role = title.split("-")[1] if title.startswith("chat-") else title
+        self.what = (("node%d " % node if cluster else "") + title[5:]
+                     if title.startswith("chat-") else
+                     "node%d" % node if title == "node" else title)
         self.replaced_by = None
         self.replaced_in = None
         self.cut = []               # names whose connection died right after
         self.blamed = Counter()     # violation kind -> how many seem to follow from it
 
     def __str__(self):
-        return "kill #%d (%s pid %d at %.2f s)" % (self.number, self.title[5:], self.pid, self.at)
+        return "kill #%d (%s pid %d at %.2f s)" % (self.number, self.what, self.pid, self.at)
 
 
 class User:
@@ -100,10 +123,12 @@ class User:
     tick above a user's ``ok_tick`` was sent after that user saw its ``OK``.
     """
 
-    def __init__(self, name, base, gen, probe_of=None):
+    def __init__(self, name, base, gen, node, at, probe_of=None):
         self.name = name
         self.base = base
         self.gen = gen
+        self.node = node            # the index of the node it connects to
+        self.connected_at = at
         self.probe_of = probe_of    # for a duplicate-LOGIN probe: the holder
         self.sock = None
         self.inbuf = b""
@@ -121,6 +146,7 @@ class User:
         self.got = {}               # (sender, kind) -> [first, last] number received
         self.infos = Counter()      # name -> INFO lines received
         self.info_tick = {}         # name -> tick of the first one
+        self.info_at = {}           # name -> when the first one came
         self.whos = deque()         # [tick sent, names so far] per WHO+PING out,
                                     # answered in order: USER lines go to the first
         self.barriers = 0           # WHO/PING round trips completed
@@ -131,7 +157,13 @@ class Chaos:
     def __init__(self, args):
         self.args = args
         self.rng = random.Random(args.seed)
-        self.server = ChaosServer(args)
+        self.nodes = []             # the server, or the nodes of the cluster
+        self.redis = None
+        self.logins = None
+        self.down = set()           # nodes killed and not yet back
+        self.restarts = []          # (when, node) to start again
+        self.relaunched = {}        # node -> its first log line since it was started again
+        self.quiet_until = 0.0      # no node kill or Redis restart before then
         self.sel = selectors.DefaultSelector()
         self.users = {}             # every name ever used -> User
         self.active = set()         # the Users with a connection
@@ -178,19 +210,67 @@ class Chaos:
 
     def where(self, name):
         """The worker holding ``name``, as the log says: for reports."""
-        title, pid = self.server.worker_of.get(name, ("chat-worker-?", 0))
-        return "%s pid %d" % (title[5:], pid)
+        k, title, pid = self.logins.worker_of.get(name, ("?", "chat-worker-?", 0))
+        return "%s%s pid %d" % ("node%s " % k if self.redis else "", title[5:], pid)
 
     def live(self):
         return [u for u in self.active if u.state == "in" and u.probe_of is None]
 
+    def up(self):
+        return [k for k in range(len(self.nodes)) if k not in self.down]
+
+    def pick_node(self, base):
+        """User ``uK`` goes to node K mod n, or the next one up; a probe anywhere."""
+        up = self.up()
+        k = int(base[1:]) % len(self.nodes) if base[1:].isdigit() else self.rng.choice(up)
+        return k if k in up else up[k % len(up)]
+
+    def near_redis_restart(self, at, before, after):
+        return any(k.role == "redis" and k.at - before <= at <= k.at + after
+                   for k in self.kills)
+
+    def may_be_lost(self, s, r, at):
+        """A line between two nodes sent at ``at`` may have been lost with Redis."""
+        return s.node != r.node and self.near_redis_restart(at, *IN_REDIS)
+
+    def unavailable_ok(self):
+        """Requests may be told ERR unavailable while Redis comes back, and
+        for a lease after it came back empty (no new name then)."""
+        return self.near_redis_restart(self.now(), 0.0, self.args.node_lease + 8.0)
+
+    # -- the servers --------------------------------------------------------------
+
+    def start(self):
+        a = self.args
+        extra = ("--heartbeat-timeout", a.heartbeat_timeout,
+                 "--max-per-ip", "0")              # every client comes from 127.0.0.1
+        if a.cluster:
+            cluster = start_cluster(a.cluster, workers=a.workers, name="chaos",
+                                    extra_args=extra + ("--node-lease", a.node_lease),
+                                    die_with_parent=True)
+            self.nodes, self.redis = cluster.nodes, cluster.redis
+        else:
+            self.nodes = [Server(*extra, workers=a.workers, die_with_parent=True).start()]
+        self.logins = Logins(self.nodes)
+
+    def stop(self):
+        for node in self.nodes:
+            node.kill()
+        if self.redis:
+            self.redis.stop()
+
+    def log(self):
+        return "\n".join(("== node%d ==\n" % k if self.redis else "") + node.log()
+                         for k, node in enumerate(self.nodes))
+
     # -- connections --------------------------------------------------------------
 
     def connect(self, name, base, gen, probe_of=None):
-        u = User(name, base, gen, probe_of)
+        u = User(name, base, gen, self.pick_node(base), self.now(), probe_of)
         self.users[name] = u
         try:
-            sock = socket.create_connection(("127.0.0.1", self.server.port), timeout=IO_TIMEOUT)
+            sock = socket.create_connection(("127.0.0.1", self.nodes[u.node].port),
+                                            timeout=IO_TIMEOUT)
         except OSError as exc:
             self.violation("connect", "%s could not connect: %s" % (name, exc))
             self.gone(u)
@@ -233,19 +313,21 @@ class Chaos:
         u.left_at = self.now()
 
     def lost(self, u, why):
-        """The server closed ``u``: fine if a worker was just killed; either way
-        the user comes back under a new name."""
+        """The server closed ``u``: fine if its worker or node was just killed;
+        either way the user comes back under a new name."""
         was_in = u.state == "in"
         self.close(u)
         if u.probe_of is not None:
             return
         self.counts["connections lost"] += 1
-        self.server.read_log()
-        where = self.server.worker_of.get(u.name)
-        if where is not None:
-            culprits = [k for k in self.kills if k.pid == where[1]]
-        else:       # not logged in yet: which worker had it is not in the log
-            culprits = [k for k in self.kills if k.title.startswith("chat-worker")
+        self.logins.read()
+        where = self.logins.worker_of.get(u.name)
+        culprits = [k for k in self.kills if k.role == "node" and k.node == u.node
+                    and k.at >= u.connected_at]
+        if not culprits and where is not None:
+            culprits = [k for k in self.kills if k.pid == where[2]]
+        elif not culprits:      # not logged in yet: which worker had it is not in the log
+            culprits = [k for k in self.kills if k.role == "worker" and k.node == u.node
                         and u.left_at - k.at <= CUT_WINDOW]
         if culprits:
             # Its worker died at the kill, not when this loop saw the EOF:
@@ -254,8 +336,8 @@ class Chaos:
             u.killed_by.cut.append(u.name)
             u.left_tick, u.left_at = u.killed_by.tick, u.killed_by.at
         else:
-            self.violation("cut", "%s (%s, %s) lost its connection (%s) but its worker "
-                           "was not killed; %s"
+            self.violation("cut", "%s (%s, %s) lost its connection (%s) but neither its "
+                           "worker nor its node was killed; %s"
                            % (u.name, "logged in" if was_in else "logging in",
                               self.where(u.name), why, self.kills_around(u.left_at)))
         self.reconnects.append((time.monotonic() + self.rng.uniform(0.2, 1.0), u.base, u.gen + 1))
@@ -301,13 +383,20 @@ class Chaos:
             u.ok_tick = self.tick
             u.ok_at = self.now()
             u.next_action = time.monotonic() + self.rng.uniform(0, 1.0 / self.args.rate)
-        elif word == "USER" and u.whos:
+        elif word == "USER" and u.whos and u.whos[0][1] is not None:
             u.whos[0][1].append(rest)
         elif line == "PONG" and u.whos:
             self.check_who(u, *u.whos.popleft())
             u.barriers += 1
         elif line == "ERR user-not-found":
             self.counts["DM told user-not-found"] += 1   # its target had just left
+        elif line == "ERR unavailable" and self.unavailable_ok():
+            self.counts["requests told ERR unavailable"] += 1
+            if u.state == "login":          # it tries again later, under a new name
+                self.close(u)
+                self.reconnects.append((time.monotonic() + 0.5, u.base, u.gen + 1))
+            elif u.whos and not u.whos[0][1]:
+                u.whos[0][1] = None         # that WHO has no answer to check
         else:
             self.violation("unexpected", "%s (%s) got %r" % (u.name, u.state, line))
 
@@ -345,6 +434,11 @@ class Chaos:
 
     def report_loss(self, s, r, kind, lo, hi, how):
         sent = s.msgs if kind == "MSG" else s.dms[r.name]
+        lost = [n for n in range(lo, hi + 1) if not self.may_be_lost(s, r, sent[n - 1][1])]
+        self.counts["lines lost with Redis"] += hi - lo + 1 - len(lost)
+        if not lost:
+            return
+        lo, hi = lost[0], lost[-1]
         first_at, last_at = sent[lo - 1][1], sent[hi - 1][1]
         numbers = "#%d" % lo if lo == hi else "#%d-#%d" % (lo, hi)
         self.lines_hit["lost"].update((kind, s.name, n) for n in range(lo, hi + 1))
@@ -363,8 +457,11 @@ class Chaos:
                            % (r.name, name, r.infos[name]))
         else:
             r.info_tick[name] = self.tick
+            r.info_at[name] = self.now()
 
     def check_who(self, r, sent_tick, names):
+        if names is None:
+            return
         self.counts["WHO answers checked"] += 1
         seen = Counter(n.lower() for n in names)
         twice = sorted(n for n, c in seen.items() if c > 1)
@@ -428,6 +525,8 @@ class Chaos:
         if line == "ERR username-taken":
             p.refused = True
             self.counts["duplicate LOGINs refused"] += 1
+        elif line == "ERR unavailable" and self.unavailable_ok():
+            self.counts["requests told ERR unavailable"] += 1
         elif line == "OK":
             p.ok_tick, p.ok_at = self.tick, self.now()
             self.counts["duplicate LOGINs granted"] += 1
@@ -438,49 +537,121 @@ class Chaos:
         self.close(p)
 
     def kill_one(self):
-        """SIGKILL the next role's process, if one is old enough to die safely."""
+        """The next role's fault, if it can be done safely now."""
         roles = self.args.roles
         if self.args.kill_order == "cycle":
             role = roles[self.role_turn % len(roles)]
         else:
             role = self.rng.choice(roles)
-        titles = self.server.titles()
-        candidates = sorted((title, pid) for title, pids in titles.items() if title
+        if not (self.node_fault(role) if role in ("node", "redis") else self.kill_process(role)):
+            self.next_kill = time.monotonic() + 0.2      # its successor is still young
+            return
+        self.role_turn += 1
+        self.next_kill = time.monotonic() + self.args.interval * self.rng.uniform(0.8, 1.2)
+
+    def record(self, title, pid, node=None):
+        self.tick += 1
+        kill = Kill(len(self.kills) + 1, self.tick, self.now(), title, pid, node,
+                    self.redis is not None)
+        self.kills.append(kill)
+        return kill
+
+    def kill_process(self, role):
+        """SIGKILL a process of ``role`` on a node that is up, if one is old
+        enough to die safely."""
+        candidates = sorted((k, title, pid) for k in self.up()
+                            for title, pids in self.nodes[k].titles().items() if title
                             and (title == "chat-" + role or title.startswith("chat-%s-" % role))
                             for pid in pids if process_age(pid) >= MIN_AGE)
         if not candidates:
-            self.next_kill = time.monotonic() + 0.2      # its successor is still young
-            return
-        title, pid = self.rng.choice(candidates)
+            return False
+        k, title, pid = self.rng.choice(candidates)
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
-            self.next_kill = time.monotonic() + 0.2
-            return
-        self.role_turn += 1
-        self.tick += 1
-        kill = Kill(len(self.kills) + 1, self.tick, self.now(), title, pid)
-        self.kills.append(kill)
-        held = [n for n, where in self.server.worker_of.items()
-                if where[1] == pid and self.users[n].state != "gone"]
-        self.say("kill #%d: SIGKILL %s (pid %d)%s" % (kill.number, title, pid,
-                 ", which holds %d users" % len(held) if title.startswith("chat-worker") else ""))
-        self.next_kill = time.monotonic() + self.args.interval * self.rng.uniform(0.8, 1.2)
+            return False
+        kill = self.record(title, pid, k)
+        held = [n for n, where in self.logins.worker_of.items()
+                if where[2] == pid and self.users[n].state != "gone"]
+        self.say("kill #%d: SIGKILL %s%s (pid %d)%s" % (
+            kill.number, title, " of node%d" % k if self.redis else "", pid,
+            ", which holds %d users" % len(held) if role == "worker" else ""))
+        return True
+
+    def node_fault(self, role):
+        """SIGKILL a whole node (it starts again once its lease has run out),
+        or restart Redis, empty. One such fault at a time, while every node
+        is up, and once the last one has played out (a dead node's users
+        announced, names registered again after Redis came back)."""
+        mono = time.monotonic()
+        k = self.rng.randrange(len(self.nodes))
+        if self.down or mono < self.quiet_until or (role == "node" and (
+                len(self.nodes) < 2 or process_age(self.nodes[k].proc.pid) < MIN_AGE)):
+            return False
+        self.quiet_until = mono + self.args.node_lease + 3.0
+        if role == "redis":
+            kill = self.record("redis", self.redis.proc.pid)
+            self.redis.restart()
+            kill.replaced_by, kill.replaced_in = self.redis.proc.pid, self.now() - kill.at
+            self.say("kill #%d: restarted redis (pid %d), empty: pid %d after %.2f s"
+                     % (kill.number, kill.pid, kill.replaced_by, kill.replaced_in))
+            return True
+        node = self.nodes[k]
+        held = [u for u in self.active if u.node == k and u.state == "in"]
+        kill = self.record("node", node.proc.pid, k)
+        node.kill()
+        self.down.add(k)
+        self.restarts.append((mono + self.args.node_lease + 0.5, k))
+        self.say("kill #%d: SIGKILL node%d's process group (pid %d), which holds %d users"
+                 % (kill.number, k, kill.pid, len(held)))
+        return True
+
+    def restart_nodes(self, mono):
+        """Start again the killed nodes whose time has come."""
+        for when, k in [r for r in self.restarts if r[0] <= mono]:
+            self.restarts.remove((when, k))
+            self.relaunched[k] = len(self.nodes[k].log_lines)
+            self.nodes[k].relaunch()
 
     def watch_replacements(self):
         pending = [k for k in self.kills if k.replaced_by is None]
         if not pending:
             return
-        titles = self.server.titles()
+        titles = {n: self.nodes[n].titles() for n in self.up()}
         killed = {k.pid for k in self.kills}
         for k in pending:
-            fresh = [pid for pid in titles.get(k.title, ()) if pid not in killed]
+            if k.role == "node":
+                self.watch_node(k)
+                continue
+            fresh = [pid for pid in titles.get(k.node, {}).get(k.title, ()) if pid not in killed]
             if fresh:
                 k.replaced_by, k.replaced_in = fresh[0], self.now() - k.at
                 self.say("%s replaced by pid %d after %.2f s" % (k, fresh[0], k.replaced_in))
-            elif self.now() - k.at > REPLACE_TIMEOUT:
+            elif self.now() - k.at > REPLACE_TIMEOUT and k.node not in self.down:
                 k.replaced_by = 0
                 self.violation("replace", "%s: no successor within %.0f s" % (k, REPLACE_TIMEOUT))
+
+    def watch_node(self, kill):
+        """A killed node started again: listening, or refused because its
+        id was still leased (then again later)."""
+        node = self.nodes[kill.node]
+        if kill.node not in self.relaunched:
+            return
+        if node.listening:
+            self.down.discard(kill.node)
+            del self.relaunched[kill.node]
+            kill.replaced_by, kill.replaced_in = node.proc.pid, self.now() - kill.at
+            self.say("%s: node%d listens again (pid %d) after %.2f s"
+                     % (kill, kill.node, node.proc.pid, kill.replaced_in))
+        elif node.proc.poll() is not None:
+            lines = node.log_lines_from(self.relaunched.pop(kill.node))
+            lease = lease_left(lines)
+            if lease is None or self.now() - kill.at > self.args.node_lease + REPLACE_TIMEOUT:
+                kill.replaced_by = 0
+                self.violation("replace", "%s: the node did not start again: %s"
+                               % (kill, lines[-1] if lines else "no log"))
+            else:
+                self.restarts.append((time.monotonic() + lease + 0.2, kill.node))
 
     # -- the loop -------------------------------------------------------------------
 
@@ -488,13 +659,16 @@ class Chaos:
         """One loop turn: I/O, then whatever timers are due in this phase."""
         for key, mask in self.sel.select(0.02):
             self.on_ready(key.data, mask)
-        self.server.read_log()
+        self.logins.read()
         mono = time.monotonic()
         if mono < self.next_timers:
             return
         self.next_timers = mono + 0.01
-        if self.server.proc.poll() is not None:
-            raise RuntimeError("the server exited with status %s" % self.server.proc.returncode)
+        for k in self.up():
+            if self.nodes[k].proc.poll() is not None:
+                raise RuntimeError("%s exited with status %s" % (
+                    "node%d" % k if self.redis else "the server", self.nodes[k].proc.returncode))
+        self.restart_nodes(mono)
         for u in list(self.active):
             if u.state == "login" and mono > u.login_deadline:
                 self.violation("login", "LOGIN %s unanswered after %.0f s; %s"
@@ -541,10 +715,14 @@ class Chaos:
 
     def run(self):
         args = self.args
-        port = self.server.start().port
+        self.start()
         self.t0 = time.monotonic()
-        self.say("server listening on port %d (pid %d); %d clients, seed %d"
-                 % (port, self.server.proc.pid, args.clients, args.seed))
+        self.say("%s listening on port %s (pid %s)%s; %d clients, seed %d" % (
+            "%d nodes" % len(self.nodes) if self.redis else "server",
+            ", ".join(str(n.port) for n in self.nodes),
+            ", ".join(str(n.proc.pid) for n in self.nodes),
+            ", redis on port %d" % self.redis.port if self.redis else "",
+            args.clients, args.seed))
         for i in range(args.clients):
             self.connect("u%02d" % i, "u%02d" % i, 1)
         self.run_until(lambda: all(u.state != "login" for u in self.active), "first logins")
@@ -559,7 +737,7 @@ class Chaos:
         self.status()
         self.say("load stopped; waiting for replacements, reconnects and two barriers")
         self.run_until(lambda: all(k.replaced_by is not None for k in self.kills)
-                       and not self.reconnects
+                       and not self.reconnects and time.monotonic() >= self.quiet_until
                        and all(u.state != "login" for u in self.active),
                        "settling")
         for n in (1, 2):
@@ -570,6 +748,10 @@ class Chaos:
                 self.ask_who(u)
             self.run_until(lambda: all(u.barriers >= g or u.state != "in" for u, g in goal.items()),
                            "barrier %d" % n)
+        if self.redis:
+            # Between nodes a barrier proves nothing: what crosses goes through
+            # Redis. Wait until what is due from every survivor has come.
+            self.run_until(self.streams_complete, "delivery between nodes")
         self.check_streams()
         self.check_infos()
         self.check_names()
@@ -579,9 +761,9 @@ class Chaos:
 
     # -- the checks at the end ---------------------------------------------------
 
-    def check_streams(self):
-        """Everything sent to a survivor after its OK arrived, but a dead sender's tail."""
-        streams = tails = 0
+    def streams(self):
+        """(sender, receiver, kind, what was sent, the numbers due) of every
+        stream to a survivor: what a sender sent after the receiver's OK."""
         for r in self.live():
             for s in self.users.values():
                 if s.probe_of is not None:
@@ -589,30 +771,48 @@ class Chaos:
                 for kind, sent in (("MSG", s.msgs if s is not r else []),
                                    ("DM", s.dms.get(r.name, []))):
                     due = [i + 1 for i, (tick, _) in enumerate(sent) if tick > r.ok_tick]
-                    if not due:
-                        continue
-                    streams += 1
-                    first, last = r.got.get((s.name, kind), (None, None))
-                    if first is None:
-                        lo = due[0]
-                    elif first > due[0]:
-                        self.report_loss(s, r, kind, due[0], first - 1, "the stream began at #%d"
-                                         % first)
-                        lo = last + 1
-                    else:
-                        lo = last + 1
-                    if lo <= due[-1]:
-                        if s.state == "in":
-                            self.report_loss(s, r, kind, lo, due[-1], "never arrived")
-                        else:
-                            tails += 1
+                    if due:
+                        yield s, r, kind, sent, due
+
+    def streams_complete(self):
+        """Has the last line due from every live sender come (but lines that
+        may have been lost with Redis)?"""
+        for s, r, kind, sent, due in self.streams():
+            last = max((n for n in due if not self.may_be_lost(s, r, sent[n - 1][1])),
+                       default=0)
+            if s.state == "in" and r.got.get((s.name, kind), (0, 0))[1] < last:
+                return False
+        return True
+
+    def check_streams(self):
+        """Everything sent to a survivor after its OK arrived, but a dead sender's tail."""
+        streams = tails = 0
+        for s, r, kind, sent, due in self.streams():
+            streams += 1
+            first, last = r.got.get((s.name, kind), (None, None))
+            if first is None:
+                lo = due[0]
+            elif first > due[0]:
+                self.report_loss(s, r, kind, due[0], first - 1, "the stream began at #%d"
+                                 % first)
+                lo = last + 1
+            else:
+                lo = last + 1
+            if lo <= due[-1]:
+                if s.state == "in":
+                    self.report_loss(s, r, kind, lo, due[-1], "never arrived")
+                else:
+                    tails += 1
         self.counts["streams checked"] = streams
         self.say("check: %d (sender, receiver, kind) streams to %d survivors; %d dead "
-                 "senders' tails cut short (allowed)" % (streams, len(self.live()), tails))
+                 "senders' tails cut short (allowed)%s" % (
+                     streams, len(self.live()), tails, "; %d lines lost with Redis (allowed)"
+                     % self.counts["lines lost with Redis"] if self.redis else ""))
 
     def check_infos(self):
         """Exactly one INFO per departed user at each survivor logged in before it left."""
-        checked = 0
+        checked, reaped = 0, []
+        bound = self.args.node_lease + 2.0      # issue 12: a dead node's users, by then
         for r in self.live():
             for name, count in r.infos.items():
                 u = self.users.get(name)
@@ -631,7 +831,14 @@ class Chaos:
                                        "at %.2f s, %s)" % (r.name, u.name, u.name, u.left_at,
                                                            self.kills_around(u.left_at)),
                                        u.killed_by)
-        self.say("check: %d departures x survivors announced exactly once" % checked)
+                    elif u.killed_by is not None and u.killed_by.role == "node":
+                        reaped.append(r.info_at[u.name] - u.killed_by.at)
+        if reaped and max(reaped) > bound + SLACK:
+            self.violation("info", "a dead node's users were announced %.2f s after the kill "
+                           "(the lease is %.1f s)" % (max(reaped), self.args.node_lease))
+        self.say("check: %d departures x survivors announced exactly once%s" % (
+            checked, "; a dead node's users within %.2f s (lease + 2 s: %.1f s)"
+            % (max(reaped), bound) if reaped else ""))
 
     def check_names(self):
         """Names held by survivors were never granted twice, nor left out of WHO."""
@@ -640,7 +847,11 @@ class Chaos:
                 self.violation("names", "LOGIN %s got OK at %.2f s while %s held the name "
                                "(and still does)" % (p.name, p.ok_at, p.probe_of.name))
         for asker, at, missing in self.who_missing:
-            # A cut user may be gone from the broker a moment before its EOF.
+            # A cut user may be gone from the broker a moment before its EOF;
+            # after Redis restarted empty, the nodes have a lease to register
+            # their users again.
+            if self.near_redis_restart(at, 0.0, self.args.node_lease + 3.0):
+                continue
             held = [n for n in missing if self.users[n].state == "in" or self.users[n].left_at
                     > at + (0.0 if self.users[n].killed_by else 1.0)]
             if held:
@@ -655,7 +866,7 @@ class Chaos:
         """Two new users: LOGIN, MSG, DM, WHO and PING all work after the chaos."""
         names = ("final-a", "final-b")
         try:
-            a, b = [self.server.client(n) for n in names]
+            a, b = [node.client(n) for node, n in zip((self.nodes[0], self.nodes[-1]), names)]
             try:
                 a.send("MSG after the chaos")
                 b.lines_until("MSG final-a after the chaos")
@@ -676,13 +887,15 @@ class Chaos:
         self.say("check: a new session works (LOGIN, MSG, DM, WHO, PING)")
 
     def check_processes(self):
-        titles = self.server.titles()
         want = ["chat-broker", "chat-acceptor"] + ["chat-worker-%d" % k
                                                   for k in range(self.args.workers)]
-        wrong = {t: len(titles.get(t, ())) for t in want if len(titles.get(t, ())) != 1}
+        titles = [node.titles() for node in self.nodes]
+        wrong = {"%s%s" % ("node%d " % n if self.redis else "", t): len(titles[n].get(t, ()))
+                 for n in range(len(self.nodes)) for t in want if len(titles[n].get(t, ())) != 1}
         if wrong:
             self.violation("processes", "processes per role should be one each: %s" % wrong)
-        alive = [k for k in self.kills if k.pid in titles.get(k.title, ())]
+        alive = [k for k in self.kills if k.node is not None
+                 and k.pid in [pid for pids in titles[k.node].values() for pid in pids]]
         if alive:
             self.violation("processes", "killed but still there: %s" % ", ".join(map(str, alive)))
         replaced = [k.replaced_in for k in self.kills if k.replaced_in is not None]
@@ -693,38 +906,44 @@ class Chaos:
 
     def check_log(self):
         """Tracebacks are bugs; heartbeat kills are the supervisor's own."""
-        self.server.read_log()
-        tracebacks = sum(1 for line in self.server.log_lines if line.startswith("Traceback"))
+        lines = self.log().splitlines()
+        tracebacks = sum(1 for line in lines if line.startswith("Traceback"))
         if tracebacks:
             self.violation("log", "the server logged %d tracebacks (see --server-log)" % tracebacks)
-        hung = [line for line in self.server.log_lines if "missed its heartbeats" in line]
+        hung = [line for line in lines if "missed its heartbeats" in line]
         for line in hung:
             self.say("note: the supervisor killed a hung process: %s" % line)
 
     def summary(self):
         c = self.counts
-        by_role = Counter(k.title.split("-")[1] for k in self.kills)
+        by_role = Counter(k.role for k in self.kills)
         print("\n== chaos summary ==")
-        print("seed %d, %.0f s of load, %d workers, %d clients, kill interval %.1f s"
-              % (self.args.seed, self.args.duration, self.args.workers, self.args.clients,
+        print("seed %d, %.0f s of load, %s%d workers, %d clients, kill interval %.1f s"
+              % (self.args.seed, self.args.duration, "%d nodes of " % len(self.nodes)
+                 if self.redis else "", self.args.workers, self.args.clients,
                  self.args.interval))
         print("kills: %d (%s)" % (len(self.kills), ", ".join(
-            "%s %d" % (role, by_role[role]) for role in ROLES)))
+            "%s %d" % (role, by_role[role]) for role in (CLUSTER_ROLES if self.redis
+                                                          else ROLES))))
         for k in self.kills:
             print("  %s: replaced in %s%s%s" % (
                 k, "%.2f s" % k.replaced_in if k.replaced_in is not None else "NEVER",
-                ", %d connections lost with it" % len(k.cut) if k.title.startswith("chat-worker")
+                ", %d connections lost with it" % len(k.cut) if k.role in ("worker", "node")
                 else "", "".join("; %d %s violations" % (n, kind)
                                  for kind, n in sorted(k.blamed.items()))))
         print("sent: %d MSG, %d DM, %d WHO; received: %d MSG, %d DM, %d INFO"
               % (c["MSG sent"], c["DM sent"], c["WHO sent"], c["MSG received"],
                  c["DM received"], c["INFO received"]))
-        print("connections lost: %d (all to worker kills unless a 'cut' violation says "
-              "otherwise); DMs told user-not-found: %d"
+        print("connections lost: %d (all to worker or node kills unless a 'cut' violation "
+              "says otherwise); DMs told user-not-found: %d"
               % (c["connections lost"], c["DM told user-not-found"]))
         print("duplicate LOGINs: %d tried, %d refused, %d granted"
               % (c["duplicate LOGINs tried"], c["duplicate LOGINs refused"],
                  c["duplicate LOGINs granted"]))
+        if self.redis:
+            print("across nodes: %d lines lost with Redis, %d requests told ERR unavailable "
+                  "(both allowed around a Redis restart)"
+                  % (c["lines lost with Redis"], c["requests told ERR unavailable"]))
         if not self.violations:
             print("RESULT: PASS")
             return 0
@@ -751,16 +970,23 @@ def parse_args(argv=None):
     p.add_argument("--rate", type=float, default=1.0, help="actions per second per client")
     p.add_argument("--probe-interval", type=float, default=2.0,
                    help="seconds between duplicate-LOGIN attempts")
-    p.add_argument("--roles", default=",".join(ROLES),
-                   help="comma-separated roles to kill, of %s" % ", ".join(ROLES))
+    p.add_argument("--cluster", type=int, default=0, metavar="N",
+                   help="a Redis and N nodes sharing it, instead of one server")
+    p.add_argument("--node-lease", type=float, default=3.0,
+                   help="the nodes' --node-lease (default %(default)s s: faults play out "
+                        "quickly)")
+    p.add_argument("--roles", default=None,
+                   help="comma-separated roles to kill, of %s; with --cluster also node "
+                        "(a whole node) and redis (a restart) (default: all)" % ", ".join(ROLES))
     p.add_argument("--kill-order", choices=("random", "cycle"), default="random",
                    help="cycle: kill the --roles in turn, so each is hit")
     p.add_argument("--heartbeat-timeout", type=float, default=3.0)
     p.add_argument("--server-log", metavar="PATH", help="write the server's log here")
     args = p.parse_args(argv)
-    args.roles = [r for r in args.roles.split(",") if r]
-    if not args.roles or set(args.roles) - set(ROLES):
-        p.error("--roles takes a comma-separated list of %s" % ", ".join(ROLES))
+    roles = CLUSTER_ROLES if args.cluster else ROLES
+    args.roles = [r for r in (args.roles or ",".join(roles)).split(",") if r]
+    if not args.roles or set(args.roles) - set(roles):
+        p.error("--roles takes a comma-separated list of %s" % ", ".join(roles))
     if args.seed is None:
         args.seed = random.randrange(1 << 30)
     return args
@@ -778,14 +1004,14 @@ def main(argv=None):
         chaos.run()
     except (RuntimeError, StartError) as exc:
         chaos.violation("server", str(exc))
-        if chaos.server.port is None:
+        if not chaos.nodes:
             print(exc, file=sys.stderr)
             return 2
     finally:
-        chaos.server.kill()
+        chaos.stop()
         if args.server_log:
             with open(args.server_log, "w") as f:
-                f.write(chaos.server.log() + "\n")
+                f.write(chaos.log() + "\n")
     return chaos.summary()
 
 

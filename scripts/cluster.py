@@ -16,13 +16,12 @@ Ctrl-C (or SIGTERM) stops every node and Redis: no process is left behind.
 """
 
 import argparse
-import re
 import select
 import signal
 import sys
 import time
 
-from harness import REDIS_HINT, StartError, redis_program, start_cluster
+from harness import REDIS_HINT, StartError, lease_left, redis_program, start_cluster
 
 
 def show(cluster, seen, down, quiet):
@@ -56,14 +55,14 @@ def start(node, k):
             return
         except StartError:
             lines = node.log_lines_from(mark)
-            lease = re.search(r"lease runs out in ([\d.]+) s", "\n".join(lines))
-            if attempt == 2 or not lease:
+            lease = lease_left(lines)
+            if attempt == 2 or lease is None:
                 print("node%s did not start: %s" % (k, lines[-1] if lines else "?"),
                       flush=True)
                 return
-            print("node%s's id is held by its lease for %s s more: waiting"
-                  % (k, lease.group(1)), flush=True)
-            time.sleep(float(lease.group(1)) + 0.5)
+            print("node%s's id is held by its lease for %.1f s more: waiting"
+                  % (k, lease), flush=True)
+            time.sleep(lease + 0.5)
 
 
 def command(cluster, line, down):

@@ -258,12 +258,30 @@ class Server:
         if self.wait_log_end():
             self.proc.stdout.close()
 
+    @property
+    def listening(self):
+        return self._listening.is_set()
+
+    def relaunch(self):
+        """Launch it again on the port it had (after :meth:`kill`)."""
+        if "--port" in self.args:
+            self.args[self.args.index("--port") + 1] = str(self.port)
+        return self.launch()
+
     def restart(self, timeout=30):
         """Kill it and start it again on the same port."""
         self.kill()
-        if "--port" in self.args:
-            self.args[self.args.index("--port") + 1] = str(self.port)
-        return self.start(timeout)
+        self.relaunch()
+        return self.wait_ready(timeout)
+
+
+def lease_left(log_lines):
+    """Seconds a node refused at start must wait for its id to be free (a
+    node killed a moment ago still holds it), from its log; None if that
+    was not why."""
+    m = re.search(r"is in use by another live node.*lease runs out in ([\d.]+) s",
+                  "\n".join(log_lines))
+    return float(m.group(1)) if m else None
 
 
 class RedisServer:
