@@ -27,12 +27,12 @@ import selectors
 import socket
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recvfds
 
 from chatlib import link, protocol
 from chatlib.notes import note_gone, note_lost, note_open
 from chatlib.channel import Channel
 from chatlib.delivery import Inbound, Outbound
+from chatlib.handoff import TLS, recv_socket
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,
                               Ping, Quit, Reply, Who, parse_line)
 from chatlib.service import Service
@@ -121,12 +121,17 @@ class Worker(Service):
         self.next_sweep = self.now
         self.stopping = False
         self.lingering = {}        # Client -> when to close it, cut but draining
+        self.tls = None            # chatlib.tls.TlsServer, with --tls-cert
 
     # -- set-up and control ---------------------------------------------------
 
     def start(self):
         cfg = self.config
         shortest = min(cfg.idle_timeout, cfg.login_timeout or cfg.idle_timeout)
+        if getattr(cfg, "tls_cert", None):
+            from chatlib.tls import TlsServer     # OpenSSL is loaded only if used
+            self.tls = TlsServer(cfg, self.sel, self.tls_ready, self.tls_failed, self.log)
+            shortest = min(shortest, cfg.tls_handshake_timeout)
         self.sweep_every = min(1.0, max(0.05, shortest / 4))
 
     def attach_link(self, conn):
@@ -169,8 +174,13 @@ class Worker(Service):
             self.notes = socket.socket(fileno=self.received_fd())
             self.handoffs = 0
             self.sel.register(self.handoff, READ, self.on_handoff)
-            # A new acceptor learns which connections we hold.
+            # A new acceptor learns which connections we hold (handshakes too).
             self.unsent_notes = b"".join(note_open(c.ip) for c in self.clients.values())
+            if self.tls is not None:
+                self.unsent_notes += b"".join(note_open(hs.ip) for hs in self.tls.pending)
+        elif order[0] == "tls-reload":    # SIGHUP: the certificate may be new
+            if self.tls is not None and self.tls.reload():
+                self.log.debug("TLS certificate reloaded")
         else:
             super().on_order(order)
 
@@ -187,6 +197,8 @@ class Worker(Service):
         if self.link is not None:
             info["batches"] = self.link.frames_out
         info.update(clients=len(self.clients), users=len(self.users))
+        if self.tls is not None:
+            info.update(self.tls.figures())
         return info
 
     def poll_timeout(self):
@@ -200,6 +212,8 @@ class Worker(Service):
     def stop(self):
         """Shutdown: every client gets ``ERR server-shutdown``, then we exit."""
         self.stopping = True
+        if self.tls is not None:
+            self.tls.close_all()
         for c in list(self.clients.values()):
             self.cut(c, protocol.ERR_SERVER_SHUTDOWN, "server shutdown")
         self.running = False
@@ -301,6 +315,8 @@ class Worker(Service):
                 self.cut(c, protocol.ERR_IDLE_TIMEOUT, "idle timeout")
             elif c.name is None and c.connected < login_deadline and not c.waiting:
                 self.cut(c, protocol.ERR_LOGIN_TIMEOUT, "login timeout")
+        if self.tls is not None and self.tls.pending:
+            self.tls.sweep(now)
         self.end_turn()
 
     # -- new connections ------------------------------------------------------
@@ -310,7 +326,7 @@ class Worker(Service):
         per turn, so that the clients already here are not starved)."""
         for _ in range(HANDOFFS_PER_TURN):
             try:
-                fd = recvfds(self.handoff, 1)[0]
+                fd, kind = recv_socket(self.handoff)
             except (BlockingIOError, InterruptedError):
                 return
             except RuntimeError:
@@ -325,9 +341,12 @@ class Worker(Service):
                 self.acceptor_lost()
                 return
             else:
-                c = self.add_client(self.adopt(fd))
                 self.handoffs += 1
                 self.starved = False
+                if kind == TLS:
+                    self.start_tls(self.adopt(fd))
+                    continue
+                c = self.add_client(self.adopt(fd))
                 # A client's first line is usually here already (it was sent
                 # as soon as the connection was up): reading now saves this
                 # client a loop turn, and costs one failed recv if not.
@@ -338,9 +357,9 @@ class Worker(Service):
         self.detach_handoff()
 
     def adopt(self, fd):
-        """A socket object for a received descriptor. All come from the one
-        listening socket: learn their family once, and spare the three
-        system calls ``socket()`` makes to find it out for each."""
+        """A socket object for a received descriptor. All come from listening
+        sockets on the one ``--host``: learn their family once, and spare the
+        three system calls ``socket()`` makes to find it out for each."""
         if self.client_family is None:
             sock = socket.socket(fileno=fd)
             self.client_family = sock.family
@@ -349,15 +368,39 @@ class Worker(Service):
 
     def add_client(self, sock):
         sock.setblocking(False)
+        return self.new_client(sock, self.peer_ip(sock), self.now)
+
+    @staticmethod
+    def peer_ip(sock):
         try:
-            ip = sock.getpeername()[0]
+            return sock.getpeername()[0]
         except (OSError, IndexError):
-            ip = "?"
+            return "?"
+
+    def new_client(self, sock, ip, since):
         cid, self.next_cid = self.next_cid, self.next_cid + 1
-        c = Client(sock, cid, ip, self.config.max_line, self.now, self.burst)
+        c = Client(sock, cid, ip, self.config.max_line, since, self.burst)
         self.clients[cid] = c
         self.set_interest(c, READ)
         return c
+
+    # -- TLS connections (chatlib.tls does the TLS) ---------------------------
+
+    def start_tls(self, sock):
+        """A connection on the TLS port: its handshake runs on our selector."""
+        sock.setblocking(False)
+        self.tls.accept(sock, self.peer_ip(sock), self.now)
+
+    def tls_ready(self, handshake, stream):
+        """Handshake done: from now on a client like any other, whose socket
+        is the TLS stream. Its timeouts count from the hand-off."""
+        c = self.new_client(stream, handshake.ip, handshake.since)
+        self.on_readable(c)        # lines may have come with the handshake
+
+    def tls_failed(self, handshake):
+        """Gone without a session (closed already): the acceptor frees its slot."""
+        if self.notes is not None:
+            self.unsent_notes += note_gone(handshake.ip)
 
     # -- reading and running lines --------------------------------------------
 
@@ -384,6 +427,12 @@ class Worker(Service):
             else:
                 c.held.extend(lines)
             self.pump(c, fresh=True)
+        elif c.name is None and protocol.looks_like_tls(data) and c.reader.buffered == len(data):
+            # A line that starts like a TLS ClientHello, with no \n in it (one
+            # with a \n is caught by parse_line): a client at the wrong port.
+            self.send(c, protocol.ERR_NOT_A_CHAT_CLIENT)
+            c.closing = HANGUP_REASON
+            self.update_interest(c)
 
     def pump(self, c, fresh=False):
         """Run ``c``'s unrun lines as far as nothing stops them.
@@ -695,6 +744,24 @@ class Worker(Service):
         the line in flight and ``line``, and gets LINGER seconds to drain.
         """
         data = b"".join(c.out) + line
+        if type(c.sock) is socket.socket:
+            rest = self.last_words(c, data, line)
+        else:        # TLS: the records in flight, then line (chatlib.tls)
+            rest = None if c.sock.cut(data, line) else line
+        if rest is None:
+            self.drop(c, reason)
+            return
+        self.forget(c, reason)
+        c.out[:] = [rest]
+        c.out_bytes = len(rest)
+        c.closing = reason
+        self.set_interest(c, WRITE)
+        self.lingering[c] = self.now + LINGER
+
+    @staticmethod
+    def last_words(c, data, line):
+        """Send what ``c``'s socket takes of ``data``; None if all of it, else
+        what is left to drain: the rest of the line in flight, and ``line``."""
         try:
             sent = c.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -702,18 +769,12 @@ class Worker(Service):
         except OSError:
             sent = len(data)
         if sent == len(data):
-            self.drop(c, reason)
-            return
+            return None
         rest = data[sent:]
         if len(rest) > len(line):
             in_flight = c.midline if not sent else data[sent - 1:sent] != b"\n"
             rest = (rest[:rest.find(b"\n") + 1] if in_flight else b"") + line
-        self.forget(c, reason)
-        c.out[:] = [rest]
-        c.out_bytes = len(rest)
-        c.closing = reason
-        self.set_interest(c, WRITE)
-        self.lingering[c] = self.now + LINGER
+        return rest
 
     def drop(self, c, reason):
         """Close the connection and forget it; the broker announces the user."""

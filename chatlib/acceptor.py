@@ -1,12 +1,14 @@
 """The acceptor: accepts TCP connections and hands each to a worker.
 
-The listening socket is created by the supervisor and outlives any acceptor,
-so connection attempts wait in the kernel's backlog while an acceptor is
-replaced. Each accepted socket goes to a worker over that worker's hand-off
-pipe with ``multiprocessing.reduction.sendfds`` (what ``send_handle`` does,
-on a socket kept for the pipe's life instead of one dup'ed, wrapped and
-closed for every connection), and the acceptor then closes its own copy
-(otherwise the TCP connection would outlive the worker's close).
+The listening sockets (plaintext, TLS, or both) are created by the
+supervisor and outlive any acceptor, so connection attempts wait in the
+kernel's backlog while an acceptor is replaced. Each accepted socket goes to a
+worker over that worker's hand-off pipe with ``chatlib.handoff`` (what
+``multiprocessing.reduction.sendfds`` does, on a socket kept for the pipe's
+life instead of one dup'ed, wrapped and closed for every connection, with a
+byte saying which listener it came from), and the acceptor then closes its
+own copy (otherwise the TCP connection would outlive the worker's close). The
+acceptor does no TLS: the worker does the handshake.
 
 A second pipe carries *notes* back (``chatlib.notes``): which connections
 each worker closed, or holds when it meets a new acceptor, or lost in the
@@ -28,10 +30,11 @@ import errno
 import socket
 import time
 from collections import Counter, deque
-from multiprocessing.reduction import sendfds
+from functools import partial
 from selectors import EVENT_READ
 
 from chatlib import protocol
+from chatlib.handoff import PLAIN, TLS, send_socket
 from chatlib.notes import LOST, OPEN, NoteReader
 from chatlib.service import Service
 
@@ -69,15 +72,15 @@ class WorkerPipe:
 class Acceptor(Service):
     role = "acceptor"
 
-    def __init__(self, config, pipes, listener, expected=0):
+    def __init__(self, config, pipes, listeners, expected=0):
         super().__init__(config, pipes)
-        self.listener = listener
+        self.listeners = listeners          # [(socket, PLAIN or TLS)]
         # Wait for the workers running when we were started, so that the
         # first burst of connections is spread over all of them.
         self.awaited = expected
         self.workers = {}                   # slot -> WorkerPipe
         self.per_ip = Counter()             # address -> open connections
-        self.held = {}                      # address -> deque of (deadline, socket):
+        self.held = {}                      # address -> deque of (deadline, socket, kind):
         self.held_count = 0                 #   over --max-per-ip, waiting for a close
         self.next_expiry = 0.0              # the first deadline among them
         self.freed = set()                  # addresses with fewer connections this turn
@@ -86,13 +89,15 @@ class Acceptor(Service):
         self.listening = False
 
     def start(self):
-        self.listener.setblocking(False)
+        for listener, _ in self.listeners:
+            listener.setblocking(False)
 
     def finish(self):
-        self.listener.close()
+        for listener, _ in self.listeners:
+            listener.close()
         for ip, queue in self.held.items():
-            for _, sock in queue:
-                self.refuse(sock, protocol.ERR_SERVER_SHUTDOWN, "server shutdown", ip)
+            for _, sock, kind in queue:
+                self.refuse(sock, protocol.ERR_SERVER_SHUTDOWN, "server shutdown", ip, kind)
                 sock.close()
 
     # -- workers come and go --------------------------------------------------
@@ -167,10 +172,11 @@ class Acceptor(Service):
             self.awaited = 0
         want = bool(self.workers) and not self.awaited and time.monotonic() >= self.resume_at
         if want != self.listening:
-            if want:
-                self.sel.register(self.listener, EVENT_READ, self.on_accept)
-            else:
-                self.sel.unregister(self.listener)
+            for listener, kind in self.listeners:
+                if want:
+                    self.sel.register(listener, EVENT_READ, partial(self.on_accept, listener, kind))
+                else:
+                    self.sel.unregister(listener)
             self.listening = want
 
     def poll_timeout(self):
@@ -187,12 +193,12 @@ class Acceptor(Service):
         if self.freed or (self.held and now >= self.next_expiry):
             self.release(now)
 
-    def on_accept(self, mask=None):
+    def on_accept(self, listener, kind, mask=None):
         for _ in range(ACCEPTS_PER_TURN):
             if not self.listening:
                 return
             try:
-                sock, address = self.listener.accept()
+                sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -207,7 +213,8 @@ class Acceptor(Service):
                 self.backoff = 0.0
             held = False
             try:
-                held = self.dispatch(sock, address[0] if isinstance(address, tuple) else "?")
+                held = self.dispatch(sock, address[0] if isinstance(address, tuple) else "?",
+                                     kind)
             finally:
                 if not held:
                     sock.close()
@@ -221,7 +228,7 @@ class Acceptor(Service):
         self.resume_at = time.monotonic() + self.backoff
         self.update_listening()
 
-    def dispatch(self, sock, ip):
+    def dispatch(self, sock, ip, kind=PLAIN):
         """Hand ``sock`` to a worker, refuse it, or hold it; True if held (the
         acceptor keeps it open, to hand it on or refuse it later).
 
@@ -251,15 +258,15 @@ class Acceptor(Service):
         """
         cfg = self.config
         if self.server_full():
-            self.refuse(sock, protocol.ERR_SERVER_FULL, "server full", ip)
+            self.refuse(sock, protocol.ERR_SERVER_FULL, "server full", ip, kind)
             return False
         limit = cfg.max_per_ip
         if limit and (self.per_ip[ip] >= limit or ip in self.held):
             self.read_notes()
             if self.per_ip[ip] >= limit or ip in self.held:
                 self.freed.add(ip)      # release() hands on, in order, what fits
-                return self.hold(sock, ip)
-        self.hand_off(sock, ip)
+                return self.hold(sock, ip, kind)
+        self.hand_off(sock, ip, kind)
         return False
 
     def server_full(self):
@@ -270,20 +277,20 @@ class Acceptor(Service):
         self.read_notes()
         return full()
 
-    def hold(self, sock, ip):
+    def hold(self, sock, ip, kind=PLAIN):
         """Keep ``sock`` until a connection from ``ip`` closes (see dispatch);
         True if held, False if refused at once."""
         queue = self.held.get(ip)
         if self.held_count >= HELD_MAX or (queue and len(queue) >= self.config.max_per_ip):
             self.refuse(sock, protocol.ERR_TOO_MANY_CONNECTIONS,
-                        "too many connections from this address", ip)
+                        "too many connections from this address", ip, kind)
             return False
         if queue is None:
             queue = self.held[ip] = deque()
         deadline = time.monotonic() + HOLD_FOR
         if not self.held_count:
             self.next_expiry = deadline
-        queue.append((deadline, sock))
+        queue.append((deadline, sock, kind))
         self.held_count += 1
         self.log.debug("holding a connection from %s: %d open, waiting for a close",
                        ip, self.per_ip[ip])
@@ -297,35 +304,36 @@ class Acceptor(Service):
         for ip in list(self.held):
             queue = self.held[ip]
             while queue and self.workers and self.per_ip[ip] < limit:
-                deadline, sock = queue.popleft()
+                deadline, sock, kind = queue.popleft()
                 self.held_count -= 1
                 self.log.debug("a connection from %s closed: handing on one held %.0f ms",
                                ip, (now - deadline + HOLD_FOR) * 1000)
                 try:
                     if self.server_full():
-                        self.refuse(sock, protocol.ERR_SERVER_FULL, "server full", ip)
+                        self.refuse(sock, protocol.ERR_SERVER_FULL, "server full", ip, kind)
                     else:
-                        self.hand_off(sock, ip)
+                        self.hand_off(sock, ip, kind)
                 finally:
                     sock.close()
             while queue and queue[0][0] <= now:
-                _, sock = queue.popleft()
+                _, sock, kind = queue.popleft()
                 self.held_count -= 1
                 self.refuse(sock, protocol.ERR_TOO_MANY_CONNECTIONS,
-                            "too many connections from this address", ip)
+                            "too many connections from this address", ip, kind)
                 sock.close()
             if not queue:
                 del self.held[ip]
         if self.held:
             self.next_expiry = min(queue[0][0] for queue in self.held.values())
 
-    def hand_off(self, sock, ip):
-        """Send ``sock`` to the least-loaded worker, and count it there."""
+    def hand_off(self, sock, ip, kind=PLAIN):
+        """Send ``sock`` (from the listener ``kind``) to the least-loaded
+        worker, and count it there."""
         while self.workers:
             slot = min(self.workers, key=lambda k: self.workers[k].load)
             pipe = self.workers[slot]
             try:
-                sendfds(pipe.handoff, [sock.fileno()])
+                send_socket(pipe.handoff, sock.fileno(), kind)
             except (OSError, RuntimeError) as exc:   # RuntimeError: macOS had no acknowledgement
                 if getattr(exc, "errno", None) in EXHAUSTED:   # the kernel is short of memory
                     self.back_off(exc)
@@ -340,8 +348,13 @@ class Acceptor(Service):
             pipe.recent.append(ip)
             return
 
-    def refuse(self, sock, line, reason, ip):
+    def refuse(self, sock, line, reason, ip, kind=PLAIN):
+        """Say ``line`` and close. Not to a TLS client: it would take it for a
+        broken record, and saying it in TLS would cost a handshake, which is
+        what a refusal must not cost. It is closed without a word."""
         self.log.debug("refused a connection from %s: %s", ip, reason)
+        if kind == TLS:
+            return
         try:
             sock.setblocking(False)
             sock.send(line)

@@ -13,6 +13,8 @@ import sys
 from chatlib import __version__
 
 DEFAULT_PORT = 4000
+DEFAULT_TLS_PORT = 6697          # the IRC port for TLS, a convention chat users know
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 def _ranged(convert, low, high=None, above=False, unit=""):
@@ -160,6 +162,28 @@ def build_parser():
                    help="a node that cannot renew its lease in Redis for this long "
                         "is taken for dead: the others announce its users gone, and "
                         "it closes their connections with ERR unavailable first")
+    t = p.add_argument_group(
+        "encrypted connections (TLS)",
+        "With --tls-cert the server also listens on --tls-port for TLS clients "
+        "(openssl s_client, ncat --ssl, socat OPENSSL:...), who share one chat "
+        "with the plaintext ones; with --tls-only it listens on --tls-port "
+        "alone. SIGHUP reloads the certificate and key: new connections get the "
+        "new ones, open ones keep theirs; files that fail to load keep the old.")
+    t.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="the certificate chain, server certificate first "
+                        "(certbot: fullchain.pem) (default: no TLS)")
+    t.add_argument("--tls-key", default=None, metavar="PEM",
+                   help="its private key, unencrypted (certbot: privkey.pem) "
+                        "(default: in the --tls-cert file)")
+    t.add_argument("--tls-port", type=_port, default=None, metavar="PORT",
+                   help="TCP port for TLS clients; 0 picks a free one "
+                        "(default: %d)" % DEFAULT_TLS_PORT)
+    t.add_argument("--tls-only", action="store_true", default=None,
+                   help="serve TLS clients only: no plaintext port (--port is "
+                        "then not allowed) (default: both)")
+    t.add_argument("--tls-handshake-timeout", type=_seconds, default=None, metavar="S",
+                   help="seconds a TLS handshake may take before the connection is "
+                        "dropped (default: %g)" % DEFAULT_TLS_HANDSHAKE_TIMEOUT)
     p.add_argument("--version", action="version",
                    version="%(prog)s " + __version__)
     return p
@@ -167,9 +191,45 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    _check_tls(args)
     if args.port is None:
         try:
             args.port = _default_port()
         except (ValueError, argparse.ArgumentTypeError):
             build_parser().error("PORT environment variable is not a valid port")
     return args
+
+
+def _check_tls(args):
+    """The TLS options agree, and the certificate and key load: a bad one
+    stops the server here, before anything listens."""
+    error = build_parser().error
+    if args.tls_cert is None:
+        given = [option for option, value in (
+            ("--tls-key", args.tls_key), ("--tls-port", args.tls_port),
+            ("--tls-only", args.tls_only),
+            ("--tls-handshake-timeout", args.tls_handshake_timeout)) if value is not None]
+        if given:
+            error("%s needs --tls-cert" % given[0])
+    else:
+        if args.tls_only and args.port is not None:
+            error("--tls-only serves no plaintext port: drop --port")
+        if args.tls_port is None:
+            args.tls_port = DEFAULT_TLS_PORT
+        if not args.tls_only and args.tls_port != 0 and args.tls_port == (
+                args.port if args.port is not None else _default_port_or_none()):
+            error("--tls-port %d is the plaintext port too: give another" % args.tls_port)
+        from chatlib.tls import load_problem
+        context, problem = load_problem(args.tls_cert, args.tls_key)
+        if problem:
+            error(problem)
+    args.tls_only = bool(args.tls_only)
+    if args.tls_handshake_timeout is None:
+        args.tls_handshake_timeout = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+
+
+def _default_port_or_none():
+    try:
+        return _default_port()
+    except (ValueError, argparse.ArgumentTypeError):
+        return None

@@ -105,6 +105,14 @@ _WS = b" \t"
 _SPLIT_WORD = re.compile(rb"[ \t]*([^ \t]*)[ \t]*(.*)", re.S)
 # An HTTP request line: somebody pointed a browser or a proxy at the port.
 _HTTP_REQUEST = re.compile(rb"[A-Z]+ \S+ HTTP/\d(\.\d)?\Z")
+# How a TLS handshake record starts (a ClientHello): a TLS client at the
+# plaintext port.
+_TLS_HANDSHAKE = b"\x16\x03"
+
+
+def looks_like_tls(data):
+    """True if ``data`` starts like a TLS handshake record (a ClientHello)."""
+    return data[:2] == _TLS_HANDSHAKE
 
 
 def parse_line(line, logged_in):
@@ -156,7 +164,7 @@ def parse_line(line, logged_in):
         return Login(name.decode("ascii"))
     if verb == b"QUIT":
         return QUIT
-    if not logged_in and _HTTP_REQUEST.match(line):
+    if not logged_in and (_HTTP_REQUEST.match(line) or line[:2] == _TLS_HANDSHAKE):
         return Hangup(ERR_NOT_A_CHAT_CLIENT)
     return Reply(ERR_UNKNOWN_COMMAND)
 

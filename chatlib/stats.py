@@ -32,7 +32,19 @@ class StatsReport:
                 % (self.clients(workers), users, per_worker, totals["msgs"], rate["msgs"],
                    totals["deliveries"], rate["deliveries"], totals["bytes_in"],
                    totals["bytes_out"], totals["slow_cuts"], totals["flood_cuts"],
-                   totals["batches"], batch))
+                   totals["batches"], batch)
+                + self.tls_part(workers))
+
+    @staticmethod
+    def tls_part(workers):
+        """With TLS: handshakes done, failed (a scanner, a plaintext client on
+        the TLS port, a timeout), and in progress, since start."""
+        tls = [info for info in workers.values() if "tls_handshakes" in info]
+        if not tls:
+            return ""
+        return " tls-handshakes=%d tls-failed=%d tls-pending=%d" % tuple(
+            sum(info.get(key, 0) for info in tls)
+            for key in ("tls_handshakes", "tls_failed", "tls_pending"))
 
     @staticmethod
     def clients(workers):

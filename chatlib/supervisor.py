@@ -21,22 +21,29 @@ server instead of looping forever.
 
 Nothing relies on state inherited through ``fork``: each child gets what it
 needs as arguments, so ``fork``, ``spawn`` and ``forkserver`` behave the same.
+Nor does a child keep what ``fork`` gives it besides: every descriptor the
+supervisor holds (the listening sockets, its ends of every child's pipes,
+the children's sentinels, its signal wake-up socket) is closed in a forked
+child at once (``inherited_by_fork``), so that only the supervisor and the
+acceptor hold a listening socket, and nobody holds a pipe end it does not use.
 """
 
 import contextlib
 import logging
 import multiprocessing
+import os
 import resource
 import secrets
 import signal
 import socket
 import time
-from multiprocessing import resource_tracker
-from multiprocessing.connection import wait
+from multiprocessing import resource_tracker, util
+from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import send_handle
 
 from chatlib import logs
 from chatlib.acceptor import Acceptor
+from chatlib.handoff import PLAIN, TLS
 from chatlib.service import run_service
 from chatlib.stats import StatsReport
 from chatlib.systemd import notify
@@ -67,6 +74,18 @@ class Child:
     @property
     def name(self):
         return self.role if self.slot is None else "%s-%d" % (self.role, self.slot)
+
+    def close_in_fork(self):
+        """In a child forked later: its sentinel pipe's ends, which the
+        supervisor holds (the write end would keep this child from seeing
+        the supervisor die). Python's own finalizer for them does not run
+        in a forked child; the descriptors are in its arguments."""
+        finalizer = getattr(getattr(self.process, "_popen", None), "finalizer", None)
+        for fd in getattr(finalizer, "_args", None) or (self.process.sentinel,):
+            try:
+                os.close(fd)
+            except (OSError, TypeError):
+                pass
 
     def order(self, *message, handles=()):
         """Send an order, then the descriptors of ``handles`` for the child to adopt."""
@@ -139,7 +158,8 @@ class Supervisor:
         self.started = time.monotonic()
         self.stats = StatsReport()
         self.next_stats = float("inf")
-        self.listener = None
+        self.listener = None          # the first of:
+        self.listeners = []           # [(socket, PLAIN or TLS)]
 
     # -- the whole life -------------------------------------------------------
 
@@ -147,14 +167,22 @@ class Supervisor:
         cfg = self.config
         logs.setup("main", cfg.log_level, cfg.log_file)
         nofile = raise_nofile_limit()
-        try:
-            self.listener = self.listen()
-        except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
-            return 1
+        ports = [] if getattr(cfg, "tls_only", False) else [(cfg.port, PLAIN)]
+        if getattr(cfg, "tls_cert", None):
+            ports.append((cfg.tls_port, TLS))
+        for port, kind in ports:
+            try:
+                self.listeners.append((inherited_by_fork(self.listen(port)), kind))
+            except OSError as exc:
+                log.error("cannot listen on %s:%d: %s", cfg.host, port, exc.strerror or exc)
+                return 1
+        self.listener = self.listeners[0][0]
+        if getattr(cfg, "tls_cert", None):
+            from chatlib.tls import fingerprint
+            log.info("TLS certificate %s (sha256 %s)", cfg.tls_cert, fingerprint(cfg.tls_cert))
         if cfg.redis is not None:
             self.name_node()
-        wake_r, wake_w = socket.socketpair()
+        wake_r, wake_w = map(inherited_by_fork, socket.socketpair())
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno())
@@ -166,9 +194,9 @@ class Supervisor:
         try:
             self.start_all()
             if self.wait_ready():
-                host, port = self.listener.getsockname()[:2]
-                log.info("listening on %s:%d", host, port)
-                notify("READY=1\nSTATUS=listening on %s:%d" % (host, port))
+                where = self.addresses()
+                log.info("listening on %s", where)
+                notify("READY=1\nSTATUS=listening on %s" % where)
                 if cfg.stats_interval:
                     self.next_stats = time.monotonic() + cfg.stats_interval
                 self.watch()
@@ -189,7 +217,12 @@ class Supervisor:
         cfg.node_token = secrets.token_hex(8)
         log.info("cluster %r on %s, node %s", cfg.cluster, cfg.redis, cfg.node_id)
 
-    def listen(self):
+    def addresses(self):
+        """``HOST:PORT``, ``HOST:PORT and HOST:PORT (TLS)``, or ``HOST:PORT (TLS)``."""
+        return " and ".join("%s:%d%s" % (sock.getsockname()[:2] + (" (TLS)" if kind == TLS else "",))
+                            for sock, kind in self.listeners)
+
+    def listen(self, port):
         cfg = self.config
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -197,7 +230,7 @@ class Supervisor:
         # Chat lines are small and must go at once. Accepted sockets inherit
         # this (Linux, macOS, the BSDs): no setsockopt per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((cfg.host, cfg.port))
+        sock.bind((cfg.host, port))
         sock.listen(socket.SOMAXCONN if socket.SOMAXCONN > 1024 else 1024)
         return sock
 
@@ -209,6 +242,8 @@ class Supervisor:
     def spawn(self, cls, slot, *args):
         orders, their_orders = self.ctx.Pipe()       # a socket pair: can carry descriptors
         reports, their_reports = self.ctx.Pipe(duplex=False)
+        inherited_by_fork(orders)
+        inherited_by_fork(reports)
         pipes = (their_orders, their_reports)
         role = cls.role
         name = role if slot is None else "%s-%d" % (role, slot)
@@ -222,6 +257,7 @@ class Supervisor:
         their_orders.close()
         their_reports.close()
         child = Child(role, slot, process, orders, reports)
+        util.register_after_fork(child, Child.close_in_fork)
         self.children[(role, slot)] = child
         log.info("started %s (pid %d)", name, process.pid)
         return child
@@ -248,7 +284,13 @@ class Supervisor:
             self.connect(slot, "broker")
 
     def start_acceptor(self):
-        self.spawn(Acceptor, None, self.listener, len(self.worker_slots()))
+        # Its own copies: in a forked child the supervisor's are closed.
+        listeners = [(sock.dup(), kind) for sock, kind in self.listeners]
+        try:
+            self.spawn(Acceptor, None, listeners, len(self.worker_slots()))
+        finally:
+            for sock, _ in listeners:
+                sock.close()
         for slot in self.worker_slots():
             self.connect(slot, "acceptor")
 
@@ -350,10 +392,28 @@ class Supervisor:
                 for child in self.children.values():
                     child.order("reopen-log")
                 log.info("received SIGHUP: log file reopened")
+                if getattr(self.config, "tls_cert", None):
+                    self.reload_tls()
             elif signum == signal.SIGUSR1:
                 self.log_stats()
                 self.log_processes()
         return stop
+
+    def reload_tls(self):
+        """SIGHUP: if the certificate and key load, the workers load them
+        (new connections get them; open ones keep theirs); if not, all keep
+        the ones they have."""
+        from chatlib.tls import fingerprint, load_problem
+        cfg = self.config
+        context, problem = load_problem(cfg.tls_cert, cfg.tls_key)
+        if problem:
+            log.error("TLS certificate not reloaded, the previous one stays: %s", problem)
+            return
+        for child in self.children.values():
+            if child.role == "worker":
+                child.order("tls-reload")
+        log.info("TLS certificate reloaded: %s (sha256 %s)", cfg.tls_cert,
+                 fingerprint(cfg.tls_cert))
 
     def workers_info(self):
         return {c.slot: c.info or {} for c in self.children.values() if c.role == "worker"}
@@ -441,6 +501,15 @@ class Supervisor:
                 child.process.kill()
                 child.process.join(1.0)
         self.children.clear()
-        if self.listener is not None:
-            self.listener.close()
+        for sock, _ in self.listeners:
+            sock.close()
         log.info("stopped")
+
+
+def inherited_by_fork(obj):
+    """Have a child forked from now on close ``obj`` (a socket or a
+    ``Connection`` of the supervisor's) at once; return ``obj``. Under
+    ``spawn`` and ``forkserver`` a child inherits nothing anyway."""
+    util.register_after_fork(obj, Connection.close if isinstance(obj, Connection)
+                             else socket.socket.close)
+    return obj

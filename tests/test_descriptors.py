@@ -1,0 +1,103 @@
+"""Every child holds only the descriptors it needs, under every start method.
+
+Read from Linux's ``/proc``: the listening sockets' inodes (``/proc/net/tcp``)
+and every process's descriptors (``/proc/PID/fd``). Only the supervisor and
+the acceptor may hold a listening socket, plaintext or TLS; and no socket is
+held by two processes of the server at all besides those (each end of a
+socket pair has its own inode: a shared one is a leaked copy).
+"""
+
+import os
+import sys
+import unittest
+
+from support import TestCase, per_start_method, process_role
+
+import test_tls
+
+
+def listening_inodes(ports):
+    """Inodes of the TCP sockets listening on ``ports``."""
+    inodes = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if port in ports and fields[3] == "0A":          # TCP_LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def sockets_of(pid):
+    """The socket inodes process ``pid`` holds."""
+    held = set()
+    try:
+        fds = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return held
+    for fd in fds:
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            held.add(target[8:-1])
+    return held
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+class Descriptors(TestCase):
+    start_method = None
+
+    def check(self, s, ports):
+        listening = listening_inodes(ports)
+        self.assertEqual(len(listening), len(ports))
+        held = {pid: sockets_of(pid) for pid in s.pids()}
+        role = {pid: process_role(pid) or "main" for pid in held}
+        main = s.proc.pid
+        holders = sorted(role[pid] if pid != main else "main"
+                         for pid, socks in held.items() if socks & listening)
+        self.assertEqual(holders, ["chat-acceptor", "main"], role)
+        for inode in listening:
+            self.assertEqual(sorted(role[pid] if pid != main else "main"
+                                    for pid, socks in held.items() if inode in socks),
+                             ["chat-acceptor", "main"])
+        # Nothing else is shared: not the supervisor's ends of the children's
+        # pipes, not its signal wake-up socket.
+        for pid, socks in held.items():
+            for other, theirs in held.items():
+                if other != pid:
+                    self.assertEqual(socks & theirs - listening, set(),
+                                     "%s and %s share sockets" % (role[pid], role[other]))
+
+    def test_plaintext(self):
+        s = self.server(workers=2, start_method=self.start_method)
+        self.client(s, "x")                   # every process has done its work once
+        self.check(s, {s.port})
+
+    def test_plaintext_and_tls_after_restarts(self):
+        cert, key = test_tls.CERTS["a"]
+        s = self.server("--tls-cert", cert, "--tls-key", key, "--tls-port", 0,
+                        workers=2, start_method=self.start_method)
+        s.tls_port = int(s.wait_log(test_tls.TLS_LISTENING).group(1))
+        # A child started later must not pick up what the earlier ones got.
+        for title in ("chat-worker-0", "chat-acceptor", "chat-broker"):
+            old = s.roles()[title]
+            os.kill(old, 9)
+            s.replacement(title, old, 5.0)
+        c = test_tls.TlsClient(s.tls_port)
+        self.addCleanup(c.close)
+        c.login("t")
+        self.client(s, "p")
+        self.check(s, {s.port, s.tls_port})
+
+
+per_start_method(globals(), Descriptors)
+
+if __name__ == "__main__":
+    unittest.main()
