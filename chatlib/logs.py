@@ -28,6 +28,7 @@ def setup(role, level="INFO", path=None):
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()      # a forked child's copy of the supervisor's log file
     handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(_RoleFilter(role))
