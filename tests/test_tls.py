@@ -697,6 +697,26 @@ class Module(TestCase):
         else:
             incoming.write_eof()
 
+    def plaintext(self, sock, client, incoming):
+        """What the server sent that the client can decrypt now; EOFError at
+        the end."""
+        self.take(sock, incoming)
+        data = b""
+        try:
+            while True:
+                chunk = client.read(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+            if not data:
+                raise EOFError
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            if not data:
+                raise EOFError
+        return data
+
     def handshake(self, sock, client, incoming, outgoing, cut=None):
         """Both sides' handshake; the client's flights cut at ``cut`` (a
         function of the flight's number and bytes, giving the pieces)."""
@@ -773,23 +793,14 @@ class Module(TestCase):
         self.assertEqual(stream.sendmsg(out + [b"more\n"]), 0)   # still waiting
         received = b""
         while True:
-            self.take(sock, incoming)
-            try:
-                while True:
-                    received += client.read(1 << 20)
-            except ssl.SSLWantReadError:
-                pass
+            received += self.plaintext(sock, client, incoming)
             done = stream.sendmsg(out + [b"more\n"])
             if done:
                 break
         self.assertEqual(done, total + len(b"more\n"))   # the rest went at once
         self.assertEqual(stream.covered, 0)
         while len(received) < total + 5:
-            self.take(sock, incoming)
-            try:
-                received += client.read(1 << 20)
-            except ssl.SSLWantReadError:
-                pass
+            received += self.plaintext(sock, client, incoming)
         self.assertEqual(received, b"".join(out) + b"more\n")
 
     def test_cut_keeps_the_records_in_flight_then_the_last_line(self):
@@ -803,24 +814,13 @@ class Module(TestCase):
         self.assertEqual(stream.covered, len(b"ERR slow-consumer\n"))
         received = b""
         while stream.sendmsg([b"ERR slow-consumer\n"]) == 0:
-            self.take(sock, incoming)
-            try:
-                while True:
-                    received += client.read(1 << 20)
-            except ssl.SSLWantReadError:
-                pass
+            received += self.plaintext(sock, client, incoming)
         stream.close()
         while True:
-            self.take(sock, incoming)
             try:
-                chunk = client.read(1 << 20)
-            except ssl.SSLWantReadError:
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                received += self.plaintext(sock, client, incoming)
+            except EOFError:
                 break
-            if not chunk:
-                break
-            received += chunk
         self.assertTrue(received.endswith(b"\nERR slow-consumer\n"))
         self.assertEqual(received[:-len(b"ERR slow-consumer\n")], b"".join(out))
 
