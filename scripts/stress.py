@@ -10,7 +10,15 @@ large reads, lines counted in bulk, payloads built once, sends batched.
 Every scenario carries a correctness oracle that stays cheap under load:
 each receiver keeps, per sender, the next sequence number it expects, so a
 lost, duplicated, reordered, echoed, misrouted or cut line is caught without
-storing what arrived. Any failure makes the exit status 1 and is listed.
+storing what arrived. A read of many MSG lines is judged in bulk, in a
+few C calls (see ``Broadcast.bulk_check``). Any failure makes the exit
+status 1 and is listed. When the tool's own CPU, not the server, was the
+limit, the result says so (``tool_bound``).
+
+Against a cluster, ``--port P1,P2`` (or ``--target HOST:PORT``, repeated)
+sends client i to the (i mod n)-th node, and the same oracle holds across
+nodes; ``--spawn-cluster N`` starts a Redis and N nodes for the run and
+reports what Redis did (``redis_calls``, ``redis_cpu_s``).
 
 Standard library only; Linux for the server figures (read from /proc).
 """

@@ -44,12 +44,16 @@ class Chaos(ChaosRun):
 
 @requires_redis
 class ClusterChaos(ChaosRun):
-    def test_a_node_redis_and_a_worker_killed_on_two_nodes(self):
+    def test_a_worker_a_node_and_redis_killed_on_two_nodes(self):
         # The lease is short, so that the dead node's users are announced,
-        # and the names registered again after Redis, within the run.
-        out = self.chaos_run(["node", "redis", "worker"], "--cluster", "2", "--workers", "1",
-                             "--interval", "1.2", "--node-lease", "2", "--clients", "16")
+        # and the names registered again after Redis, within the run; the
+        # worker goes first, so that users of the other node's other worker
+        # see it all from the start.
+        out = self.chaos_run(["worker", "node", "redis"], "--cluster", "2", "--workers", "2",
+                             "--duration", "9", "--interval", "1.2", "--node-lease", "2",
+                             "--clients", "16")
         self.assertIn("a dead node's users within", out)
+        self.assertRegex(out, r"check: [1-9]\d* departures x survivors")
 
 
 if __name__ == "__main__":
