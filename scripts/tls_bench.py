@@ -222,10 +222,12 @@ def fanout_proc(cfg, k, barrier, results):
     results.put(("fanout", deliveries, sum(s.seq for s in senders)))
 
 
-def run_fanout(cfg):
+def in_processes(cfg, target):
+    """Run ``target(cfg, k, barrier, results)`` in ``--procs`` processes, all
+    starting together; (their results, seconds, server CPU seconds)."""
     barrier = multiprocessing.Barrier(cfg.procs + 1)
     results = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=fanout_proc, args=(cfg, k, barrier, results))
+    procs = [multiprocessing.Process(target=target, args=(cfg, k, barrier, results))
              for k in range(cfg.procs)]
     for p in procs:
         p.start()
@@ -237,11 +239,18 @@ def run_fanout(cfg):
     cpu1, _ = session_usage(cfg.server_pid) if cfg.server_pid else (0, 0)
     for p in procs:
         p.join()
+    return got, elapsed, cpu1 - cpu0
+
+
+def run_fanout(cfg):
+    got, elapsed, cpu = in_processes(cfg, fanout_proc)
+    gen = os.times()
     deliveries = sum(g[1] for g in got)
     return {"deliveries_per_s": round(deliveries / elapsed),
+            "generator_cpu_s": round(gen.children_user + gen.children_system, 2),
             "msgs_sent": sum(g[2] for g in got),
-            "server_cpu_s": round(cpu1 - cpu0, 2),
-            "server_cpu_us_per_delivery": round((cpu1 - cpu0) / deliveries * 1e6, 3)
+            "server_cpu_s": round(cpu, 2),
+            "server_cpu_us_per_delivery": round(cpu / deliveries * 1e6, 3)
             if deliveries else None}
 
 
@@ -277,23 +286,15 @@ def dm_proc(cfg, k, barrier, results):
 
 
 def run_dm(cfg):
-    barrier = multiprocessing.Barrier(cfg.procs + 1)
-    results = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=dm_proc, args=(cfg, k, barrier, results))
-             for k in range(cfg.procs)]
-    for p in procs:
-        p.start()
-    barrier.wait()
-    rtts = sorted(r for _ in procs for r in results.get(timeout=cfg.duration + 60))
-    for p in procs:
-        p.join()
+    got, _, _ = in_processes(cfg, dm_proc)
+    rtts = sorted(r for rtts in got for r in rtts)
     pick = lambda q: round(rtts[min(len(rtts) - 1, int(q * len(rtts)))], 3)
     return {"round_trips": len(rtts), "rtt_p50_ms": pick(0.5), "rtt_p99_ms": pick(0.99)}
 
 
 # -- handshakes ---------------------------------------------------------------------
 
-def handshake_proc(cfg, barrier, results):
+def handshake_proc(cfg, k, barrier, results):
     ctx = client_context()
     barrier.wait()
     end = time.monotonic() + cfg.duration
@@ -308,22 +309,10 @@ def handshake_proc(cfg, barrier, results):
 
 
 def run_handshakes(cfg):
-    barrier = multiprocessing.Barrier(cfg.procs + 1)
-    results = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=handshake_proc, args=(cfg, barrier, results))
-             for _ in range(cfg.procs)]
-    for p in procs:
-        p.start()
-    barrier.wait()
-    cpu0, _ = session_usage(cfg.server_pid) if cfg.server_pid else (0, 0)
-    t0 = time.monotonic()
-    done = sum(results.get(timeout=cfg.duration + 60) for _ in procs)
-    elapsed = time.monotonic() - t0
-    cpu1, _ = session_usage(cfg.server_pid) if cfg.server_pid else (0, 0)
-    for p in procs:
-        p.join()
+    got, elapsed, cpu = in_processes(cfg, handshake_proc)
+    done = sum(got)
     return {"handshakes_per_s": round(done / elapsed, 1),
-            "server_cpu_ms_per_handshake": round((cpu1 - cpu0) / done * 1e3, 3) if done else None}
+            "server_cpu_ms_per_handshake": round(cpu / done * 1e3, 3) if done else None}
 
 
 # -- idle ---------------------------------------------------------------------------
