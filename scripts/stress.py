@@ -150,6 +150,7 @@ class Load:
         self.failures = Counter()
         self.examples = {}
         self.connected = 0
+        self.running = False        # in the run phase's window
         self.sent = 0
         self.lines_in = 0
         self.logins_pending = 0
@@ -378,8 +379,14 @@ class Load:
         return {"ok": len(self.login_ns), "span": self.login_span,
                 "login_ns": self.login_ns.tobytes()}
 
-    def wait_start(self, t_start):
+    def run_window(self, t_start, t_end, begin, done=lambda: False):
+        """Wait for ``t_start``, ``begin()``, and pump until ``t_end`` (or
+        ``done()``), ``running`` meanwhile."""
         self.pump_until(t_start, timeout=0.001)
+        self.running = True
+        begin()
+        self.pump_until(t_end, done)
+        self.running = False
 
     def report(self, extra):
         """The finish reply: failures, CPU and the scenario's figures."""
@@ -457,7 +464,7 @@ class Broadcast(Load):
         super().__init__(cfg, proc, pipe, board)
         self.line_len = len(self.msg.fmt) + 8
         self.window = cfg["window"] or max(8, WINDOW_BYTES // (self.line_len * cfg["senders"]))
-        self.sending = False
+        self.lines0 = 0
         self.t_start = 0
         self.next_ack = 0
         self.next_flags = 0
@@ -594,7 +601,7 @@ class Broadcast(Load):
             self.publish_progress()
             if self.slow:
                 self.resume_cut(force=False)
-        if self.sending:
+        if self.running:
             self.feed_senders(now)
 
     def publish_progress(self):
@@ -633,15 +640,14 @@ class Broadcast(Load):
         return closed >= len(self.cfg["slow_set"])
 
     def phase_run(self, t_start, t_end):
-        self.wait_start(t_start)
-        self.t_start = self.now
-        lines0 = self.lines_in
-        self.sending = True
-        self.pump_until(t_end, self.all_slow_closed if self.slow_names else lambda: False)
-        self.sending = False
+        def begin():
+            self.t_start, self.lines0 = self.now, self.lines_in
+
+        self.run_window(t_start, t_end, begin,
+                        self.all_slow_closed if self.slow_names else lambda: False)
         self.resume_cut(force=True)
         return {"sent": {c.name: c.seq for c in self.senders},
-                "window_lines": self.lines_in - lines0, "t_stop": self.now}
+                "window_lines": self.lines_in - self.lines0, "t_stop": self.now}
 
     def phase_finish(self, expect, deadline):
         expect = {**expect, **dict.fromkeys(self.slow_names, 0)}
@@ -680,7 +686,6 @@ class Dm(Load):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.bouncing = False
         self.round_trips = 0
         self.rtt = array.array("q")
 
@@ -712,7 +717,7 @@ class Dm(Load):
                 continue
             self.round_trips += 1
             self.rtt.append(self.now - stamp)
-            if self.bouncing:
+            if self.running:
                 self.serve_ball(c)
 
     def serve_ball(self, c):
@@ -721,12 +726,7 @@ class Dm(Load):
         self.sent += 1
 
     def phase_run(self, t_start, t_end):
-        self.wait_start(t_start)
-        self.bouncing = True
-        for a in self.timers:
-            self.serve_ball(a)
-        self.pump_until(t_end)
-        self.bouncing = False
+        self.run_window(t_start, t_end, lambda: [self.serve_ball(a) for a in self.timers])
         return {"round_trips": self.round_trips, "t_stop": self.now}
 
     def phase_finish(self, expect, deadline):
@@ -776,7 +776,6 @@ class Churn(Load):
         self.msg = MessageCheck(args[0]["size"], 1 << 40)
         super().__init__(*args)
         self.lives = {}
-        self.churning = False
         self.generation = 0
 
     def make_clients(self):
@@ -825,7 +824,7 @@ class Churn(Load):
 
     def replace(self, c):
         self.churners.remove(c)
-        if self.churning:
+        if self.running:
             self.new_life(c.idx)
 
     def on_lines(self, c, lines):
@@ -857,12 +856,7 @@ class Churn(Load):
                 self.unexpected(c, line)
 
     def phase_run(self, t_start, t_end):
-        self.wait_start(t_start)
-        self.churning = True
-        for idx in self.slots:
-            self.new_life(idx)
-        self.pump_until(t_end)
-        self.churning = False
+        self.run_window(t_start, t_end, lambda: [self.new_life(idx) for idx in self.slots])
         deadline = self.now + int(self.cfg["drain_timeout"] * 1e9)
         if not self.pump_until(deadline, lambda: all(c.sock is None for c in self.churners)):
             still_open = sum(c.sock is not None for c in self.churners)
