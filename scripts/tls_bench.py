@@ -31,28 +31,10 @@ import ssl
 import sys
 import time
 
+from procfs import usage
+
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def session_usage(sid):
-    """(CPU seconds, RSS bytes) summed over the live processes of session ``sid``."""
-    cpu = rss = 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            cpu += (int(fields[11]) + int(fields[12])) / TICK
-            rss += int(fields[21]) * page
-    return cpu, rss
 
 
 def client_context():
@@ -232,11 +214,11 @@ def in_processes(cfg, target):
     for p in procs:
         p.start()
     barrier.wait()
-    cpu0, _ = session_usage(cfg.server_pid) if cfg.server_pid else (0, 0)
+    cpu0, _ = usage([cfg.server_pid]) if cfg.server_pid else (0, 0)
     t0 = time.monotonic()
     got = [results.get(timeout=cfg.duration + 60) for _ in procs]
     elapsed = time.monotonic() - t0
-    cpu1, _ = session_usage(cfg.server_pid) if cfg.server_pid else (0, 0)
+    cpu1, _ = usage([cfg.server_pid]) if cfg.server_pid else (0, 0)
     for p in procs:
         p.join()
     return got, elapsed, cpu1 - cpu0
@@ -318,10 +300,10 @@ def run_handshakes(cfg):
 # -- idle ---------------------------------------------------------------------------
 
 def run_idle(cfg):
-    _, rss0 = session_usage(cfg.server_pid)
+    _, rss0 = usage([cfg.server_pid])
     sel, conns = connect_all(cfg, cfg.clients, "i")
     time.sleep(1.0)          # let the heartbeats and the kernel settle before reading RSS
-    _, rss1 = session_usage(cfg.server_pid)
+    _, rss1 = usage([cfg.server_pid])
     for c in conns:
         c.sock.close()
     return {"clients": cfg.clients, "server_rss_growth_mib": round((rss1 - rss0) / 2 ** 20, 1),
