@@ -28,7 +28,10 @@ def per_start_method(namespace, base):
     subclass per start method, named ``<base>_<method>``."""
     for method in START_METHODS:
         name = "%s_%s" % (base.__name__, method)
-        namespace[name] = type(name, (base,), {"start_method": method})
+        # Of the test module, not of this one: its setUpModule and
+        # tearDownModule must frame these classes too.
+        namespace[name] = type(name, (base,), {"start_method": method,
+                                               "__module__": base.__module__})
     del namespace[base.__name__]
 
 
