@@ -85,3 +85,37 @@ def process_role(pid):
             return f.read().strip()
     except OSError:
         return None
+
+
+def tcp_sockets():
+    """(local port, remote port, state, inode) of every TCP socket, from
+    ``/proc/net/tcp`` and ``tcp6``; state ``0A`` is LISTEN."""
+    rows = []
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            rows.append((int(fields[1].rsplit(":", 1)[1], 16),
+                         int(fields[2].rsplit(":", 1)[1], 16), fields[3], fields[9]))
+    return rows
+
+
+def socket_inodes(pid):
+    """The inodes of the sockets process ``pid`` holds."""
+    held = set()
+    try:
+        fds = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return held
+    for fd in fds:
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            held.add(target[8:-1])
+    return held

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_TIMEOUT = 60           # seconds any single test may take
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 # The server, the client and /proc: shared with the tools, re-exported to the tests.
-from procfs import process_role, session_pids  # noqa: E402,F401
+from procfs import process_role, session_pids, socket_inodes, tcp_sockets  # noqa: E402,F401
 from harness import (BROKER, IO_TIMEOUT, REDIS_HINT, Client, RedisServer,  # noqa: E402,F401
                      Server, redis_program, start_cluster)
 
@@ -73,3 +73,44 @@ class TestCase(unittest.TestCase):
         c = server.client(name)
         self.addCleanup(c.close)
         return c
+
+
+def example_session(naman, yudi, third):
+    """The README's example session, played by three logged-in or fresh
+    clients (Naman and Yudi logged in, ``third`` not), wherever they are:
+    one server, TLS, or nodes of a cluster."""
+    naman.send("MSG hi everyone!", "MSG how are you?")
+    yudi.expect("MSG Naman hi everyone!", "MSG Naman how are you?")
+    naman.expect_nothing_more()        # no echo of one's own messages
+    yudi.send("MSG hello Naman!")
+    yudi.send("WHO")
+    yudi.expect("USER Naman", "USER Yudi")
+    yudi.send("DM Naman secret message")
+    yudi.send("PING")
+    yudi.expect("PONG")
+    yudi.close()
+    naman.expect("MSG Yudi hello Naman!", "DM Yudi secret message",
+                 "INFO Yudi disconnected")
+    for name in ("Naman", "naman"):
+        third.send("LOGIN " + name)
+        third.expect("ERR username-taken")
+
+
+def chat_among(users):
+    """Every logged-in user of ``users`` sees all the others in ``WHO``, gets
+    each one's ``MSG`` once, and a ``DM`` from the one before it (typed in
+    upper case): wherever each of them is connected."""
+    names = [u.name for u in users]
+    for u in users:
+        u.send("WHO")
+        u.expect(*["USER " + n for n in names])
+    for u in users:
+        u.send("MSG from %s" % u.name)
+    for u in users:
+        got = [u.read_line() for _ in range(len(users) - 1)]
+        assert sorted(got) == sorted("MSG %s from %s" % (n, n) for n in names
+                                     if n != u.name), got
+    for i, u in enumerate(users):
+        u.send("DM %s ring %d" % (names[(i + 1) % len(names)].upper(), i))
+    for i, u in enumerate(users):
+        u.expect("DM %s ring %d" % (names[i - 1], (i - 1) % len(names)))

@@ -17,8 +17,8 @@ import sys
 import time
 
 from faultproxy import FaultProxy
-from support import (BROKER, ROOT, Client, RedisServer, Server, TestCase,
-                     per_start_method, requires_redis)
+from support import (BROKER, ROOT, RedisServer, Server, TestCase, chat_among,
+                     example_session, per_start_method, requires_redis)
 
 LEASE = 3.0                 # seconds: short, so that faults play out quickly
 
@@ -68,30 +68,11 @@ class ClusterCase(TestCase):
 class TestTwoNodes(ClusterCase):
     def test_the_example_session_with_naman_and_yudi_on_two_nodes(self):
         a, b = self.node("A"), self.node("B")
-        naman = Client(a.port)
-        self.addCleanup(naman.close)
-        yudi = Client(b.port)
-        naman.send("LOGIN Naman")
-        naman.expect("OK")
-        naman.name = "Naman"
-        yudi.send("LOGIN Yudi")
-        yudi.expect("OK")
-        yudi.name = "Yudi"
-        naman.send("MSG hi everyone!", "MSG how are you?")
-        yudi.expect("MSG Naman hi everyone!", "MSG Naman how are you?")
-        yudi.send("MSG hello Naman!")
-        naman.expect("MSG Yudi hello Naman!")
-        yudi.send("WHO")
-        yudi.expect("USER Naman", "USER Yudi")
-        yudi.send("DM Naman secret message")
-        naman.expect("DM Yudi secret message")
-        yudi.send("PING")
-        yudi.expect("PONG")
-        yudi.close()
-        naman.expect("INFO Yudi disconnected")
-        third = self.client(b)
-        third.send("LOGIN naman")
-        third.expect("ERR username-taken")
+        example_session(self.user(a, "Naman"), self.user(b, "Yudi"), self.client(b))
+
+    def test_users_on_three_nodes_chat(self):
+        nodes = [self.node("A", workers=2), self.node("B"), self.node("C")]
+        chat_among([self.user(nodes[i % 3], "u%d" % i) for i in range(6)])
 
     def test_names_are_unique_across_nodes_case_insensitively(self):
         a, b = self.node("A"), self.node("B")

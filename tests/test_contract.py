@@ -16,7 +16,8 @@ import time
 import unittest
 
 from support import (BROKER, IO_TIMEOUT, ROOT, Server, TestCase,
-                     per_start_method, process_role)
+                     chat_among, per_start_method, process_role, socket_inodes,
+                     tcp_sockets)
 
 FFFD = "\ufffd"
 OPTIONS = ["--port", "-p", "--host", "--workers", "-w", "--idle-timeout", "-t",
@@ -26,33 +27,11 @@ OPTIONS = ["--port", "-p", "--host", "--workers", "-w", "--idle-timeout", "-t",
 def worker_of(server, client):
     """The title of the server process holding ``client``'s connection."""
     cport = client.sock.getsockname()[1]
-    inode = None
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            lport = int(fields[1].rsplit(":", 1)[1], 16)
-            rport = int(fields[2].rsplit(":", 1)[1], 16)
-            if lport == server.port and rport == cport and fields[9] != "0":
-                inode = fields[9]
-    if inode is None:
-        return None
-    target = "socket:[%s]" % inode
+    inodes = {inode for lport, rport, _, inode in tcp_sockets()
+              if lport == server.port and rport == cport and inode != "0"}
     for pid in server.pids():
-        try:
-            fds = os.listdir("/proc/%d/fd" % pid)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == target:
-                    return process_role(pid)
-            except OSError:
-                pass
+        if inodes & socket_inodes(pid):
+            return process_role(pid)
     return None
 
 
@@ -860,22 +839,7 @@ class MultiWorker(TestCase):
         counts = [holders.count(h) for h in set(holders)]
         self.assertEqual(len(counts), self.workers, holders)
         self.assertLessEqual(max(counts) - min(counts), 1, holders)
-        # broadcast
-        for u in users:
-            u.send("MSG from %s" % u.name)
-        for u in users:
-            got = [u.read_line() for _ in range(len(users) - 1)]
-            self.assertEqual(sorted(got), sorted("MSG %s from %s" % (n, n)
-                                                 for n in names if n != u.name))
-        # DM to the next user, typed in upper case
-        for i, u in enumerate(users):
-            u.send("DM %s ring %d" % (names[(i + 1) % len(names)].upper(), i))
-        for i, u in enumerate(users):
-            u.expect("DM %s ring %d" % (names[i - 1], (i - 1) % len(names)))
-        # WHO everywhere
-        for u in users:
-            u.send("WHO")
-            u.expect(*["USER " + n for n in names])
+        chat_among(users)
         # a disconnect: one INFO each, gone from every WHO
         users[2].close()
         rest = users[:2] + users[3:]

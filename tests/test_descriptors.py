@@ -11,43 +11,16 @@ import os
 import sys
 import unittest
 
-from support import TestCase, per_start_method, process_role
+from support import (TestCase, per_start_method, process_role, socket_inodes,
+                     tcp_sockets)
 
 import test_tls
 
 
 def listening_inodes(ports):
     """Inodes of the TCP sockets listening on ``ports``."""
-    inodes = set()
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            port = int(fields[1].rsplit(":", 1)[1], 16)
-            if port in ports and fields[3] == "0A":          # TCP_LISTEN
-                inodes.add(fields[9])
-    return inodes
-
-
-def sockets_of(pid):
-    """The socket inodes process ``pid`` holds."""
-    held = set()
-    try:
-        fds = os.listdir("/proc/%d/fd" % pid)
-    except OSError:
-        return held
-    for fd in fds:
-        try:
-            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            held.add(target[8:-1])
-    return held
+    return {inode for lport, _, state, inode in tcp_sockets()
+            if lport in ports and state == "0A"}
 
 
 @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
@@ -57,7 +30,7 @@ class Descriptors(TestCase):
     def check(self, s, ports):
         listening = listening_inodes(ports)
         self.assertEqual(len(listening), len(ports))
-        held = {pid: sockets_of(pid) for pid in s.pids()}
+        held = {pid: socket_inodes(pid) for pid in s.pids()}
         role = {pid: process_role(pid) or "main" for pid in held}
         main = s.proc.pid
         holders = sorted(role[pid] if pid != main else "main"

@@ -24,7 +24,7 @@ import selectors
 import unittest
 
 from support import (BROKER, IO_TIMEOUT, ROOT, Client, Server, TestCase,
-                     per_start_method)
+                     chat_among, example_session, per_start_method)
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import fuzz  # noqa: E402
@@ -234,44 +234,14 @@ class OverTls(TlsCase):
     def test_example_session_over_tls(self):
         s = self.tls_server()
         naman = self.tls_client(s, "Naman")
-        yudi = self.tls_client(s, "Yudi")
         self.assertEqual(naman.certificate(), der("a"))
-        naman.send("MSG hi everyone!", "MSG how are you?")
-        yudi.expect("MSG Naman hi everyone!", "MSG Naman how are you?")
-        naman.expect_nothing_more()
-        yudi.send("MSG hello Naman!")
-        yudi.send("WHO")
-        yudi.expect("USER Naman", "USER Yudi")
-        yudi.send("DM Naman secret message")
-        yudi.send("PING")
-        yudi.expect("PONG")
-        yudi.close()
-        naman.expect("MSG Yudi hello Naman!", "DM Yudi secret message",
-                     "INFO Yudi disconnected")
-        third = self.tls_client(s)
-        third.send("LOGIN Naman")
-        third.expect("ERR username-taken")
-        third.send("LOGIN naman")
-        third.expect("ERR username-taken")
+        example_session(naman, self.tls_client(s, "Yudi"), self.tls_client(s))
 
     def test_plaintext_and_tls_users_share_one_chat(self):
         s = self.tls_server()
         users = [self.tls_client(s, "t0"), self.client(s, "p0"),
                  self.tls_client(s, "t1"), self.client(s, "p1")]
-        names = [u.name for u in users]
-        for u in users:
-            u.send("WHO")
-            u.expect(*["USER " + n for n in names])
-        for u in users:
-            u.send("MSG from %s" % u.name)
-        for u in users:
-            got = [u.read_line() for _ in range(len(users) - 1)]
-            self.assertEqual(sorted(got), sorted("MSG %s from %s" % (n, n)
-                                                 for n in names if n != u.name))
-        for i, u in enumerate(users):     # each to the next: TLS to plaintext and back
-            u.send("DM %s ring %d" % (names[(i + 1) % len(names)], i))
-        for i, u in enumerate(users):
-            u.expect("DM %s ring %d" % (names[i - 1], (i - 1) % len(names)))
+        chat_among(users)         # each DM goes to the next: TLS to plaintext and back
         users[0].close()                   # a TLS user leaves: all hear it
         for u in users[1:]:
             u.expect("INFO t0 disconnected")
