@@ -128,7 +128,10 @@ class Broker(Service):
             super().on_order(order)
 
     def heartbeat_info(self):
-        return {"users": len(self.users)}
+        info = {"users": len(self.users)}
+        if self.cluster is not None:
+            info["cluster"] = self.cluster.figures()
+        return info
 
     def finish(self):
         for channel in self.channels.values():

@@ -124,6 +124,8 @@ class Cluster:
         self.inflight = deque()    # ops sent, unanswered, in order
         self.lost = []             # inflight ops whose connection died, in order
         self.backlog_bytes = 0
+        self.entries_out = 0       # bus entries Redis confirmed, since start
+        self.entries_in = 0        # bus entries read, ours included
         self.waiting = deque()     # _Request in the order made (= deadline order)
         self.later = []            # (when, op) claims to send again
         self.unconfirmed = deque()  # per entry in flight: the batches it covers
@@ -140,6 +142,14 @@ class Cluster:
 
     def start(self):
         self.commands.start()
+
+    def figures(self):
+        """For the statistics line."""
+        state = "fenced" if self.fenced else "up" if self.registered and self.commands.up \
+            else "down"
+        return {"redis": state, "other_users": len(self.mirror),
+                "entries_out": self.entries_out, "entries_in": self.entries_in,
+                "backlog": self.backlog_bytes + self.commands.buffered_bytes}
 
     def owner(self, slot, cid):
         return "%s %d %d" % (self.node, slot, cid)
@@ -423,6 +433,7 @@ class Cluster:
         self.send()
 
     def on_published(self, covered, reply):
+        self.entries_out += 1
         if reply == b"reaped":
             self.log.error("redis refused this node's lines: it was taken for dead")
         if self.unconfirmed and self.unconfirmed[0] is covered:
@@ -560,6 +571,7 @@ class Cluster:
                     except (ValueError, TypeError, IndexError) as exc:
                         self.log.error("skipping a malformed bus entry %r: %s", entry_id, exc)
                     self.cursor = entry_id
+                    self.entries_in += 1
             self.broker.tell_cursor(self.cursor)
         self.read()
 

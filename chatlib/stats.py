@@ -17,8 +17,9 @@ class StatsReport:
         self.last_totals = dict.fromkeys(SUMMED, 0)
         self.last_time = time.monotonic()
 
-    def line(self, workers, users):
-        """One log line; ``workers`` maps slot to that worker's last heartbeat info."""
+    def line(self, workers, users, cluster=None):
+        """One log line; ``workers`` maps slot to that worker's last heartbeat
+        info, ``cluster`` is the broker's figures in cluster mode."""
         now = time.monotonic()
         elapsed = max(now - self.last_time, 1e-9)
         totals = {key: sum(info.get(key, 0) for info in workers.values()) for key in SUMMED}
@@ -33,7 +34,18 @@ class StatsReport:
                    totals["deliveries"], rate["deliveries"], totals["bytes_in"],
                    totals["bytes_out"], totals["slow_cuts"], totals["flood_cuts"],
                    totals["batches"], batch)
-                + self.tls_part(workers))
+                + self.tls_part(workers) + self.cluster_part(cluster))
+
+    @staticmethod
+    def cluster_part(cluster):
+        """In cluster mode: whether this node can reach Redis, the users of
+        the other nodes, bus entries written and read since start, and
+        the bytes waiting for Redis."""
+        if cluster is None:
+            return ""
+        return (" cluster: redis=%s other-users=%d entries-out=%d entries-in=%d backlog=%d"
+                % (cluster["redis"], cluster["other_users"], cluster["entries_out"],
+                   cluster["entries_in"], cluster["backlog"]))
 
     @staticmethod
     def tls_part(workers):

@@ -420,9 +420,10 @@ class Supervisor:
 
     def log_stats(self):
         broker = self.children.get(("broker", None))
-        users = (broker.info or {}).get("users", 0) if broker else 0
+        info = (broker.info or {}) if broker else {}
+        users = info.get("users", 0)
         workers = self.workers_info()
-        log.info("%s", self.stats.line(workers, users))
+        log.info("%s", self.stats.line(workers, users, info.get("cluster")))
         notify("STATUS=%d clients, %d users" % (StatsReport.clients(workers), users))
 
     def log_processes(self):

@@ -221,6 +221,15 @@ class TestTwoNodes(ClusterCase):
         a.wait_log("skipping a malformed bus entry")
         self.assertNotIn("Traceback", a.log() + b.log())
 
+    def test_the_statistics_line_says_how_the_cluster_is(self):
+        a = self.server("--redis", self.redis.url, "--node-id", "A", "--stats-interval", 0.2,
+                        workers=1)
+        b = self.node("B")
+        x, y = self.user(a, "x"), self.user(b, "y")
+        x.send("MSG counted")
+        y.expect("MSG x counted")
+        a.wait_log(r"cluster: redis=up other-users=1 entries-out=[1-9]\d* entries-in=[1-9]")
+
     def test_bad_redis_url_is_one_clear_line(self):
         out = subprocess.run([sys.executable, BROKER, "--redis", "http://x"], cwd=ROOT,
                              capture_output=True, text=True, timeout=30)
