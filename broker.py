@@ -88,7 +88,7 @@ class Broker(Service):
             return
         channel.close()
         self.outboxes.pop(slot, None)
-        for per_slot in (self.received, self.ackable, self.acked, self.lazy):
+        for per_slot in (self.received, self.ackable, self.acked, self.lazy, self.cursor_told):
             per_slot.pop(slot, None)
         self.unsynced.discard(slot)
         self.marked.pop(slot, None)
@@ -199,7 +199,11 @@ class Broker(Service):
         LAZY_DELAY, so that acknowledging costs no extra frame under load."""
         if self.deferred or any(ch.pending_bytes for ch in self.channels.values()):
             return
-        self.ackable.update(self.received if self.cluster is None else self.cluster.safe())
+        if self.cluster is None:
+            self.ackable.update(self.received)
+        else:                                   # of the workers attached now
+            self.ackable.update((slot, n) for slot, n in self.cluster.safe().items()
+                                if slot in self.received)
         if self.ackable != self.acked:
             self.lazy_soon()
 

@@ -269,6 +269,25 @@ class TestFaults(ClusterCase):
         here.send("WHO")
         here.expect("USER here", "USER there")
 
+    def test_a_dead_worker_is_announced_on_every_node_once(self):
+        a, b = self.node("A", workers=2), self.node("B")
+        on_a = [self.user(a, "a%d" % i) for i in range(4)]     # two on each worker
+        there = self.user(b, "there")
+        broker = a.roles()["chat-broker"]
+        old = a.roles()["chat-worker-0"]
+        os.kill(old, signal.SIGKILL)
+        gone = {line.split()[1] for line in there.read_lines(2)}
+        self.assertLess(gone, {u.name for u in on_a})
+        new = a.replacement("chat-worker-0", old, 5)
+        newcomers = [self.user(a, "n0"), self.user(a, "n1")]    # least loaded: the new one
+        os.kill(new, signal.SIGKILL)
+        self.assertEqual(sorted(there.read_lines(2)),
+                         ["INFO n0 disconnected", "INFO n1 disconnected"])
+        self.assertEqual(a.roles()["chat-broker"], broker)      # it carried on
+        survivor = next(u for u in on_a if u.name not in gone)
+        self.assertEqual(self.before_marker(there, survivor), [])
+        del newcomers
+
     def test_a_dead_node_is_announced_once_by_the_survivors_within_the_lease(self):
         a, b, c = self.node("A"), self.node("B"), self.node("C")
         self.user(a, "gone1")
