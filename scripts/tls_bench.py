@@ -27,65 +27,36 @@ import multiprocessing
 import os
 import selectors
 import socket
-import ssl
 import sys
 import time
 
 from procfs import usage
+from tlsclient import TlsClient, client_context
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 
 
-def client_context():
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 class Conn:
-    """A non-blocking connection, plaintext or sans-IO TLS."""
+    """A non-blocking connection, plaintext or sans-IO TLS (:class:`TlsClient`)."""
 
     def __init__(self, host, port, tls_context):
         self.sock = socket.create_connection((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setblocking(False)
-        self.obj = None
+        self.tls = None
         self.out = b""
         self.buf = b""
         if tls_context is not None:
-            self.inc, self.outg = ssl.MemoryBIO(), ssl.MemoryBIO()
-            self.obj = tls_context.wrap_bio(self.inc, self.outg, server_hostname="localhost")
-            self.established = False
-            self.pending = b""          # plaintext queued until the handshake is done
-            self.handshake()
+            self.tls = TlsClient(tls_context)
+            self.out = self.tls.start()
+            self.flush()
 
     def fileno(self):
         return self.sock.fileno()
 
-    def handshake(self):
-        try:
-            self.obj.do_handshake()
-            self.established = True
-        except ssl.SSLWantReadError:
-            pass
-        self.out += self.outg.read()
-        if self.established and self.pending:
-            self.obj.write(self.pending)
-            self.pending = b""
-            self.out += self.outg.read()
-        self.flush()
-
     def send(self, data):
-        if self.obj is None:
-            self.out += data
-        elif not self.established:
-            self.pending += data
-            return
-        else:
-            self.obj.write(data)
-            self.out += self.outg.read()
+        self.out += data if self.tls is None else self.tls.encrypt(data)
         self.flush()
 
     def flush(self):
@@ -105,26 +76,15 @@ class Conn:
             return b""
         if not data:
             raise EOFError
-        if self.obj is None:
+        if self.tls is None:
             return data
-        self.inc.write(data)
-        if not self.established:
-            self.handshake()
-            if not self.established:
-                return b""
-        chunks = []
-        try:
-            while True:
-                chunk = self.obj.read(1 << 18)
-                if not chunk:
-                    raise EOFError
-                chunks.append(chunk)
-        except ssl.SSLWantReadError:
-            pass
-        if self.outg.pending:
-            self.out += self.outg.read()
+        data, reply = self.tls.decrypt(data)
+        if reply:
+            self.out += reply
             self.flush()
-        return b"".join(chunks)
+        if self.tls.closed and not data:
+            raise EOFError
+        return data
 
 
 def connect_all(cfg, n, prefix):
