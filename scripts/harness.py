@@ -8,6 +8,8 @@
   with no persistence (``--save '' --appendonly no``).
 * :func:`start_cluster`: a Redis and N nodes sharing it, one chat.
 * :class:`Client`: a blocking line client with a timeout on every read.
+* :func:`self_signed`: a throw-away certificate for a TLS server
+  (``Server(tls=...)``, ``start_cluster(tls=...)``), made with ``openssl``.
 
 The tools (stress, chaos, fuzz, compare, cluster) and ``tests/support.py``
 import this module; it imports nothing of the tests.
@@ -31,9 +33,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BROKER = os.path.join(ROOT, "broker.py")
 IO_TIMEOUT = 5.0            # seconds any single read may wait
 LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
+TLS_LISTENING = re.compile(r"[^ ]+:(\d+) \(TLS\)")
 REDIS_PROGRAMS = ("redis-server", "valkey-server")
 REDIS_HINT = ("redis-server not found: install it to run the cluster "
               "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)")
+OPENSSL_HINT = ("openssl not found: it makes the throw-away TLS certificate "
+                "(Debian/Ubuntu: apt-get install openssl; macOS: brew install openssl)")
 
 
 class StartError(AssertionError):
@@ -71,6 +76,26 @@ def percentile(ordered, q):
     return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
 
 
+def self_signed(directory, name="server"):
+    """A self-signed ECDSA P-256 certificate for CN=localhost, valid two
+    days, and its key, made in ``directory``: ``(cert path, key path)``.
+    RuntimeError (saying what to install) without ``openssl``."""
+    program = shutil.which("openssl")
+    if program is None:
+        raise RuntimeError(OPENSSL_HINT)
+    cert = os.path.join(directory, name + ".pem")
+    key = os.path.join(directory, name + ".key")
+    proc = subprocess.run([program, "req", "-x509", "-newkey", "ec",
+                           "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                           "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError("openssl could not make a certificate: "
+                           + proc.stderr.decode(errors="replace").strip()[-300:])
+    return cert, key
+
+
 def _die_with_parent():
     """In a server, before exec: if the tool that started it is SIGKILLed
     (no ``finally`` runs then), the server gets SIGKILL too."""
@@ -83,13 +108,27 @@ class Server:
 
     With ``command`` it runs that command with exactly ``args`` instead.
     ``die_with_parent`` (Linux) makes the server die with the tool.
+
+    ``tls=(cert, key)`` adds a TLS port (``tls_port``, 0: a free one);
+    with ``tls_only`` too, the TLS port is its only one and ``port`` names
+    it. Once it listens, :attr:`port` is its first port and :attr:`tls_port`
+    its TLS port (None without TLS), both from its ``listening on`` line.
     """
 
     def __init__(self, *args, workers=2, start_method=None, idle_timeout=None, env=None,
-                 host="127.0.0.1", port=0, command=None, die_with_parent=False):
+                 host="127.0.0.1", port=0, command=None, die_with_parent=False,
+                 tls=None, tls_port=0, tls_only=False):
         if command is None:
             self.command = [sys.executable, BROKER]
-            self.args = ["--host", host, "--port", str(port)]
+            self.args = ["--host", host]
+            if tls and tls_only:
+                self.args += ["--tls-only"]
+                tls_port = port
+            else:
+                self.args += ["--port", str(port)]
+            if tls:
+                self.args += ["--tls-cert", tls[0], "--tls-key", tls[1],
+                              "--tls-port", str(tls_port)]
             if workers is not None:
                 self.args += ["--workers", str(workers)]
             if start_method:
@@ -104,6 +143,7 @@ class Server:
         self.preexec = _die_with_parent if die_with_parent and sys.platform == "linux" else None
         self.proc = None
         self.port = port or None
+        self.tls_port = (tls_port or None) if tls else None
         self.log_lines = []
         self._listening = threading.Event()
         self._log_changed = threading.Condition()
@@ -155,6 +195,9 @@ class Server:
             m = LISTENING.search(line)
             if m and not self._listening.is_set():
                 self.port = int(m.group(1))
+                tls = TLS_LISTENING.search(line, m.start())
+                if tls:
+                    self.tls_port = int(tls.group(1))
                 self._listening.set()
 
     def log(self):
@@ -266,6 +309,8 @@ class Server:
         """Launch it again on the port it had (after :meth:`kill`)."""
         if "--port" in self.args:
             self.args[self.args.index("--port") + 1] = str(self.port)
+        if "--tls-port" in self.args and self.tls_port:
+            self.args[self.args.index("--tls-port") + 1] = str(self.tls_port)
         return self.launch()
 
     def restart(self, timeout=30):
@@ -424,6 +469,10 @@ class Cluster:
     def ports(self):
         return [node.port for node in self.nodes]
 
+    @property
+    def tls_ports(self):
+        return [node.tls_port for node in self.nodes]
+
     def stop(self, timeout=10.0):
         """SIGTERM every node (then kill what is left), stop our Redis;
         the nodes' exit statuses."""
@@ -434,13 +483,15 @@ class Cluster:
 
 
 def start_cluster(n, workers=1, redis=None, extra_args=(), name="chat", base_port=None,
-                  die_with_parent=False, timeout=30):
+                  die_with_parent=False, timeout=30, tls=None, tls_only=False):
     """A RedisServer (unless one is given) and ``n`` nodes on loopback, each
     ``broker.py --redis URL --cluster NAME --node-id nodeK`` with ``workers``
     workers; returns a :class:`Cluster` once every node listens.
 
     Nodes listen below the ephemeral range (or from ``base_port`` on), so a
-    node restarted on its port finds it free.
+    node restarted on its port finds it free. ``tls`` and ``tls_only`` are
+    :class:`Server`'s: with ``tls_only`` a node's port is its TLS port, else
+    its TLS port is another free one (:attr:`Cluster.tls_ports`).
     """
     cluster = Cluster(redis or RedisServer(), redis is None)
     try:
@@ -448,9 +499,11 @@ def start_cluster(n, workers=1, redis=None, extra_args=(), name="chat", base_por
             cluster.redis.start()
         for k in range(n):
             port = base_port + k if base_port else free_port()
+            tls_port = free_port() if tls and not tls_only else 0
             node = Server("--redis", cluster.redis.url, "--cluster", name,
                           "--node-id", "node%d" % k, *extra_args, workers=workers,
-                          port=port, die_with_parent=die_with_parent)
+                          port=port, die_with_parent=die_with_parent,
+                          tls=tls, tls_port=tls_port, tls_only=tls_only)
             cluster.nodes.append(node.launch())
         for node in cluster.nodes:
             node.wait_ready(timeout)
