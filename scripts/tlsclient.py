@@ -98,7 +98,9 @@ class TlsClient:
 
     def close_write(self):
         """The client's close_notify (what it wrote before goes first): the
-        ciphertext to send. The server's answers can still be read."""
+        ciphertext to send. The server's answers can still be read. Before
+        the handshake is done there is no session to close: b"" (a TCP
+        half-close is all there is)."""
         if not self.established:
             return b""
         try:
