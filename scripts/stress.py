@@ -20,6 +20,14 @@ sends client i to the (i mod n)-th node, and the same oracle holds across
 nodes; ``--spawn-cluster N`` starts a Redis and N nodes for the run and
 reports what Redis did (``redis_calls``, ``redis_cpu_s``).
 
+With ``--tls`` every client speaks TLS (a sans-IO ``ssl.SSLObject`` per
+client, ``scripts/tlsclient.py``; the certificate is not checked) and the
+oracle is the same. ``--spawn-server`` and ``--spawn-cluster`` then make a
+throw-away self-signed certificate with ``openssl`` and start the servers
+``--tls-only``; against running servers, ``--port`` and ``--target`` name
+their TLS ports. Without ``--tls`` no TLS code runs at all: ``OverTls`` is
+mixed into a scenario only for a TLS run.
+
 Standard library only; Linux for the server figures (read from /proc).
 """
 
@@ -33,17 +41,21 @@ import os
 import random
 import resource
 import selectors
+import shutil
 import signal
 import socket
+import ssl
 import string
 import sys
+import tempfile
 import time
 from bisect import bisect_left
 from collections import Counter
 from operator import itemgetter
 
-from harness import Server, StartError, percentile, start_cluster
+from harness import OPENSSL_HINT, Server, StartError, percentile, self_signed, start_cluster
 from procfs import usage
+from tlsclient import TlsClient, client_context
 
 CHUNK = 256 * 1024          # bytes per recv: few syscalls, lines counted in bulk
 PER_ADDRESS = 50            # clients per 127.x source address (server default cap: 64)
@@ -106,7 +118,7 @@ class Client:
 
     __slots__ = ("idx", "name", "sock", "state", "out", "carry", "interest", "t0",
                  "seq", "got", "nxt", "lat", "peer", "slow", "cut", "observer", "infos",
-                 "kind")
+                 "kind", "tls")
 
     def __init__(self, idx, name):
         self.idx = idx
@@ -127,6 +139,7 @@ class Client:
         self.observer = False
         self.infos = None
         self.kind = 0
+        self.tls = None             # its TlsClient, with --tls
 
 
 class Load:
@@ -248,6 +261,11 @@ class Load:
             c.out = data[n:]
             self.set_interest(c, c.interest | selectors.EVENT_WRITE)
 
+    send_raw = write    # bytes for the wire as they are (OverTls.write encrypts first)
+
+    def half_close(self, c):
+        c.sock.shutdown(socket.SHUT_WR)
+
     def close(self, c):
         if c.sock is None:
             return
@@ -271,11 +289,15 @@ class Load:
                 return
             c.state = LOGGING_IN
             self.set_interest(c, selectors.EVENT_READ)
-            self.write(c, b"LOGIN %s\n" % c.name)
+            self.start_session(c)
             return
         out, c.out = c.out, b""
         self.set_interest(c, c.interest & ~selectors.EVENT_WRITE)
-        self.write(c, out)
+        self.send_raw(c, out)
+
+    def start_session(self, c):
+        """``c`` is connected: log in."""
+        self.write(c, b"LOGIN %s\n" % c.name)
 
     def on_readable(self, c):
         try:
@@ -287,6 +309,10 @@ class Load:
         if not data:
             self.on_eof(c)
             return
+        self.received(c, data)
+
+    def received(self, c, data):
+        """What the server sent ``c``, a read's worth, as it came."""
         self.last_rx = self.now
         lines = (c.carry + data if c.carry else data).split(b"\n")
         c.carry = lines.pop()
@@ -814,7 +840,7 @@ class Churn(Load):
         self.sent += count
         c.state = LEAVING
         if c.kind == 2 and c.sock is not None:
-            c.sock.shutdown(socket.SHUT_WR)
+            self.half_close(c)
 
     def on_eof(self, c):
         leaving = c.state == LEAVING
@@ -894,12 +920,84 @@ class Churn(Load):
 LOADS = {"fanout": Broadcast, "slow": Broadcast, "dm": Dm, "connect": Connect, "churn": Churn}
 
 
+class OverTls:
+    """Mixed in before a scenario's class with ``--tls``: its clients speak
+    TLS, and the scenario sees the same plaintext as ever.
+
+    One :class:`TlsClient` per connection over the same non-blocking
+    socket: the ClientHello goes once TCP is connected, LOGIN (and anything
+    written meanwhile) waits in it for the handshake, each read is decrypted
+    whole (OpenSSL is read dry: epoll cannot see what it holds), the
+    server's close_notify is the end of the stream, a half-close is the
+    client's close_notify. ``c.out`` holds ciphertext, so a sender still
+    waits while its socket is full.
+    """
+
+    def __init__(self, *args):
+        self.tls_context = client_context()
+        super().__init__(*args)
+
+    def open(self, c):
+        if not super().open(c):
+            return False
+        c.tls = TlsClient(self.tls_context)
+        return True
+
+    def start_session(self, c):
+        self.send_raw(c, c.tls.start())
+        super().start_session(c)
+
+    def write(self, c, data):
+        if c.sock is None:
+            return
+        try:
+            data = c.tls.encrypt(data)
+        except ssl.SSLError as exc:
+            self.tls_failed(c, exc)
+            return
+        if data:
+            self.send_raw(c, data)
+
+    def half_close(self, c):
+        self.send_raw(c, c.tls.close_write())
+
+    def received(self, c, data):
+        tls = c.tls
+        try:
+            data, reply = tls.decrypt(data)
+        except ssl.SSLError as exc:
+            self.tls_failed(c, exc)
+            return
+        if reply:
+            self.send_raw(c, reply)
+        if data and c.sock is not None:
+            super().received(c, data)
+        if tls.closed and c.sock is not None:
+            self.on_eof(c)
+
+    def tls_failed(self, c, exc):
+        self.fail("tls-failed", "%s: %s" % (c.name.decode(), exc))
+        self.on_eof(c)
+
+    def close(self, c):
+        super().close(c)
+        c.tls = None
+
+
+def load_class(cfg):
+    """The scenario's class, over TLS with ``--tls``."""
+    cls = LOADS[cfg["scenario"]]
+    if cfg.get("tls"):
+        cls = type("Tls" + cls.__name__, (OverTls, cls), {})
+    return cls
+
+
 def load_main(cfg, proc, pipe, board, acks, flags):
     """Entry point of a stress process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # the coordinator decides
     raise_nofile()
-    cls = LOADS[cfg["scenario"]]
-    load = cls(cfg, proc, pipe, board, acks, flags) if cls is Broadcast else \
+    cls = load_class(cfg)
+    load = cls(cfg, proc, pipe, board, acks, flags) if issubclass(cls, Broadcast) else \
         cls(cfg, proc, pipe, board)
     load.serve()
     pipe.send(own_cpu())
@@ -1199,17 +1297,18 @@ def spawn_args(args):
     return extra + args.server_arg
 
 
-def spawn(args):
+def spawn(args, tls=None):
     """The servers --spawn-server or --spawn-cluster asks for, started: (the
-    servers, the cluster or None)."""
+    servers, the cluster or None). With ``tls`` (a certificate and its key)
+    they serve TLS only, on the port the clients go to."""
     if args.spawn_cluster:
         cluster = start_cluster(args.spawn_cluster, workers=args.workers,
                                 extra_args=spawn_args(args), name="stress",
-                                die_with_parent=True)
+                                die_with_parent=True, tls=tls, tls_only=bool(tls))
         return cluster.nodes, cluster
     if args.spawn_server:
         return [Server(*spawn_args(args), host=args.host, workers=args.workers,
-                       die_with_parent=True).start()], None
+                       die_with_parent=True, tls=tls, tls_only=bool(tls)).start()], None
     return [], None
 
 
@@ -1220,12 +1319,16 @@ def one_or_all(values):
 def run(args):
     """One scenario from start to end; (result dict, exit status)."""
     raise_nofile()
-    result = {"scenario": args.scenario}
+    result = {"scenario": args.scenario, "tls": args.tls}
     failures, examples = Counter(), {}
-    servers, cluster, fleet = [], None, None
+    servers, cluster, fleet, cert_dir = [], None, None, None
     tool_cpu0 = own_cpu()
     try:
-        servers, cluster = spawn(args)
+        tls = None
+        if args.tls and (args.spawn_server or args.spawn_cluster):
+            cert_dir = tempfile.mkdtemp(prefix="chat-stress-tls-")
+            tls = self_signed(cert_dir)
+        servers, cluster = spawn(args, tls)
         if servers:
             host = "127.0.0.1" if cluster else args.host
             args.targets = [(host, server.port) for server in servers]
@@ -1266,6 +1369,8 @@ def run(args):
                 failures["server-exit"] += 1
                 examples["server-exit"] = ["server exited with %s after SIGTERM"
                                            % one_or_all(codes)]
+        if cert_dir:
+            shutil.rmtree(cert_dir, ignore_errors=True)
     result["failures"] = dict(failures)
     result["examples"] = examples
     result["ok"] = not failures
@@ -1300,11 +1405,13 @@ EXAMPLES = {
     "fanout": "examples:\n"
               "  stress.py fanout --spawn-server --workers 2 --clients 1000 --senders 10 --duration 5\n"
               "  stress.py fanout --port 4000 --clients 200 --senders 2 --rate 500 --size 200\n"
-              "  stress.py fanout --spawn-cluster 2 --workers 1 --clients 1000 --senders 10",
+              "  stress.py fanout --spawn-cluster 2 --workers 1 --clients 1000 --senders 10\n"
+              "  stress.py fanout --tls --spawn-server --clients 1000 --senders 10",
     "dm": "examples:\n"
           "  stress.py dm --spawn-server --workers 2 --pairs 50 --duration 5\n"
           "  stress.py dm --port 4000 --server-pid $(pgrep -of 'broker.py') --pairs 10\n"
-          "  stress.py dm --port 4000,4001 --server-pid 1234,1240 --pairs 50",
+          "  stress.py dm --port 4000,4001 --server-pid 1234,1240 --pairs 50\n"
+          "  stress.py dm --tls --port 6697 --server-pid 1234 --pairs 50",
     "connect": "examples:\n"
                "  stress.py connect --spawn-server --workers 2 --clients 10000 --hold 2\n"
                "  stress.py connect --port 4000 --server-pid 1234 --clients 2000",
@@ -1339,6 +1446,10 @@ def build_parser():
     g.add_argument("--server-pid", type=number_list, default=[], metavar="PID[,PID...]",
                    help="pid of a running server (or of each node): report their CPU and "
                         "memory, summed, from /proc")
+    g.add_argument("--tls", action="store_true",
+                   help="every client speaks TLS (no certificate check): --port and "
+                        "--target are then TLS ports; --spawn-* make a throw-away "
+                        "certificate with openssl and start the servers --tls-only")
     g = common.add_argument_group("tool")
     g.add_argument("--procs", type=int, default=os.cpu_count() or 1,
                    help="stress processes (default: number of CPUs, %(default)s)")
@@ -1432,6 +1543,8 @@ def check_args(parser, args):
         parser.error("--spawn-server or --spawn-cluster, not both")
     if args.target and (args.spawn_server or args.spawn_cluster):
         parser.error("--target names running servers: not with --spawn-*")
+    if args.tls and (args.spawn_server or args.spawn_cluster) and not shutil.which("openssl"):
+        parser.error(OPENSSL_HINT)
     args.targets = args.target or [(args.host, port) for port in args.port]
     if getattr(args, "size", 64) < 32:
         parser.error("--size must be at least 32")
