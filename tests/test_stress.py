@@ -1,33 +1,38 @@
 """The stress tool (scripts/stress.py): every scenario at a small size, over
-several servers and across the nodes of a cluster, and proof that its oracle
-fails against a server that loses, doubles, reorders or echoes messages.
-Also scripts/cluster.py, which starts a cluster by hand."""
+several servers and across the nodes of a cluster, over TLS, and proof that
+its oracle fails against a server that loses, doubles, reorders or echoes
+messages (over TLS too). Also scripts/cluster.py, which starts a cluster by
+hand."""
 
 import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import unittest
 
 import support
-import procfs                       # scripts/ is on the path (support puts it there)
+import harness                      # scripts/ is on the path (support puts it there)
+import procfs
 import stress as stress_tool
 
 STRESS = os.path.join(support.ROOT, "scripts", "stress.py")
 CLUSTER = os.path.join(support.ROOT, "scripts", "cluster.py")
 
 
-def stress(*args, timeout=40):
+def stress(*args, timeout=40, env=None):
     """Run the tool with --json; (exit status, result dict)."""
     proc = subprocess.run([sys.executable, STRESS] + [str(a) for a in args]
                           + ["--json", "--procs", "2"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=timeout, start_new_session=True)
+                          timeout=timeout, start_new_session=True, env=env)
     try:
         return proc.returncode, json.loads(proc.stdout)
     except ValueError:
@@ -41,12 +46,14 @@ class FaultyServer(threading.Thread):
     ``drop``: every 10th MSG delivery is skipped; ``echo``: a MSG also goes
     back to its sender; ``duplicate``: every 10th delivery is made twice;
     ``reorder``: every 10th delivery comes after the next one to the same
-    user. Just enough protocol for the fanout scenario.
+    user. Just enough protocol for the fanout scenario; with ``tls`` (a
+    server ``SSLContext``), over TLS.
     """
 
-    def __init__(self, fault):
+    def __init__(self, fault, tls=None):
         super().__init__(daemon=True)
         self.fault = fault
+        self.tls = tls
         self.users = {}
         self.held = {}
         self.deliveries = 0
@@ -65,7 +72,7 @@ class FaultyServer(threading.Thread):
     def run(self):
         self.loop.set_exception_handler(lambda loop, context: None)   # clients vanish
         server = self.loop.run_until_complete(
-            asyncio.start_server(self.serve, "127.0.0.1", 0))
+            asyncio.start_server(self.serve, "127.0.0.1", 0, ssl=self.tls))
         self.port = server.sockets[0].getsockname()[1]
         self.ready.set()
         self.loop.run_forever()
@@ -233,6 +240,72 @@ class Cluster(support.TestCase):
         self.assertGreater(r["round_trips"], 0)
 
 
+class OverTls(support.TestCase):
+    """--tls: every client on TLS, the same oracle; --spawn-* start the
+    servers --tls-only with a certificate the tool makes and removes."""
+
+    timeout = 60
+
+    def assertTls(self, status, r, server_exit=0):
+        StressScenarios.assertPassed(self, status, r)
+        self.assertIs(r["tls"], True)
+        self.assertEqual(r.get("server_exit"), server_exit)
+
+    def test_fanout(self):
+        own_tmp = tempfile.mkdtemp(prefix="chat-stress-test-")
+        self.addCleanup(shutil.rmtree, own_tmp, True)
+        status, r = stress("fanout", "--tls", "--spawn-server", "--clients", 30,
+                           "--senders", 3, "--duration", 1, env=dict(os.environ, TMPDIR=own_tmp))
+        self.assertTls(status, r)
+        self.assertEqual(r["logged_in"], 30)
+        self.assertGreater(r["deliveries_per_s"], r["msgs_per_s"])
+        self.assertTrue(r["drain_complete"])
+        self.assertGreater(r["latency_samples"], 0)
+        self.assertEqual(os.listdir(own_tmp), [], "the certificate's directory is removed")
+
+    def test_dm(self):
+        status, r = stress("dm", "--tls", "--spawn-server", "--pairs", 6, "--duration", 1)
+        self.assertTls(status, r)
+        self.assertGreater(r["round_trips"], 0)
+
+    def test_churn_half_closes_with_close_notify(self):
+        status, r = stress("churn", "--tls", "--spawn-server", "--clients", 9,
+                           "--observers", 3, "--duration", 1)
+        self.assertTls(status, r)
+        self.assertGreater(r["lives"], 9)
+        self.assertTrue(r["drain_complete"])
+
+    def test_a_running_server_on_its_tls_port(self):
+        """--port names the TLS port; the plaintext port is no TLS one."""
+        directory = tempfile.mkdtemp(prefix="chat-stress-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        s = self.server("--rate", "0", tls=harness.self_signed(directory), workers=1)
+        self.assertNotEqual(s.tls_port, s.port)
+        status, r = stress("connect", "--tls", "--port", s.tls_port, "--server-pid", s.proc.pid,
+                           "--clients", 20, "--hold", 0.2, "--settle", 0.1)
+        self.assertTls(status, r, server_exit=None)
+        self.assertEqual(r["alive_after_hold"], 20)
+        status, r = stress("connect", "--tls", "--port", s.port, "--clients", 2,
+                           "--hold", 0, "--setup-timeout", 5)
+        self.assertEqual(status, 1)
+        self.assertGreater(r["failures"].get("tls-failed", 0), 0, r)
+
+    def test_without_openssl_a_clear_error(self):
+        proc = subprocess.run([sys.executable, STRESS, "dm", "--tls", "--spawn-server"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20,
+                              env=dict(os.environ, PATH=os.path.join(support.ROOT, "nowhere")))
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn(b"openssl not found", proc.stderr)
+
+    @support.requires_redis
+    def test_fanout_across_two_nodes(self):
+        status, r = stress("fanout", "--tls", "--spawn-cluster", 2, "--workers", 1,
+                           "--clients", 20, "--senders", 3, "--duration", 1)
+        self.assertTls(status, r, server_exit=[0, 0])
+        self.assertEqual(r["logged_in"], 20)
+        self.assertGreater(r["redis_calls"], 0)
+
+
 @support.requires_redis
 class ClusterScript(support.TestCase):
     """scripts/cluster.py up: a chat over its nodes; Ctrl-C leaves no process."""
@@ -281,16 +354,28 @@ class OracleCanFail(support.TestCase):
 
     timeout = 30
 
-    def run_against(self, fault):
-        with FaultyServer(fault) as server:
+    def run_against(self, fault, tls=None):
+        with FaultyServer(fault, tls) as server:
             return stress("fanout", "--port", server.port, "--clients", 6, "--senders", 2,
-                          "--duration", 0.5, "--rate", 400, "--drain-timeout", 1)
+                          "--duration", 0.5, "--rate", 400, "--drain-timeout", 1,
+                          *(["--tls"] if tls else []))
 
     def test_lost_messages_are_reported(self):
         status, r = self.run_against("drop")
         self.assertEqual(status, 1)
         self.assertFalse(r["ok"])
         self.assertGreater(r["failures"].get("lost", 0), 0, r["failures"])
+
+    def test_lost_messages_are_reported_over_tls(self):
+        directory = tempfile.mkdtemp(prefix="chat-stress-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*harness.self_signed(directory))
+        status, r = self.run_against("drop", context)
+        self.assertEqual(status, 1)
+        self.assertIs(r["tls"], True)
+        self.assertGreater(r["failures"].get("lost", 0), 0, r["failures"])
+        self.assertNotIn("tls-failed", r["failures"])
 
     def test_echo_to_sender_is_reported(self):
         status, r = self.run_against("echo")
