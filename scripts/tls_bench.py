@@ -3,8 +3,9 @@
 
 ``../shared/bench/loadgen.py`` speaks plaintext only. This is a smaller
 generator whose clients speak either (``--tls``: Python's ``ssl`` as a
-sans-IO ``SSLObject``, no certificate check), so the two runs differ in the
-transport and nothing else:
+sans-IO ``SSLObject``, no certificate check: ``tlsclient.py``, which
+``stress.py --tls`` uses too), so the two runs differ in the transport and
+nothing else:
 
     tls_bench.py fanout --port P [--tls] --clients 1000 --senders 10 --duration 10 --server-pid PID
     tls_bench.py dm     --port P [--tls] --pairs 50 --duration 10 --server-pid PID
