@@ -23,24 +23,21 @@ worker holds at most one read's worth of unprocessed input per client.
 """
 
 import heapq
-import selectors
 import socket
 import time
 from multiprocessing.connection import Connection
 
 from chatlib import link, protocol
-from chatlib.notes import note_gone, note_lost, note_open
 from chatlib.channel import Channel
+from chatlib.connection import READ, WRITE, Client
 from chatlib.delivery import Inbound, Outbound
 from chatlib.handoff import TLS, recv_socket
-from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,
-                              Ping, Quit, Reply, Who, parse_line)
+from chatlib.notes import note_gone, note_lost, note_open
+from chatlib.protocol import (TOO_LONG, Dm, Hangup, Login, Msg, Ping, Quit,
+                              Reply, Who, parse_line)
 from chatlib.service import Service
 
-READ = selectors.EVENT_READ
-WRITE = selectors.EVENT_WRITE
 RECV_SIZE = 65536
-IOV_MAX = 512              # buffers per sendmsg; POSIX guarantees 16, Linux/macOS 1024
 HANDOFFS_PER_TURN = 256    # new sockets taken per turn, so clients are not starved
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
@@ -51,37 +48,6 @@ COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
             "flood_cuts", "batches", "events")
 QUIT_REASON = "quit"
 HANGUP_REASON = "not a chat client"
-
-
-class Client:
-    """One connection. Kept small: twenty thousand of these must fit."""
-
-    __slots__ = ("sock", "cid", "ip", "name", "name_b", "login_stamp", "reader",
-                 "out", "out_bytes", "midline", "connected", "last_line", "held",
-                 "waiting", "request", "closing", "interest", "tokens",
-                 "refilled", "throttled_since")
-
-    def __init__(self, sock, cid, ip, max_line, now, burst):
-        self.sock = sock
-        self.cid = cid
-        self.ip = ip
-        self.name = None           # str once logged in
-        self.name_b = None         # the same, as bytes, for formatting lines
-        self.login_stamp = 0       # when the broker granted the name (WHO order)
-        self.reader = LineReader(max_line)
-        self.out = []              # bytes owed to the socket, in order
-        self.out_bytes = 0
-        self.midline = False       # out[0] starts in the middle of a line
-        self.connected = now       # for the login timeout
-        self.last_line = now       # for the idle timeout
-        self.held = None           # lines read but not yet run
-        self.waiting = False       # a request to the broker is unanswered
-        self.request = None        # that request, to resend to a new broker
-        self.closing = None        # why we stop reading it (QUIT, EOF)
-        self.interest = 0          # selector events registered
-        self.tokens = burst        # flood control: lines it may send now
-        self.refilled = now
-        self.throttled_since = None
 
 
 class Worker(Service):
@@ -381,7 +347,7 @@ class Worker(Service):
         cid, self.next_cid = self.next_cid, self.next_cid + 1
         c = Client(sock, cid, ip, self.config.max_line, since, self.burst)
         self.clients[cid] = c
-        self.set_interest(c, READ)
+        c.watch(self.sel, 0)
         return c
 
     # -- TLS connections (chatlib.tls does the TLS) ---------------------------
@@ -416,7 +382,7 @@ class Worker(Service):
         if not data:
             # Half-close: finish what it sent, deliver the answers, then close.
             c.closing = c.closing or "closed by client"
-            self.update_interest(c)
+            c.update_interest(self.sel)
             self.dirty.add(c)
             return
         lines = c.reader.feed(data)
@@ -432,7 +398,7 @@ class Worker(Service):
             # with a \n is caught by parse_line): a client at the wrong port.
             self.send(c, protocol.ERR_NOT_A_CHAT_CLIENT)
             c.closing = HANGUP_REASON
-            self.update_interest(c)
+            c.update_interest(self.sel)
 
     def pump(self, c, fresh=False):
         """Run ``c``'s unrun lines as far as nothing stops them.
@@ -468,7 +434,7 @@ class Worker(Service):
         elif fresh:
             c.throttled_since = None
         if c.sock is not None:
-            self.update_interest(c)
+            c.update_interest(self.sel)
 
     def allowance(self, c):
         """Token bucket: whole lines ``c`` may run now (``--rate``, ``--burst``)."""
@@ -670,25 +636,14 @@ class Worker(Service):
         self.counters["deliveries"] += blob.count(b"\n") * (len(self.users) - 1)
 
     def flush(self, c, writable):
-        """Write what ``c`` is owed: one syscall, no copy of the buffers."""
-        out = c.out
-        if out and (writable or not c.interest & WRITE):
-            if len(out) > IOV_MAX:
-                out[:] = [b"".join(out)]
-            try:
-                sent = c.sock.send(out[0]) if len(out) == 1 else c.sock.sendmsg(out)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self.drop(c, "connection error: %s" % (exc.strerror or exc))
-                return
+        """Write what ``c`` is owed (one system call), then apply the limits."""
+        try:
+            sent = c.write(writable)
+        except OSError as exc:
+            self.drop(c, "connection error: %s" % (exc.strerror or exc))
+            return
+        if sent:
             self.counters["bytes_out"] += sent
-            if sent == c.out_bytes:
-                out.clear()
-                c.out_bytes = 0
-                c.midline = False
-            else:
-                self.consume(c, sent)
         if c.out_bytes > self.config.max_pending:
             self.counters["slow_cuts"] += 1
             self.cut(c, protocol.ERR_SLOW_CONSUMER, "slow consumer")
@@ -697,44 +652,9 @@ class Worker(Service):
             self.drop(c, c.closing)
             return
         # Output left over means the socket is full: wait until it is writable.
-        self.set_interest(c, self.read_interest(c) | (WRITE if out else 0))
+        c.watch(self.sel, WRITE if c.out else 0)
 
-    def consume(self, c, sent):
-        """Forget the first ``sent`` bytes of ``c.out``."""
-        out = c.out
-        c.out_bytes -= sent
-        i = 0
-        while sent and sent >= len(out[i]):
-            sent -= len(out[i])
-            i += 1
-        del out[:i]
-        if sent:
-            c.midline = out[0][sent - 1:sent] != b"\n"
-            out[0] = out[0][sent:]
-        elif i:
-            c.midline = False
-
-    # -- selector interest and closing ----------------------------------------
-
-    @staticmethod
-    def read_interest(c):
-        return 0 if (c.held is not None or c.closing) else READ
-
-    def update_interest(self, c):
-        """Re-derive the read interest; keep waiting for writability if we were."""
-        self.set_interest(c, self.read_interest(c) | (c.interest & WRITE))
-
-    def set_interest(self, c, want):
-        have = c.interest
-        if want == have:
-            return
-        if not want:
-            self.sel.unregister(c.sock)
-        elif not have:
-            self.sel.register(c.sock, want, c)
-        else:
-            self.sel.modify(c.sock, want, c)
-        c.interest = want
+    # -- closing --------------------------------------------------------------
 
     def cut(self, c, line, reason):
         """Stop serving ``c`` with a last ``line``, then close it.
@@ -743,51 +663,19 @@ class Worker(Service):
         socket cannot take at once -- a slow consumer's is full -- is cut to
         the line in flight and ``line``, and gets LINGER seconds to drain.
         """
-        data = b"".join(c.out) + line
-        if type(c.sock) is socket.socket:
-            rest = self.last_words(c, data, line)
-        else:        # TLS: the records in flight, then line (chatlib.tls)
-            rest = None if c.sock.cut(data, line) else line
-        if rest is None:
+        if c.last_words(line):
             self.drop(c, reason)
             return
         self.forget(c, reason)
-        c.out[:] = [rest]
-        c.out_bytes = len(rest)
         c.closing = reason
-        self.set_interest(c, WRITE)
+        c.watch(self.sel, WRITE)
         self.lingering[c] = self.now + LINGER
-
-    @staticmethod
-    def last_words(c, data, line):
-        """Send what ``c``'s socket takes of ``data``; None if all of it, else
-        what is left to drain: the rest of the line in flight, and ``line``."""
-        try:
-            sent = c.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            sent = len(data)
-        if sent == len(data):
-            return None
-        rest = data[sent:]
-        if len(rest) > len(line):
-            in_flight = c.midline if not sent else data[sent - 1:sent] != b"\n"
-            rest = (rest[:rest.find(b"\n") + 1] if in_flight else b"") + line
-        return rest
 
     def drop(self, c, reason):
         """Close the connection and forget it; the broker announces the user."""
         self.forget(c, reason)
         self.lingering.pop(c, None)
-        if c.interest:
-            self.sel.unregister(c.sock)
-            c.interest = 0
-        try:
-            c.sock.close()
-        except OSError:
-            pass
-        c.sock = None
+        c.close(self.sel)
 
     def forget(self, c, reason):
         """Take ``c`` out of service (once): no more lines in or out but its last."""

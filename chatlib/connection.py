@@ -1,0 +1,156 @@
+"""One client connection as a worker holds it, and its write path.
+
+A :class:`Client` is the socket (or the ``chatlib.tls.TlsStream`` standing
+in for it), the line reader, the output owed to it and the state the
+worker's routing keeps per connection. The write path is here because it is
+surgery on the output list: everything owed goes out with one ``send`` or
+``sendmsg`` of the list as it is (scatter-gather: no join, no copy), what the
+kernel does not take stays at the head of the list, and a connection that is
+cut gets what is left of the line in flight and its last line, no more.
+
+The worker's fan-out appends to ``out`` and ``out_bytes`` directly, in its
+own loops: per recipient that is one append, not a call.
+"""
+
+import selectors
+import socket
+
+from chatlib.protocol import LineReader
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+IOV_MAX = 512              # buffers per sendmsg; POSIX guarantees 16, Linux/macOS 1024
+
+
+class Client:
+    """One connection. Kept small: twenty thousand of these must fit."""
+
+    __slots__ = ("sock", "cid", "ip", "name", "name_b", "login_stamp", "reader",
+                 "out", "out_bytes", "midline", "connected", "last_line", "held",
+                 "waiting", "request", "closing", "interest", "tokens",
+                 "refilled", "throttled_since")
+
+    def __init__(self, sock, cid, ip, max_line, now, burst):
+        self.sock = sock
+        self.cid = cid
+        self.ip = ip
+        self.name = None           # str once logged in
+        self.name_b = None         # the same, as bytes, for formatting lines
+        self.login_stamp = 0       # when the broker granted the name (WHO order)
+        self.reader = LineReader(max_line)
+        self.out = []              # bytes owed to the socket, in order
+        self.out_bytes = 0
+        self.midline = False       # out[0] starts in the middle of a line
+        self.connected = now       # for the login timeout
+        self.last_line = now       # for the idle timeout
+        self.held = None           # lines read but not yet run
+        self.waiting = False       # a request to the broker is unanswered
+        self.request = None        # that request, to resend to a new broker
+        self.closing = None        # why we stop reading it (QUIT, EOF)
+        self.interest = 0          # selector events registered
+        self.tokens = burst        # flood control: lines it may send now
+        self.refilled = now
+        self.throttled_since = None
+
+    # -- writing --------------------------------------------------------------
+
+    def write(self, writable):
+        """Send what is owed with one system call; the number of bytes sent.
+
+        While waiting for writability nothing is tried, unless ``writable``
+        says the selector reported it. OSError: the connection is broken.
+        """
+        out = self.out
+        if not out or (not writable and self.interest & WRITE):
+            return 0
+        if len(out) > IOV_MAX:
+            out[:] = [b"".join(out)]
+        try:
+            sent = self.sock.send(out[0]) if len(out) == 1 else self.sock.sendmsg(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == self.out_bytes:
+            out.clear()
+            self.out_bytes = 0
+            self.midline = False
+        else:
+            self.consume(sent)
+        return sent
+
+    def consume(self, sent):
+        """Forget the first ``sent`` bytes of ``out``."""
+        out = self.out
+        self.out_bytes -= sent
+        i = 0
+        while sent and sent >= len(out[i]):
+            sent -= len(out[i])
+            i += 1
+        del out[:i]
+        if sent:
+            self.midline = out[0][sent - 1:sent] != b"\n"
+            out[0] = out[0][sent:]
+        elif i:
+            self.midline = False
+
+    def last_words(self, line):
+        """Send what the socket takes at once of all that is owed, then ``line``.
+
+        True when all of it went out. Otherwise what is left to drain becomes
+        the output: the rest of the line in flight and ``line`` (over TLS,
+        the records in flight and ``line``: ``TlsStream.cut``); the lines
+        after the one in flight are forgotten.
+        """
+        data = b"".join(self.out) + line
+        sock = self.sock
+        if type(sock) is socket.socket:
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = len(data)
+            if sent == len(data):
+                return True
+            rest = data[sent:]
+            if len(rest) > len(line):
+                in_flight = self.midline if not sent else data[sent - 1:sent] != b"\n"
+                rest = (rest[:rest.find(b"\n") + 1] if in_flight else b"") + line
+        elif sock.cut(data, line):
+            return True
+        else:
+            rest = line
+        self.out[:] = [rest]
+        self.out_bytes = len(rest)
+        return False
+
+    # -- the selector ---------------------------------------------------------
+
+    def watch(self, sel, write):
+        """Register on ``sel`` for what the connection waits for: reading,
+        unless it has lines held or is closing; and ``write`` (WRITE or 0)."""
+        want = (0 if (self.held is not None or self.closing) else READ) | write
+        have = self.interest
+        if want == have:
+            return
+        if not want:
+            sel.unregister(self.sock)
+        elif not have:
+            sel.register(self.sock, want, self)
+        else:
+            sel.modify(self.sock, want, self)
+        self.interest = want
+
+    def update_interest(self, sel):
+        """Re-derive the read interest; keep waiting for writability if we were."""
+        self.watch(sel, self.interest & WRITE)
+
+    def close(self, sel):
+        """Leave ``sel`` and close the socket (the worker forgets the rest)."""
+        if self.interest:
+            sel.unregister(self.sock)
+            self.interest = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.sock = None
