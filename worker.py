@@ -22,7 +22,6 @@ order of its commands; a client with held lines is not read any further, so a
 worker holds at most one read's worth of unprocessed input per client.
 """
 
-import heapq
 import socket
 import time
 from multiprocessing.connection import Connection
@@ -31,6 +30,7 @@ from chatlib import link, protocol
 from chatlib.channel import Channel
 from chatlib.connection import READ, WRITE, Client
 from chatlib.delivery import Inbound, Outbound
+from chatlib.flood import FloodControl
 from chatlib.handoff import TLS, recv_socket
 from chatlib.notes import note_gone, note_lost, note_open
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, Login, Msg, Ping, Quit,
@@ -42,7 +42,6 @@ HANDOFFS_PER_TURN = 256    # new sockets taken per turn, so clients are not star
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
-FLOOD_GRACE = 10.0         # seconds a client may stay over --rate before ERR flood
 BROADCAST_EVERY = 0.005    # under load, broadcast lines are written at most this often
 COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
             "flood_cuts", "batches", "events")
@@ -77,10 +76,8 @@ class Worker(Service):
         self.cursor = None         # cluster mode: the last stream entry routed to us
         self.msg_run = []          # MSG lines not yet closed into an event
         self.local = []            # (sender, lines) for this turn's local fan-out
-        self.held = set()          # clients holding lines until the link drains
-        self.throttled = []        # heap of (when, cid): flood-controlled clients
-        self.rate = config.rate
-        self.burst = config.burst
+        self.stalled = set()       # clients holding lines until the link drains
+        self.flood = FloodControl(config.rate, config.burst) if config.rate else None  # --rate 0: none
         self.counters = dict.fromkeys(COUNTERS, 0)   # for --stats-interval
         self.next_cid = 1
         self.now = time.monotonic()
@@ -168,9 +165,10 @@ class Worker(Service):
         return info
 
     def poll_timeout(self):
-        if self.held:
+        if self.stalled:
             return PAUSED_POLL
-        until = min(self.next_sweep, self.throttled[0][0]) if self.throttled else self.next_sweep
+        until = self.next_sweep if self.flood is None else min(self.next_sweep,
+                                                               self.flood.next_due())
         if self.broadcast_due:
             until = min(until, self.next_broadcast)
         return max(0.0, min(self.heartbeat_interval, until - time.monotonic()))
@@ -207,15 +205,15 @@ class Worker(Service):
         self.now = now
         if self.broadcast_due and now >= self.next_broadcast:
             self.end_turn()
-        if self.held and not self.congested():
-            waiting, self.held = self.held, set()
+        if self.stalled and not self.congested():
+            waiting, self.stalled = self.stalled, set()
             for c in waiting:
                 if c.sock is not None and c.held:
                     self.pump(c)
             self.end_turn()
-        if self.throttled and self.throttled[0][0] <= now:
-            while self.throttled and self.throttled[0][0] <= now:
-                c = self.clients.get(heapq.heappop(self.throttled)[1])
+        if self.flood is not None and self.flood.next_due() <= now:
+            for cid in self.flood.due(now):
+                c = self.clients.get(cid)
                 if c is not None and c.held:
                     self.pump(c)
             self.end_turn()
@@ -345,7 +343,7 @@ class Worker(Service):
 
     def new_client(self, sock, ip, since):
         cid, self.next_cid = self.next_cid, self.next_cid + 1
-        c = Client(sock, cid, ip, self.config.max_line, since, self.burst)
+        c = Client(sock, cid, ip, self.config.max_line, since, self.config.burst)
         self.clients[cid] = c
         c.watch(self.sel, 0)
         return c
@@ -412,13 +410,13 @@ class Worker(Service):
         next read is already waiting in the kernel.
         """
         lines, c.held = c.held, None
+        flood = self.flood
         if c.waiting or self.congested():
             rest = lines
-        elif self.rate:
-            allowed = self.allowance(c)
+        elif flood is not None:
+            allowed = flood.allowance(c, self.now)
             rest = self.run_lines(c, lines[:allowed])
-            ran = min(allowed, len(lines)) - (len(rest) if rest else 0)
-            c.tokens -= ran
+            flood.spend(c, min(allowed, len(lines)) - (len(rest) if rest else 0))
             if len(lines) > allowed and c.closing not in (QUIT_REASON, HANGUP_REASON):
                 rest = (rest or []) + lines[allowed:]
         else:
@@ -428,30 +426,14 @@ class Worker(Service):
             if c.waiting:
                 pass
             elif self.congested():
-                self.held.add(c)
-            else:
-                self.throttle(c)
-        elif fresh:
-            c.throttled_since = None
+                self.stalled.add(c)
+            elif not flood.throttle(c, self.now):    # over the rate for too long
+                self.counters["flood_cuts"] += 1
+                self.cut(c, protocol.ERR_FLOOD, "flood")
+        elif fresh and flood is not None:
+            flood.caught_up(c)
         if c.sock is not None:
             c.update_interest(self.sel)
-
-    def allowance(self, c):
-        """Token bucket: whole lines ``c`` may run now (``--rate``, ``--burst``)."""
-        tokens = min(self.burst, c.tokens + (self.now - c.refilled) * self.rate)
-        c.tokens, c.refilled = tokens, self.now
-        return int(tokens) if tokens > 0 else 0
-
-    def throttle(self, c):
-        """Over the rate: read nothing more until a token is back ("fakelag");
-        a client that stays over it for long is cut."""
-        if c.throttled_since is None:
-            c.throttled_since = self.now
-        elif self.now - c.throttled_since > FLOOD_GRACE:
-            self.counters["flood_cuts"] += 1
-            self.cut(c, protocol.ERR_FLOOD, "flood")
-            return
-        heapq.heappush(self.throttled, (self.now + (1 - c.tokens) / self.rate, c.cid))
 
     def run_lines(self, c, lines):
         """Run lines in order until one needs the broker; return the rest."""
@@ -681,7 +663,7 @@ class Worker(Service):
         """Take ``c`` out of service (once): no more lines in or out but its last."""
         if self.clients.pop(c.cid, None) is None:
             return
-        self.held.discard(c)
+        self.stalled.discard(c)
         c.held = None
         if c.name is not None:
             self.local_names.pop(c.name.lower(), None)

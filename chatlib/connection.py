@@ -48,9 +48,9 @@ class Client:
         self.request = None        # that request, to resend to a new broker
         self.closing = None        # why we stop reading it (QUIT, EOF)
         self.interest = 0          # selector events registered
-        self.tokens = burst        # flood control: lines it may send now
-        self.refilled = now
-        self.throttled_since = None
+        self.tokens = burst        # flood control's bucket (chatlib.flood):
+        self.refilled = now        # lines it may send now, since when,
+        self.throttled_since = None    # and since when it is over the rate
 
     # -- writing --------------------------------------------------------------
 
