@@ -513,6 +513,22 @@ def start_cluster(n, workers=1, redis=None, extra_args=(), name="chat", base_por
     return cluster
 
 
+def receive(sock, deadline, failure):
+    """The next bytes from ``sock``, b"" once it is closed (or reset); past
+    ``deadline`` (monotonic), AssertionError with the message ``failure()``."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(failure())
+        sock.settimeout(left)
+        try:
+            return sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return b""
+
+
 class Client:
     """A line-oriented TCP client with timeouts everywhere."""
 
@@ -546,14 +562,8 @@ class Client:
     def read_raw_line(self, timeout=IO_TIMEOUT):
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("no line within %.1f s (have %r)" % (timeout, self.buf))
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
+            data = receive(self.sock, deadline,
+                           lambda: "no line within %.1f s (have %r)" % (timeout, self.buf))
             if not data:
                 raise AssertionError("connection closed (have %r)" % self.buf)
             self.buf += data
@@ -609,16 +619,8 @@ class Client:
         """Read until EOF; return the lines received before it."""
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("connection not closed (have %r)" % self.buf)
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except ConnectionResetError:
-                data = b""
+            data = receive(self.sock, deadline,
+                           lambda: "connection not closed (have %r)" % self.buf)
             if not data:
                 lines = self.buf.split(b"\n")
                 self.buf = b""

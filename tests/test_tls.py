@@ -24,7 +24,7 @@ import selectors
 import unittest
 
 from support import (BROKER, IO_TIMEOUT, ROOT, Client, Server, TestCase,
-                     chat_among, example_session, per_start_method)
+                     chat_among, example_session, per_start_method, receive)
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import fuzz  # noqa: E402
@@ -155,16 +155,8 @@ class RawTls:
                 pass
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return self.plain
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("not closed (have %r)" % self.plain[-200:])
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except ConnectionResetError:
-                data = b""
+            data = receive(self.sock, deadline,
+                           lambda: "not closed (have %r)" % self.plain[-200:])
             if not data:
                 return self.plain
             self.incoming.write(data)
