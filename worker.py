@@ -22,7 +22,6 @@ order of its commands; a client with held lines is not read any further, so a
 worker holds at most one read's worth of unprocessed input per client.
 """
 
-import socket
 import time
 from multiprocessing.connection import Connection
 
@@ -31,14 +30,13 @@ from chatlib.channel import Channel
 from chatlib.connection import READ, WRITE, Client
 from chatlib.delivery import Inbound, Outbound
 from chatlib.flood import FloodControl
-from chatlib.handoff import TLS, recv_socket
-from chatlib.notes import note_gone, note_lost, note_open
+from chatlib.handoff import TLS
+from chatlib.intake import Intake
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, Login, Msg, Ping, Quit,
                               Reply, Who, parse_line)
 from chatlib.service import Service
 
 RECV_SIZE = 65536
-HANDOFFS_PER_TURN = 256    # new sockets taken per turn, so clients are not starved
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
@@ -54,12 +52,7 @@ class Worker(Service):
 
     def __init__(self, config, pipes, slot):
         super().__init__(config, pipes, slot)
-        self.handoff = None        # socket: connections from the acceptor (an order brings it)
-        self.notes = None          # socket: notes to the acceptor, who left (see chatlib.acceptor)
-        self.handoffs = 0          # connections received on it, lost ones too
-        self.client_family = None  # the listening socket's address family
-        self.unsent_notes = b""    # what it could not take yet
-        self.starved = False       # out of descriptors, and said so in the log
+        self.intake = None         # chatlib.intake.Intake: its pipes come with an order
         self.link = None           # Channel to the broker (an order brings it)
         self.clients = {}          # cid -> Client
         self.users = {}            # cid -> Client, the logged-in ones
@@ -90,6 +83,7 @@ class Worker(Service):
 
     def start(self):
         cfg = self.config
+        self.intake = Intake(self.sel, self.on_connection, self.log)
         shortest = min(cfg.idle_timeout, cfg.login_timeout or cfg.idle_timeout)
         if getattr(cfg, "tls_cert", None):
             from chatlib.tls import TlsServer     # OpenSSL is loaded only if used
@@ -131,29 +125,16 @@ class Worker(Service):
         if order[0] == "link":            # a broker: here is our end
             self.attach_link(Connection(self.received_fd()))
         elif order[0] == "handoff":       # an acceptor: here are our ends
-            self.detach_handoff()
-            self.handoff = socket.socket(fileno=self.received_fd())
-            self.handoff.setblocking(False)
-            self.notes = socket.socket(fileno=self.received_fd())
-            self.handoffs = 0
-            self.sel.register(self.handoff, READ, self.on_handoff)
-            # A new acceptor learns which connections we hold (handshakes too).
-            self.unsent_notes = b"".join(note_open(c.ip) for c in self.clients.values())
+            handoff, notes = self.received_fd(), self.received_fd()
+            ips = [c.ip for c in self.clients.values()]
             if self.tls is not None:
-                self.unsent_notes += b"".join(note_open(hs.ip) for hs in self.tls.pending)
+                ips += [hs.ip for hs in self.tls.pending]       # handshakes too
+            self.intake.attach(handoff, notes, ips)
         elif order[0] == "tls-reload":    # SIGHUP: the certificate may be new
             if self.tls is not None and self.tls.reload():
                 self.log.debug("TLS certificate reloaded")
         else:
             super().on_order(order)
-
-    def detach_handoff(self):
-        if self.handoff is not None:
-            self.sel.unregister(self.handoff)
-            self.handoff.close()
-            self.notes.close()
-            self.handoff = self.notes = None
-            self.unsent_notes = b""
 
     def heartbeat_info(self):
         info = dict(self.counters)
@@ -254,18 +235,7 @@ class Worker(Service):
             self.counters["events"] += len(events)
             batch, self.resend = self.resend + [self.sent.seal(events)] + events, []
             self.link.send(batch)   # may find the broker gone: attach_link resends
-        if self.unsent_notes:
-            self.send_notes()
-
-    def send_notes(self):
-        """Tell the acceptor who left, without ever blocking on it."""
-        try:
-            sent = self.notes.send(self.unsent_notes, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            sent = len(self.unsent_notes)     # it is gone; a new one gets a snapshot
-        self.unsent_notes = self.unsent_notes[sent:]
+        self.intake.send_notes()
 
     def sweep_idle(self, now):
         """One pass over all connections instead of a timer per connection."""
@@ -285,61 +255,17 @@ class Worker(Service):
 
     # -- new connections ------------------------------------------------------
 
-    def on_handoff(self, mask=None):
-        """Take the connections waiting in the hand-off pipe (a bounded number
-        per turn, so that the clients already here are not starved)."""
-        for _ in range(HANDOFFS_PER_TURN):
-            try:
-                fd, kind = recv_socket(self.handoff)
-            except (BlockingIOError, InterruptedError):
-                return
-            except RuntimeError:
-                # Out of descriptors: the kernel dropped the socket in transit
-                # (the client sees it closed). Tell the acceptor it is gone.
-                if not self.starved:
-                    self.log.warning("could not receive a connection: out of file descriptors")
-                    self.starved = True
-                self.unsent_notes += note_lost(self.handoffs)
-                self.handoffs += 1
-            except (EOFError, OSError):
-                self.acceptor_lost()
-                return
-            else:
-                self.handoffs += 1
-                self.starved = False
-                if kind == TLS:
-                    self.start_tls(self.adopt(fd))
-                    continue
-                c = self.add_client(self.adopt(fd))
-                # A client's first line is usually here already (it was sent
-                # as soon as the connection was up): reading now saves this
-                # client a loop turn, and costs one failed recv if not.
-                self.on_readable(c)
-
-    def acceptor_lost(self):
-        self.log.debug("acceptor link lost; waiting for a new acceptor")
-        self.detach_handoff()
-
-    def adopt(self, fd):
-        """A socket object for a received descriptor. All come from listening
-        sockets on the one ``--host``: learn their family once, and spare the
-        three system calls ``socket()`` makes to find it out for each."""
-        if self.client_family is None:
-            sock = socket.socket(fileno=fd)
-            self.client_family = sock.family
-            return sock
-        return socket.socket(self.client_family, socket.SOCK_STREAM, 0, fileno=fd)
-
-    def add_client(self, sock):
-        sock.setblocking(False)
-        return self.new_client(sock, self.peer_ip(sock), self.now)
-
-    @staticmethod
-    def peer_ip(sock):
-        try:
-            return sock.getpeername()[0]
-        except (OSError, IndexError):
-            return "?"
+    def on_connection(self, sock, ip, kind):
+        """A connection from the acceptor (chatlib.intake): a client, or on
+        the TLS port a handshake on our selector first (chatlib.tls)."""
+        if kind == TLS:
+            self.tls.accept(sock, ip, self.now)
+            return
+        c = self.new_client(sock, ip, self.now)
+        # A client's first line is usually here already (it was sent as soon
+        # as the connection was up): reading now saves this client a loop
+        # turn, and costs one failed recv if not.
+        self.on_readable(c)
 
     def new_client(self, sock, ip, since):
         cid, self.next_cid = self.next_cid, self.next_cid + 1
@@ -347,13 +273,6 @@ class Worker(Service):
         self.clients[cid] = c
         c.watch(self.sel, 0)
         return c
-
-    # -- TLS connections (chatlib.tls does the TLS) ---------------------------
-
-    def start_tls(self, sock):
-        """A connection on the TLS port: its handshake runs on our selector."""
-        sock.setblocking(False)
-        self.tls.accept(sock, self.peer_ip(sock), self.now)
 
     def tls_ready(self, handshake, stream):
         """Handshake done: from now on a client like any other, whose socket
@@ -363,8 +282,7 @@ class Worker(Service):
 
     def tls_failed(self, handshake):
         """Gone without a session (closed already): the acceptor frees its slot."""
-        if self.notes is not None:
-            self.unsent_notes += note_gone(handshake.ip)
+        self.intake.gone(handshake.ip)
 
     # -- reading and running lines --------------------------------------------
 
@@ -671,8 +589,7 @@ class Worker(Service):
             if not self.stopping:
                 self.to_broker((link.BYE, c.cid, c.name, c.login_stamp))
         c.waiting = False
-        if self.notes is not None:
-            self.unsent_notes += note_gone(c.ip)
+        self.intake.gone(c.ip)
         if c.name is not None:
             self.log.info("%s disconnected (%s)", c.name, reason)
         else:
