@@ -1,8 +1,16 @@
 """The worker: one event loop running many client connections.
 
-A worker receives accepted sockets from the acceptor (``recvfds``), reads
-lines, answers what it can alone (``PING``, syntax errors) and asks the broker
-for the rest over one batched :class:`~chatlib.channel.Channel`.
+A worker receives accepted sockets from the acceptor, reads lines, answers
+what it can alone (``PING``, syntax errors) and asks the broker for the rest
+over one batched :class:`~chatlib.channel.Channel`. This file is the loop and
+the routing: where each line goes, and when. The parts it drives:
+
+* :mod:`chatlib.connection`: a client connection, its output and its write path;
+* :mod:`chatlib.flood`: flood control (``--rate``, ``--burst``);
+* :mod:`chatlib.intake`: new connections from the acceptor, and the notes back;
+* :mod:`chatlib.tls`: TLS connections, their handshakes on this loop;
+* :mod:`chatlib.link`, :mod:`chatlib.delivery`: what the broker link carries,
+  and how nothing on it is lost or doubled.
 
 The hot path, per loop turn:
 
@@ -208,14 +216,14 @@ class Worker(Service):
 
         Broadcast lines wait until BROADCAST_EVERY has passed since the last
         broadcast write. Each write costs a system call and a pass through the
-        TCP stack; under a flood a worker woken by every batch would write
-        every user many times a millisecond. Waiting makes the writes fewer
-        and larger: at 2 ms, fan-out 100 x 10 made 30 % fewer writes for 10 %
-        less CPU per message; 5 ms also serves the shapes where a turn takes
-        longer, fan-out 1000 x 100 going 21 % faster at 10 % less CPU, while
-        the latency at 200 msgs/s did not move. A lone message finds the last
-        write long past and goes at once; a DM or an answer never waits, and
-        takes the broadcast lines queued before it along.
+        TCP stack, and under a flood a worker woken by every batch would write
+        every user many times a millisecond: waiting makes the writes fewer
+        and larger, so the same CPU delivers more. The wait is short enough
+        that at a moderate rate the latency does not move. A lone message
+        finds the last write long past and goes at once; a DM or an answer
+        never waits, and takes the broadcast lines queued before it along.
+        (Figures: docs/BENCHMARKS.md, "The flood parsed a read at a time;
+        broadcast writes every 5 ms".)
         """
         if self.local:
             self.fan_out_local()
