@@ -23,7 +23,7 @@ import unittest
 
 from support import IO_TIMEOUT, Client, TestCase
 
-FLOOD_GRACE = 10.0       # worker.FLOOD_GRACE: seconds over --rate before ERR flood
+FLOOD_GRACE = 10.0       # chatlib.flood.FLOOD_GRACE: seconds over --rate before ERR flood
 HAVE_PRLIMIT = hasattr(resource, "prlimit") and sys.platform.startswith("linux")
 
 
