@@ -150,8 +150,10 @@ def build_parser():
         "as always.")
     c.add_argument("--redis", default=None, metavar="URL", type=_redis_url,
                    help="join the cluster on this Redis: "
-                        "redis://[[user]:password@]host[:port][/db]; the password "
-                        "may also come from $REDIS_PASSWORD (default: no cluster)")
+                        "redis://[[user]:password@]host[:port][/db] (rediss:// for "
+                        "TLS, the certificate checked against the system's CAs or "
+                        "$SSL_CERT_FILE); the password may also come from "
+                        "$REDIS_PASSWORD (default: no cluster)")
     c.add_argument("--cluster", default="chat", type=_cluster_name, metavar="NAME",
                    help="prefix of every Redis key and stream, so that several "
                         "chats can share one Redis")

@@ -22,6 +22,7 @@ import os
 import random
 import selectors
 import socket
+import ssl
 import time
 from collections import deque, namedtuple
 from functools import partial
@@ -36,8 +37,10 @@ RETRY_FIRST = 0.05           # seconds before the first reconnection; doubles
 RETRY_MAX = 2.0
 
 
-class RedisAddress(namedtuple("RedisAddress", "host port username password db")):
-    """Where redis listens and how to log in; printed, it shows ``***`` for the password."""
+class RedisAddress(namedtuple("RedisAddress", "host port username password db tls",
+                              defaults=(False,))):
+    """Where redis listens and how to log in (``tls``: a ``rediss://`` URL);
+    printed, it shows ``***`` for the password."""
 
     __slots__ = ()
 
@@ -45,13 +48,15 @@ class RedisAddress(namedtuple("RedisAddress", "host port username password db"))
         host = "[%s]" % self.host if ":" in self.host else self.host
         user = quote(self.username or "", safe="")
         login = "%s:***@" % user if self.password else "%s@" % user if user else ""
-        return "redis://%s%s:%d/%d" % (login, host, self.port, self.db)
+        return "%s://%s%s:%d/%d" % ("rediss" if self.tls else "redis", login, host,
+                                    self.port, self.db)
 
     __repr__ = __str__
 
 
 def parse_url(url, password_env=None):
-    """``redis://[[user]:password@]host[:port][/db]`` as a :class:`RedisAddress`.
+    """``redis://[[user]:password@]host[:port][/db]`` as a :class:`RedisAddress`;
+    ``rediss://`` for TLS.
 
     ``password_env`` (the caller passes ``$REDIS_PASSWORD``) is the password
     when the URL has none, so that it need not stand on a command line. The
@@ -65,8 +70,8 @@ def parse_url(url, password_env=None):
         port = 6379 if parts.port is None else parts.port
     except ValueError:                          # not a number, or out of range
         port = 0
-    if parts.scheme != "redis":
-        raise ValueError("redis URL: it must start with redis://")
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("redis URL: it must start with redis:// (or rediss://, for TLS)")
     if parts.query or parts.fragment:
         raise ValueError("redis URL: nothing may follow the database number "
                          "(percent-encode any '?', '#' or '/' in the password)")
@@ -79,7 +84,8 @@ def parse_url(url, password_env=None):
         raise ValueError("redis URL: the database must be a number, as in /0")
     password = unquote(parts.password) if parts.password else password_env or None
     return RedisAddress(host=parts.hostname, port=port, password=password, db=int(db or 0),
-                        username=unquote(parts.username) if parts.username else None)
+                        username=unquote(parts.username) if parts.username else None,
+                        tls=parts.scheme == "rediss")
 
 
 class Script:
@@ -100,6 +106,10 @@ class RedisClient:
     called once when it is lost, after every unanswered command got its
     ConnectionLost; the client then reconnects, backing off. ``name`` tells
     the connections apart in the log.
+
+    With ``rediss://`` the connection is TLS, its certificate checked
+    against the system's certificate authorities (or ``$SSL_CERT_FILE``)
+    and the host name; the handshake runs in the loop like the rest.
     """
 
     def __init__(self, address, sel, name, on_up=None, on_down=None, scripts=(),
@@ -127,6 +137,8 @@ class RedisClient:
         self._failures = 0            # attempts failed in a row, for the back-off
         self._logged_level = 0        # the worst level logged in this outage
         self._handshake_left = 0
+        self._tls = ssl.create_default_context() if address.tls else None
+        self._tls_handshaking = False
 
     @property
     def pending(self):
@@ -268,13 +280,46 @@ class RedisClient:
                 self._connect_failed(error)
                 return
             self._connecting = False
-            self._parser = Parser()
-            self._write()                      # the handshake
+            if self._tls is not None:
+                self._start_tls()
+                return
+            self._connected()
+            return
+        if self._tls_handshaking:
+            self._tls_handshake()
             return
         if mask & WRITE:
             self._write()
         if mask & READ and self.sock is not None:
             self._read()
+
+    def _connected(self):
+        self._parser = Parser()
+        self._write()                          # AUTH, SELECT, scripts
+
+    def _start_tls(self):
+        """Wrap the connected socket; the selector must know the new object."""
+        self.sel.unregister(self.sock)
+        self._events = 0
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.address.host,
+                                          do_handshake_on_connect=False)
+        self._tls_handshaking = True
+        self._tls_handshake()
+
+    def _tls_handshake(self):
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(WRITE)
+            return
+        except (ssl.SSLError, OSError) as e:
+            self._lost("TLS: %s" % (getattr(e, "reason", None) or e))
+            return
+        self._tls_handshaking = False
+        self._connected()
 
     def _write(self):
         if not self._unsent:
@@ -282,8 +327,8 @@ class RedisClient:
             self._out = []
         try:
             sent = self.sock.send(self._unsent)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0                           # (TLS: the same bytes go again)
         except OSError as e:
             self._lost(e.strerror or str(e))
             return
@@ -294,7 +339,10 @@ class RedisClient:
     def _read(self):
         try:
             data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+            if self._tls is not None:          # a TLS record may hold more than one recv
+                while self.sock.pending():
+                    data += self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as e:
             self._lost(e.strerror or str(e))
@@ -348,7 +396,7 @@ class RedisClient:
     def _drop(self, reason):
         """Close the socket; each unanswered command gets ConnectionLost(reason), oldest first."""
         self._close_socket()
-        self.up = self._connecting = False
+        self.up = self._connecting = self._tls_handshaking = False
         self._parser = self._deadline = None
         self._out, self._unsent, self.buffered_bytes = [], b"", 0
         waiting, self._waiting = self._waiting, deque()

@@ -333,15 +333,18 @@ class RedisServer:
     """``redis-server`` on a free loopback port: ``with RedisServer() as r:``.
 
     :meth:`restart` kills it and starts it again, empty, on the same port
-    (what a Redis without persistence does after a crash).
+    (what a Redis without persistence does after a crash). With ``tls``
+    (cert, key) it also listens for TLS, on :attr:`tls_port` (:attr:`tls_url`).
     """
 
-    def __init__(self, port=None, password=None):
+    def __init__(self, port=None, password=None, tls=None):
         self.program = redis_program()
         if self.program is None:
             raise RuntimeError(REDIS_HINT)
         self.port = port or free_port()
         self.password = password
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
         self.proc = None
         self.dir = tempfile.mkdtemp(prefix="chat-redis-")
 
@@ -349,6 +352,11 @@ class RedisServer:
     def url(self):
         auth = ":%s@" % self.password if self.password else ""
         return "redis://%s127.0.0.1:%d/0" % (auth, self.port)
+
+    @property
+    def tls_url(self):
+        auth = ":%s@" % self.password if self.password else ""
+        return "rediss://%slocalhost:%d/0" % (auth, self.tls_port)
 
     def __enter__(self):
         return self.start()
@@ -362,6 +370,9 @@ class RedisServer:
                 "--daemonize", "no", "--loglevel", "warning"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            args += ["--tls-port", str(self.tls_port), "--tls-cert-file", self.tls[0],
+                     "--tls-key-file", self.tls[1], "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 # The server, the client and /proc: shared with the tools, re-exported to the tests.
 from procfs import process_role, session_pids, socket_inodes, tcp_sockets  # noqa: E402,F401
 from harness import (BROKER, IO_TIMEOUT, REDIS_HINT, Client, RedisServer,  # noqa: E402,F401
-                     Server, receive, redis_program, start_cluster)
+                     Server, receive, redis_program, self_signed, start_cluster)
 
 START_METHODS = ["fork", "spawn", "forkserver"] if sys.platform != "win32" else ["spawn"]
 

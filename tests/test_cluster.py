@@ -11,14 +11,16 @@ is in, everything before it is too.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from faultproxy import FaultProxy
 from support import (BROKER, ROOT, RedisServer, Server, TestCase, chat_among,
-                     example_session, per_start_method, requires_redis)
+                     example_session, per_start_method, requires_redis, self_signed)
 
 LEASE = 3.0                 # seconds: short, so that faults play out quickly
 
@@ -209,6 +211,21 @@ class TestTwoNodes(ClusterCase):
         for node in (in_url, from_env):
             self.assertIn("redis://:***@127.0.0.1", node.log())
             self.assertNotIn(secret, node.log())
+
+    def test_nodes_reach_redis_over_tls_with_rediss(self):
+        certs = tempfile.mkdtemp(prefix="chat-rediss-")
+        self.addCleanup(shutil.rmtree, certs, True)
+        cert = self_signed(certs)
+        secure = RedisServer(tls=cert).start()
+        self.addCleanup(secure.stop)
+        trust = {"SSL_CERT_FILE": cert[0]}
+        a, b = [self.server("--redis", secure.tls_url, "--node-id", node, workers=1, env=trust)
+                for node in ("A", "B")]
+        x, y = self.user(a, "x"), self.user(b, "y")
+        x.send("MSG sealed", "WHO")
+        x.expect("USER x", "USER y")
+        y.expect("MSG x sealed")
+        self.assertIn("rediss://localhost:%d/0" % secure.tls_port, a.log())
 
     def test_garbage_on_the_bus_is_skipped_and_logged(self):
         a, b = self.node("A"), self.node("B")

@@ -8,9 +8,11 @@ real too: redis killed and restarted, never started, or stopped (SIGSTOP).
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import unittest
 from unittest import mock
@@ -18,7 +20,7 @@ from unittest import mock
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from support import RedisServer, TestCase, requires_redis  # noqa: E402
-from harness import free_port  # noqa: E402  (support puts scripts/ on the path)
+from harness import free_port, self_signed  # noqa: E402  (support puts scripts/ on the path)
 
 from chatlib.redis_client import RedisClient, Script, parse_url  # noqa: E402
 from chatlib.resp import ConnectionLost, RedisError  # noqa: E402
@@ -295,11 +297,58 @@ class Auth(Loop):
                             "unreachable: PING refused: NOAUTH")
 
 
+@requires_redis
+class Tls(Loop):
+    """rediss://: a Redis with a throw-away certificate, trusted through
+    ``$SSL_CERT_FILE`` as an operator would point at a private CA."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="chat-rediss-")
+        cls.addClassCleanup(shutil.rmtree, cls.dir, True)
+        cls.cert = self_signed(cls.dir)
+        cls.redis = RedisServer(password=PASSWORD, tls=cls.cert).start()
+        cls.addClassCleanup(cls.redis.stop)
+
+    def test_commands_and_scripts_over_tls(self):
+        with mock.patch.dict(os.environ, {"SSL_CERT_FILE": self.cert[0]}):
+            client = self.client(self.redis.tls_url, scripts=[ECHO])
+        got = []
+        for i in range(500):
+            client.call(got.append, "SET", "tls-%d" % i, "x" * 3000)
+        client.evalsha(got.append, ECHO, ["k"], ["v"])
+        client.call(got.append, "MGET", *["tls-%d" % i for i in range(500)])
+        self.pump(lambda: len(got) == 502)
+        self.assertEqual(got[:500], ["OK"] * 500)
+        self.assertEqual(got[500], [b"k", b"v"])
+        self.assertEqual(got[501], [b"x" * 3000] * 500)
+
+    def test_an_untrusted_certificate_is_refused_and_logged_once(self):
+        with self.assertLogs(LOG, "DEBUG") as logs:
+            client = self.client(self.redis.tls_url, wait_up=False)
+            self.pump(lambda: len(logs.records) >= 2)
+        self.assertFalse(client.up)
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", logs.records[0].getMessage())
+        self.assertEqual(logs.records[1].levelname, "DEBUG")
+
+    def test_reconnects_after_a_restart(self):
+        with mock.patch.dict(os.environ, {"SSL_CERT_FILE": self.cert[0]}):
+            client = self.client(self.redis.tls_url)
+        self.redis.restart()
+        self.pump(lambda: self.events.count("up") == 2, timeout=10)
+        self.assertEqual(self.run_command(client, "PING"), "PONG")
+
+
 class ParseUrl(TestCase):
 
     def test_defaults(self):
         self.assertEqual(parse_url("redis://localhost"),
-                         ("localhost", 6379, None, None, 0))
+                         ("localhost", 6379, None, None, 0, False))
+
+    def test_rediss_is_tls(self):
+        address = parse_url("rediss://:Pw1@h:6380/1")
+        self.assertTrue(address.tls)
+        self.assertEqual(str(address), "rediss://:***@h:6380/1")
 
     def test_every_part(self):
         address = parse_url("redis://chat%40eu:p%3Ass%2Fw@Redis.example:7000/3")
@@ -330,7 +379,7 @@ class ParseUrl(TestCase):
 
     def test_malformed_urls(self):
         for url, message in (("localhost:6379", "must start with redis://"),
-                             ("rediss://h", "must start with redis://"),
+                             ("http://h", "must start with redis://"),
                              ("redis://:Pw1@h:port", "the port must be a number"),
                              ("redis://:Pw1@h:0", "the port must be a number"),
                              ("redis://:Pw1@h:65536", "the port must be a number"),
