@@ -163,7 +163,8 @@ class Broker(Service):
         congested = any(ch.congested for ch in self.channels.values())
         if self.cluster is not None:
             self.cluster.tick(now)
-            self.end_turn()
+            if any(self.outboxes.values()):     # answers to requests that waited too long
+                self.end_turn()
             congested = congested or self.cluster.congested
         if congested != self.paused:
             self.paused = congested
@@ -202,7 +203,7 @@ class Broker(Service):
         if self.cluster is None:
             self.ackable.update(self.received)
         else:                                   # of the workers attached now
-            self.ackable.update((slot, n) for slot, n in self.cluster.safe().items()
+            self.ackable.update((slot, n) for slot, n in self.cluster.confirmed.items()
                                 if slot in self.received)
         if self.ackable != self.acked:
             self.lazy_soon()

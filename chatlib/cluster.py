@@ -121,15 +121,15 @@ class Cluster:
         self.gathered = []         # requests waiting behind that entry
         self.publishing = 0        # entries sent, unanswered
         self.backlog = deque()     # ops not sent yet, in order
-        self.inflight = deque()    # ops sent, unanswered, in order
-        self.lost = []             # inflight ops whose connection died, in order
+        self.lost = []             # ops sent whose connection died unanswered, in order
         self.backlog_bytes = 0
         self.entries_out = 0       # bus entries Redis confirmed, since start
         self.entries_in = 0        # bus entries read, ours included
         self.waiting = deque()     # _Request in the order made (= deadline order)
         self.later = []            # (when, op) claims to send again
         self.unconfirmed = deque()  # per entry in flight: the batches it covers
-        self.confirmed = {}        # slot -> last batch whose lines Redis holds
+        self.confirmed = {}        # slot -> last batch whose lines Redis holds:
+                                   # its batches up to there may be acknowledged
         self.dm_number = time.time_ns()
         self.join_cursor = None    # where the registry says reading resumes
         self.leaving = None        # (deadline, callback) while stopping
@@ -363,7 +363,6 @@ class Cluster:
                 held.append(op)
                 continue
             self.backlog_bytes -= op.size
-            self.inflight.append(op)
             if op.script is registry.PUBLISH:
                 self.publishing += 1
             callback = partial(self.on_reply, op)
@@ -375,8 +374,6 @@ class Cluster:
         self.commands.flush()
 
     def on_reply(self, op, reply):
-        if self.inflight and self.inflight[0] is op:
-            self.inflight.popleft()
         if op.script is registry.PUBLISH:
             self.publishing -= 1
         if isinstance(reply, ConnectionLost):
@@ -440,10 +437,6 @@ class Cluster:
             self.unconfirmed.popleft()
         self.confirmed = covered
 
-    def safe(self):
-        """Worker batches whose lines Redis holds: they may be acknowledged."""
-        return self.confirmed
-
     # -- what the broker hands over ------------------------------------------
 
     def add_msg(self, slot, number, blob):
@@ -483,10 +476,7 @@ class Cluster:
 
     def on_claim(self, request, op, name, owner, reply):
         key = name.lower()
-        if isinstance(reply, RedisError):
-            stamp = 0 if request.done else None
-        else:
-            stamp = reply
+        stamp = None if isinstance(reply, RedisError) else reply
         if stamp == -1:
             if not request.done:
                 self.later.append((time.monotonic() + RETRY_DELAY, op))

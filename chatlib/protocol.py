@@ -164,7 +164,7 @@ def parse_line(line, logged_in):
         return Login(name.decode("ascii"))
     if verb == b"QUIT":
         return QUIT
-    if not logged_in and (_HTTP_REQUEST.match(line) or line[:2] == _TLS_HANDSHAKE):
+    if not logged_in and (_HTTP_REQUEST.match(line) or looks_like_tls(line)):
         return Hangup(ERR_NOT_A_CHAT_CLIENT)
     return Reply(ERR_UNKNOWN_COMMAND)
 
