@@ -55,6 +55,12 @@ STOP_GRACE = 4.0              # seconds for children to stop before SIGKILL
 RESTART_WINDOW = 1.0          # a child that dies sooner than this after start...
 MAX_QUICK_DEATHS = 5          # ...this many times in a row stops the server
 LOOP_TIMEOUT = 0.25
+# A turn of the watch loop sleeps at most LOOP_TIMEOUT. One longer than that
+# by a quarter of --heartbeat-timeout (at most PAUSE_NOTICED seconds) means
+# the supervisor was not running: more than a busy machine delays it, and
+# less than a child can be blamed for, whose last heartbeat may already be a
+# quarter of the timeout old (chatlib.service sends four per timeout).
+PAUSE_NOTICED = 1.0
 
 
 class Child:
@@ -67,7 +73,7 @@ class Child:
         self.orders = orders          # our end: orders, and descriptors, to it
         self.reports = reports        # our end: ready and heartbeats, from it
         self.started = time.monotonic()
-        self.last_heartbeat = self.started
+        self.last_heartbeat = self.started    # when it last reported anything
         self.ready = False
         self.info = None
 
@@ -158,6 +164,9 @@ class Supervisor:
         self.started = time.monotonic()
         self.stats = StatsReport()
         self.next_stats = float("inf")
+        self.last_turn = None         # when the watch loop last checked heartbeats
+        self.longest_turn = LOOP_TIMEOUT + min(PAUSE_NOTICED, config.heartbeat_timeout / 4)
+        self.silence_counted_from = float("-inf")  # after the supervisor's own pause
         self.listener = None          # the first of:
         self.listeners = []           # [(socket, PLAIN or TLS)]
 
@@ -341,12 +350,15 @@ class Supervisor:
     # -- watching -------------------------------------------------------------
 
     def watch(self):
+        self.last_turn = time.monotonic()
         while not self.failed:
             self.poll(LOOP_TIMEOUT)
             if self.handle_signals():
                 return
-            self.check_heartbeats()
-            if time.monotonic() >= self.next_stats:
+            now = time.monotonic()
+            self.notice_own_pause(now)
+            self.check_heartbeats(now)
+            if now >= self.next_stats:
                 self.next_stats += self.config.stats_interval
                 self.log_stats()
 
@@ -471,14 +483,28 @@ class Supervisor:
         else:
             self.start_acceptor()
 
-    def check_heartbeats(self):
+    def notice_own_pause(self, now):
+        """A turn far longer than the loop sleeps: the supervisor itself was
+        not running (Ctrl-Z, SIGSTOP, ``systemctl freeze``, a paused virtual
+        machine), its children most likely with it. Whichever of them runs
+        first after it, their silence meanwhile is nobody's fault: it
+        counts from now."""
+        gap = now - self.last_turn
+        self.last_turn = now
+        if gap > self.longest_turn:
+            self.silence_counted_from = now
+            log.warning("the supervisor did not run for %.1f s (stopped or suspended): "
+                        "heartbeats are counted from now", gap)
+
+    def check_heartbeats(self, now):
         """A child whose loop has stopped (hung, or SIGSTOP) is killed; its
         death is then handled like any other."""
-        limit = time.monotonic() - self.config.heartbeat_timeout
+        limit = now - self.config.heartbeat_timeout
         for child in list(self.children.values()):
-            if child.last_heartbeat < limit and child.process.is_alive():
+            if max(child.last_heartbeat, self.silence_counted_from) < limit \
+                    and child.process.is_alive():
                 log.error("%s (pid %d) missed its heartbeats for %.1f s; killing it",
-                          child.name, child.process.pid, self.config.heartbeat_timeout)
+                          child.name, child.process.pid, now - child.last_heartbeat)
                 child.process.kill()
                 child.last_heartbeat = float("inf")   # once is enough
 

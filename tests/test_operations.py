@@ -19,7 +19,8 @@ import time
 import unittest
 
 from support import (ROOT, BROKER, IO_TIMEOUT, START_METHODS, Client, Server, TestCase,
-                     process_role)
+                     chat_among, process_role)
+from procfs import stat as proc_stat  # noqa: E402
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -179,6 +180,73 @@ class StatsAndSignalsTest(TestCase):
         self.assertEqual((int(m.group(1)), m.group(2)), (second, "1"))
         m = s.wait_log(r"process worker-0 pid=\d+ uptime=\d+s restarts=(\d+)$", WAIT, start=start)
         self.assertEqual(m.group(1), "0")
+
+
+class PauseTest(TestCase):
+    """The whole server stopped and resumed: Ctrl-Z and ``fg`` in a terminal,
+    ``systemctl freeze`` and ``thaw``. Its processes resume in any order; the
+    worst is the supervisor first, finding every child silent for longer
+    than --heartbeat-timeout while they were stopped with it."""
+
+    HEARTBEAT_TIMEOUT = 2.0
+    FROZEN = 3.0               # longer than the heartbeat timeout
+
+    def freeze(self, s):
+        """SIGSTOP every process of ``s`` (as Ctrl-Z does), and wait until
+        all are stopped; their pids."""
+        pids = sorted(s.pids())
+        os.killpg(s.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + WAIT
+        while not all((proc_stat(pid) or [b"T"])[0] in (b"T", b"t") for pid in pids):
+            self.assertLess(time.monotonic(), deadline, "the server did not stop")
+            time.sleep(0.01)
+        return pids
+
+    def resume_main_first(self, s):
+        """SIGCONT the main process alone, and wait for its first turn: it
+        either forgives the pause or blames its children; the log index."""
+        start = len(s.log_lines)
+        os.kill(s.proc.pid, signal.SIGCONT)
+        s.wait_log(r"did not run for|missed its heartbeats", WAIT, start=start)
+        return start
+
+    def test_supervisor_resumed_before_its_children_kills_none(self):
+        s = self.server("--heartbeat-timeout", self.HEARTBEAT_TIMEOUT, workers=2)
+        users = [self.client(s, "user%d" % k) for k in range(6)]
+        pids = self.freeze(s)
+        time.sleep(self.FROZEN)            # the pause itself
+        start = self.resume_main_first(s)
+        # The children stay stopped a moment longer while the supervisor runs.
+        time.sleep(0.5)
+        os.killpg(s.proc.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        m = s.wait_log(r"WARNING +main\[\d+\] the supervisor did not run for ([\d.]+) s "
+                       r"\(stopped or suspended\): heartbeats are counted from now$",
+                       start=start)
+        self.assertGreaterEqual(float(m.group(1)), self.FROZEN)
+        chat_among(users)
+        # A child is blamed only once a whole timeout has passed since the
+        # supervisor ran again: let that pass, then nothing may have died.
+        time.sleep(max(0.0, resumed + self.HEARTBEAT_TIMEOUT + 0.5 - time.monotonic()))
+        chat_among(users)
+        self.assertEqual(sorted(s.pids()), pids)
+        self.assertNotRegex("\n".join(s.log_lines_from(start)),
+                            r"missed its heartbeats|ERROR|Traceback")
+
+    def test_a_child_still_stopped_after_the_pause_is_replaced(self):
+        """The pause is forgiven, not a hang: a child that stays stopped is
+        killed one timeout after the supervisor ran again, and the log says
+        how long it was really silent, the pause included."""
+        s = self.server("--heartbeat-timeout", self.HEARTBEAT_TIMEOUT, workers=1)
+        worker = s.roles()["chat-worker-0"]
+        self.freeze(s)
+        time.sleep(self.FROZEN)
+        start = self.resume_main_first(s)
+        m = s.wait_log(r"worker-0 \(pid %d\) missed its heartbeats for ([\d.]+) s; killing it"
+                       % worker, WAIT, start=start)
+        self.assertGreaterEqual(float(m.group(1)), self.FROZEN + self.HEARTBEAT_TIMEOUT)
+        new = s.replacement("chat-worker-0", worker, WAIT)
+        self.assertNotEqual(new, worker)
 
 
 @unittest.skipUnless(hasattr(os, "SCHED_BATCH"), "SCHED_BATCH is Linux's")
