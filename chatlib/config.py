@@ -199,7 +199,21 @@ def parse_args(argv=None):
             args.port = _default_port()
         except (ValueError, argparse.ArgumentTypeError):
             build_parser().error("PORT environment variable is not a valid port")
+    _check_log_file(args)
     return args
+
+
+def _check_log_file(args):
+    """Every process appends to --log-file: one that cannot be opened (no
+    such directory, a directory, no permission) stops the server here, with
+    one line, rather than with the main process's traceback."""
+    if args.log_file is None:
+        return
+    try:
+        with open(args.log_file, "a"):
+            pass
+    except OSError as exc:
+        build_parser().error("--log-file %s: %s" % (args.log_file, exc.strerror or exc))
 
 
 def _check_tls(args):

@@ -429,6 +429,24 @@ class CommandLineTest(TestCase):
         self.assertEqual((code, out, err),
                          (0, "python -m chatlib %s\n" % chatlib.__version__, ""))
 
+    def test_a_log_file_that_cannot_be_written_is_a_usage_error(self):
+        tmp = tempfile.mkdtemp(prefix="chat-log-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        for path, reason in ((os.path.join(tmp, "missing", "chat.log"), "No such file"),
+                             (tmp, "Is a directory")):
+            with self.subTest(path=path):
+                code, out, err = self.run_command(sys.executable, BROKER, "--port", "0",
+                                                  "--log-file", path)
+                self.assertEqual(code, 2, err)
+                self.assertTrue(err.startswith("usage: broker.py "), err)
+                self.assertNotIn("Traceback", err)
+                errors = [line for line in err.splitlines() if "error" in line]
+                self.assertEqual(len(errors), 1, err)
+                self.assertRegex(errors[0], r"^broker\.py: error: --log-file %s: %s"
+                                 % (re.escape(path), reason))
+                self.assertEqual(out, "")
+        self.assertEqual(os.listdir(tmp), [])
+
     def test_python_m_chatlib_serves(self):
         s = CommandServer([sys.executable, "-m", "chatlib"], workers=1)
         self.addCleanup(s.kill)
