@@ -12,6 +12,7 @@ import sys
 
 from chatlib import __version__
 
+PRODUCT = "chat-server"          # pyproject.toml's name: what --version prints
 DEFAULT_PORT = 4000
 DEFAULT_TLS_PORT = 6697          # the IRC port for TLS, a convention chat users know
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -71,11 +72,12 @@ def _default_port():
 
 def program_name():
     """What the operator typed: ``broker.py``, ``chat-server`` or
-    ``python -m chatlib``, for usage lines, errors and ``--version``."""
+    ``python -m chatlib``, for usage lines and errors (``--version`` names
+    the product, however it was started)."""
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if name == "__main__.py":
         return "python -m chatlib"
-    return name if name and name != "-c" else "chat-server"
+    return name if name and name != "-c" else PRODUCT
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -187,7 +189,7 @@ def build_parser():
                    help="seconds a TLS handshake may take before the connection is "
                         "dropped (default: %g)" % DEFAULT_TLS_HANDSHAKE_TIMEOUT)
     p.add_argument("--version", action="version",
-                   version="%(prog)s " + __version__)
+                   version="%s %s" % (PRODUCT, __version__))
     return p
 
 

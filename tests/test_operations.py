@@ -419,15 +419,17 @@ class CommandLineTest(TestCase):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=WAIT)
         return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
-    def test_version(self):
-        code, out, err = self.run_command(sys.executable, BROKER, "--version")
-        self.assertEqual((code, out, err), (0, "broker.py %s\n" % chatlib.__version__, ""))
+    def test_version_names_the_product_however_started(self):
+        """The project's name in pyproject.toml, not the program's file."""
+        with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+            product = re.search(r'^name = "([^"]+)"$', f.read(), re.M).group(1)
+        self.assertEqual(product, "chat-server")
         self.assertRegex(chatlib.__version__, r"^\d+\.\d+\.\d+")
-
-    def test_python_m_chatlib_version(self):
-        code, out, err = self.run_command(sys.executable, "-m", "chatlib", "--version")
-        self.assertEqual((code, out, err),
-                         (0, "python -m chatlib %s\n" % chatlib.__version__, ""))
+        for command in ([sys.executable, BROKER], [sys.executable, "-m", "chatlib"]):
+            with self.subTest(command=command[1:]):
+                code, out, err = self.run_command(*command, "--version")
+                self.assertEqual((code, out, err),
+                                 (0, "%s %s\n" % (product, chatlib.__version__), ""))
 
     def test_a_log_file_that_cannot_be_written_is_a_usage_error(self):
         tmp = tempfile.mkdtemp(prefix="chat-log-")
