@@ -400,16 +400,27 @@ class Supervisor:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 stop = True
             elif signum == signal.SIGHUP:
-                logs.reopen()
-                for child in self.children.values():
-                    child.order("reopen-log")
-                log.info("received SIGHUP: log file reopened")
-                if getattr(self.config, "tls_cert", None):
-                    self.reload_tls()
+                self.handle_hup()
             elif signum == signal.SIGUSR1:
                 self.log_stats()
                 self.log_processes()
         return stop
+
+    def handle_hup(self):
+        """Reopen the log file (logrotate) and reload the TLS certificate
+        (certbot), whichever the server has; the log says which."""
+        log_file = self.config.log_file
+        tls_cert = getattr(self.config, "tls_cert", None)
+        if log_file:
+            logs.reopen()
+            for child in self.children.values():
+                child.order("reopen-log")
+        actions = [what for what, has in (("log file reopened", log_file),
+                                       ("reloading the TLS certificate", tls_cert)) if has]
+        log.info("received SIGHUP: %s", "; ".join(actions) or
+                 "nothing to do (logging to stderr, no TLS certificate)")
+        if tls_cert:
+            self.reload_tls()
 
     def reload_tls(self):
         """SIGHUP: if the certificate and key load, the workers load them

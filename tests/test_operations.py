@@ -168,6 +168,19 @@ class StatsAndSignalsTest(TestCase):
                 self.assertTrue(s.wait_log_end(WAIT))
                 self.assertNotRegex(s.log(), r"ERROR|WARNING|Traceback")
 
+    def test_sighup_without_a_log_file_says_there_is_nothing_to_reopen(self):
+        s = self.server(workers=1)
+        c = self.client(s, "ada")
+        pids = sorted(s.pids())
+        start = len(s.log_lines)
+        s.proc.send_signal(signal.SIGHUP)
+        m = s.wait_log(r"main\[%d\] received SIGHUP: (.*)$" % s.proc.pid, WAIT, start=start)
+        self.assertEqual(m.group(1), "nothing to do (logging to stderr, no TLS certificate)")
+        c.send("PING")
+        c.expect("PONG")
+        self.assertEqual(sorted(s.pids()), pids)
+        self.assertNotIn("log file", "\n".join(s.log_lines_from(start)))
+
     def test_sigusr1_counts_restarts(self):
         s = self.server(workers=2)
         first = int(s.wait_log(r"started worker-1 \(pid (\d+)\)").group(1))

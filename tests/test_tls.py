@@ -456,7 +456,7 @@ class Certificates(TlsCase):
         s.proc.send_signal(signal.SIGHUP)
         s.wait_log(r"ERROR .*TLS certificate not reloaded, the previous one stays: "
                    r".*does not match", start=start)
-        s.wait_log(r"received SIGHUP: log file reopened", start=start)
+        s.wait_log(r"received SIGHUP: reloading the TLS certificate$", start=start)
         third = self.tls_client(s, "third")
         self.assertEqual(third.certificate(), der("b"))
 
