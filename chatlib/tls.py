@@ -65,6 +65,13 @@ def server_context(certfile, keyfile=None):
     return ctx
 
 
+# OpenSSL's words for a key that is not the certificate's. A key of another
+# type (RSA for an EC certificate) goes to a slot of its own, beside the
+# certificate's, and that slot has no certificate: NO_CERTIFICATE_ASSIGNED
+# (the certificate itself did load: load_problem has checked it is there).
+KEY_MISMATCH = {"KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"}
+
+
 def load_problem(certfile, keyfile=None):
     """``(context, None)``, or ``(None, one line saying what is wrong)``."""
     texts = {}
@@ -87,7 +94,7 @@ def load_problem(certfile, keyfile=None):
         return None, "%s %s: the private key is encrypted; give it without a passphrase" % (
             key_option, key_path)
     except ssl.SSLError as exc:
-        if "KEY_VALUES_MISMATCH" in str(exc):
+        if exc.reason in KEY_MISMATCH:
             return None, "%s %s: the private key does not match the certificate in %s" % (
                 key_option, key_path, certfile)
         return None, "cannot load the certificate %s and its key: %s" % (

@@ -505,6 +505,15 @@ class Certificates(TlsCase):
         self.assertNotIn("listening", err + proc.stdout.decode())
         self.assertNotIn("Traceback", err)
 
+    def test_a_key_of_another_type_does_not_match(self):
+        """An RSA key for an EC certificate, or the other way round, is a
+        key that does not match, as a wrong key of the same type is."""
+        for cert, key in ((CERTS["a"][0], CERTS["rsa"][1]), (CERTS["rsa"][0], CERTS["a"][1])):
+            with self.subTest(cert=os.path.basename(cert), key=os.path.basename(key)):
+                self.bad("--tls-cert", cert, "--tls-key", key,
+                         expect=r"^broker\.py: error: --tls-key %s: the private key does not "
+                                r"match the certificate in %s$" % (re.escape(key), re.escape(cert)))
+
     def test_bad_certificate_or_key_exit_2_before_listening(self):
         cert, key = CERTS["a"]
         missing = os.path.join(tmpdir(), "missing.pem")
@@ -818,6 +827,7 @@ class Module(TestCase):
         cert, key = CERTS["a"]
         self.assertIsNone(tls.load_problem(cert, key)[1])
         self.assertIn("does not match", tls.load_problem(cert, CERTS["b"][1])[1])
+        self.assertIn("does not match", tls.load_problem(cert, CERTS["rsa"][1])[1])
         self.assertIn("encrypted", tls.load_problem(*CERTS["encrypted"])[1])
         self.assertRegex(tls.fingerprint(cert), r"^([0-9A-F]{2}:){7}[0-9A-F]{2}\.\.\.$")
 
