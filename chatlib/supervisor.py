@@ -126,8 +126,8 @@ def operator_signals_deferred(start_method):
     """Start processes with the operator's signals blocked, so that they
     inherit them blocked, whatever the start method.
 
-    ``systemctl kill`` without ``--kill-who=main`` (logrotate's SIGHUP, a
-    SIGUSR1), ``KillMode=control-group``, ``kill -- -PGID``, Ctrl-C or a
+    ``systemctl kill -s HUP`` or ``-s USR1`` without ``--kill-who=main``,
+    ``KillMode=control-group``, ``kill -- -PGID``, Ctrl-C or a
     terminal hang-up signal every process, not only the main one. Under
     ``spawn`` and ``forkserver`` the children and multiprocessing's helpers
     (the forkserver, the resource tracker) are fresh interpreters in which

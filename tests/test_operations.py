@@ -484,6 +484,37 @@ class CommandLineTest(TestCase):
         self.assertIn("## [%s]" % chatlib.__version__, changelog)
 
 
+class ReloadDocumentedTest(unittest.TestCase):
+    """SIGHUP (reopen the log, reload the certificate) has one way in for a
+    service, ``systemctl reload chat-server``, which the unit backs with its
+    ExecReload=, and one for a server run by hand, ``kill -HUP`` of the
+    main pid; the README, OPERATIONS and the contrib files say the same."""
+
+    RELOAD = "systemctl reload chat-server"
+
+    def read(self, *path):
+        with open(os.path.join(ROOT, *path), encoding="utf-8") as f:
+            return f.read()
+
+    def test_the_unit_reloads_with_sighup_to_the_main_process(self):
+        unit = self.read("contrib", "chat-server.service")
+        self.assertTrue("ExecReload=/bin/kill -HUP $MAINPID" in unit.splitlines(),
+                        "the unit has no ExecReload= sending SIGHUP to its main process")
+        self.assertFalse("no ExecReload=" in unit, "the unit says it has no ExecReload=")
+
+    def test_every_document_names_the_same_commands(self):
+        readme = self.read("README.md")
+        self.assertTrue("--deploy-hook '%s'" % self.RELOAD in readme, "certbot's hook")
+        for name, text in (("README.md", readme),
+                           ("docs/OPERATIONS.md", self.read("docs", "OPERATIONS.md"))):
+            for wanted in (self.RELOAD, "kill -HUP PID"):
+                self.assertTrue(wanted in text, "%s does not say %r" % (name, wanted))
+            for other in ("pkill", "--signal=HUP", "no `ExecReload=`"):
+                self.assertFalse(other in text, "%s still says %r" % (name, other))
+        rotate = self.read("contrib", "chat-server.logrotate")
+        self.assertRegex(rotate, r"postrotate\n +%s(\.service)? " % re.escape(self.RELOAD))
+
+
 class InstallTest(TestCase):
     """``pip install`` of the project into a fresh venv gives a ``chat-server``
     that serves, imported from the venv alone, under spawn (the strictest:
