@@ -337,8 +337,9 @@ class RedisServer:
     (cert, key) it also listens for TLS, on :attr:`tls_port` (:attr:`tls_url`).
     """
 
-    def __init__(self, port=None, password=None, tls=None):
+    def __init__(self, port=None, password=None, tls=None, extra_args=()):
         self.program = redis_program()
+        self.extra_args = [str(a) for a in extra_args]
         if self.program is None:
             raise RuntimeError(REDIS_HINT)
         self.port = port or free_port()
@@ -373,6 +374,7 @@ class RedisServer:
         if self.tls:
             args += ["--tls-port", str(self.tls_port), "--tls-cert-file", self.tls[0],
                      "--tls-key-file", self.tls[1], "--tls-auth-clients", "no"]
+        args += self.extra_args
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
@@ -453,7 +455,7 @@ def _read_reply(sock):
         data += chunk
     if data[:1] == b"$":
         size = int(data[1:data.index(b"\r\n")])
-        need = data.index(b"\r\n") + 2 + max(size, 0) + 2
+        need = data.index(b"\r\n") + 2 + (size + 2 if size >= 0 else 0)   # -1: nil
         while len(data) < need:
             chunk = sock.recv(65536)
             if not chunk:

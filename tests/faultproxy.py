@@ -4,7 +4,8 @@ Partitions made real without root: the node talks to the proxy's port, the
 proxy to Redis. ``stall()`` stops forwarding both ways but keeps every
 connection open (a network that drops packets); ``cut()`` closes every
 connection and refuses new ones (a peer that is gone); ``restore()`` passes
-again. One thread accepts, one thread per direction per connection copies.
+again; ``move(port)`` cuts every connection and sends new ones to another
+server (a failover behind one address). One thread accepts, one thread per direction per connection copies.
 """
 
 import select
@@ -43,6 +44,11 @@ class FaultProxy:
 
     def restore(self):
         self.mode = "pass"
+
+    def move(self, target_port, target_host="127.0.0.1"):
+        self.target = (target_host, target_port)
+        self.cut()
+        self.restore()
 
     def close(self):
         self.closed = True
