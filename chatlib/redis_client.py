@@ -180,7 +180,12 @@ class RedisClient:
         if self._deadline is not None and now >= self._deadline:
             if self._connecting:
                 self._lost(os.strerror(errno.ETIMEDOUT))
-            else:
+                return
+            # The reply may be waiting unread: this process may not have run
+            # (stopped, suspended) since before the loop last looked.
+            if self._parser is not None and not self._tls_handshaking:
+                self._read()
+            if self._deadline is not None and now >= self._deadline:
                 self._lost("no reply within %.1f s" % (self.reply_timeout + self._waiting[0][1]))
         elif self._retry_at is not None and now >= self._retry_at:
             self._connect()

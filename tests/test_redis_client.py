@@ -239,6 +239,19 @@ class Outages(Loop):
         self.pump(lambda: client.up)
         self.assertEqual(self.events, ["up", "down", "up"])
 
+    def test_a_reply_that_came_while_the_owner_did_not_run_is_no_outage(self):
+        """The owner's process was stopped (SIGSTOP, a paused VM) past the
+        reply timeout: Redis answered meanwhile, and the reply is taken."""
+        client = self.client(self.redis().url, reply_timeout=0.3)
+        got = []
+        client.call(got.append, "PING")
+        client.flush()
+        time.sleep(0.5)                            # the owner's loop does not run
+        client.tick(time.monotonic())
+        self.assertEqual(got, ["PONG"])
+        self.assertTrue(client.up)
+        self.assertEqual(self.events, ["up"])
+
     def test_bytes_that_are_not_resp_drop_the_connection(self):
         listener = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listener.close)
