@@ -68,6 +68,10 @@ class Broker(Service):
         self.cursor_told = {}           # slot -> the cursor it was last told
         self.cluster = None             # cluster mode: made in start(), on our selector
         self.ready_when_started = config.redis is None   # a node: once it has joined
+        # A node routes nothing before its first JOIN has checked, against
+        # the registry, the users its workers hold (see chatlib.cluster).
+        self.registered = config.redis is None
+        self.vouched_until = None       # cluster mode: the workers run users' lines until then
 
     # -- set-up and control ---------------------------------------------------
 
@@ -79,6 +83,8 @@ class Broker(Service):
         self.outboxes[slot] = []
         self.received[slot] = self.ackable[slot] = self.acked[slot] = 0
         self.lazy[slot] = []
+        if self.vouched_until is not None:
+            self.lazy[slot].append((link.LEASE, self.vouched_until))
         self.unsynced.add(slot)
 
     def detach(self, slot):
@@ -142,6 +148,8 @@ class Broker(Service):
     # -- the loop -------------------------------------------------------------
 
     def on_events(self, events):
+        if self.cluster is not None:
+            self.cluster.check_lease(time.monotonic())
         for key, mask in events:
             key.data(mask)
         self.end_turn()
@@ -242,14 +250,14 @@ class Broker(Service):
         self.run_deferred()
 
     def take(self, slot, event):
-        if self.unsynced and event[0] != link.SYNC:
+        if (self.unsynced or not self.registered) and event[0] != link.SYNC:
             self.deferred.append((slot, event))
         else:
             self.route(slot, event)
 
     def run_deferred(self):
         self.send_directories()
-        if self.deferred and not self.unsynced:
+        if self.deferred and not self.unsynced and self.registered:
             deferred, self.deferred = self.deferred, []
             for slot, event in deferred:
                 self.route(slot, event)
@@ -449,9 +457,29 @@ class Broker(Service):
         self.unlisted.update(self.outboxes)
         self.send_directories()
 
-    def evict(self, keys=None):
+    def joined(self):
+        """The first JOIN has checked our users: route what waited for it."""
+        if not self.registered:
+            self.registered = True
+            self.run_deferred()
+
+    def vouch(self, until):
+        """The lease holds until ``until`` (``time.monotonic()``): workers
+        run their users' lines until then, and no longer. In order with the
+        rest (not riding ahead of a batch, as new names do): after an EVICT,
+        since a worker runs the lines it held once it gets this."""
+        self.vouched_until = until
+        for box in self.outboxes.values():
+            box.append((link.LEASE, until))
+
+    def evict(self, keys=None, drop_lines=False):
         """The node cannot vouch for its users any more: close their
-        connections (``keys``: only those) with ERR unavailable."""
+        connections (``keys``: only those) with ERR unavailable. With
+        ``drop_lines``, every user goes, and their lines still waiting to
+        be routed go with them."""
+        if drop_lines:
+            self.deferred = [(slot, event) for slot, event in self.deferred
+                             if event[0] != link.MSG and event[0] != link.DM]
         for slot in self.outboxes:
             cids = None if keys is None else [self.users[k][2] for k in keys
                                               if k in self.users and self.users[k][1] == slot]

@@ -75,6 +75,10 @@ class Worker(Service):
         self.sent = Outbound()     # our batches, until the broker acknowledges them
         self.routed = Inbound()    # which batches were routed to us already
         self.cursor = None         # cluster mode: the last stream entry routed to us
+        # Cluster mode: the node's lease holds until then (link.LEASE); past
+        # it, users' lines wait in `unvouched` until a later one, or their close.
+        self.vouched_until = 0.0 if config.redis is not None else float("inf")
+        self.unvouched = set()
         self.msg_run = []          # MSG lines not yet closed into an event
         self.local = []            # (sender, lines) for this turn's local fan-out
         self.stalled = set()       # clients holding lines until the link drains
@@ -339,6 +343,9 @@ class Worker(Service):
         flood = self.flood
         if c.waiting or self.congested():
             rest = lines
+        elif self.now >= self.vouched_until and c.name is not None:
+            rest = lines
+            self.unvouched.add(c)
         elif flood is not None:
             allowed = flood.allowance(c, self.now)
             rest = self.run_lines(c, lines[:allowed])
@@ -349,7 +356,7 @@ class Worker(Service):
             rest = self.run_lines(c, lines)
         if rest:
             c.held = rest
-            if c.waiting:
+            if c.waiting or c in self.unvouched:
                 pass
             elif self.congested():
                 self.stalled.add(c)
@@ -483,6 +490,14 @@ class Worker(Service):
                     self.directory = set(event[1])
                 elif tag == link.CURSOR:
                     self.cursor = event[1]
+                elif tag == link.LEASE:
+                    self.vouched_until = event[1]
+                    self.now = time.monotonic()
+                    if self.unvouched and self.now < self.vouched_until:
+                        waiting, self.unvouched = self.unvouched, set()
+                        for c in waiting:
+                            if c.sock is not None and c.held:
+                                self.pump(c)
                 elif tag == link.EVICT:
                     cids = self.users if event[2] is None else event[2]
                     for c in [self.users[cid] for cid in cids if cid in self.users]:
@@ -590,6 +605,7 @@ class Worker(Service):
         if self.clients.pop(c.cid, None) is None:
             return
         self.stalled.discard(c)
+        self.unvouched.discard(c)
         c.held = None
         if c.name is not None:
             self.local_names.pop(c.name.lower(), None)

@@ -28,7 +28,14 @@ What it keeps true, and how:
   not renew closes its users' connections with ``ERR unavailable`` before
   its lease can run out, so that nobody is announced gone on one side and
   still chatting on the other; what it had not yet passed to Redis is
-  dropped, except the departures.
+  dropped, except the departures. Its workers run its users' lines only
+  until then (the broker tells them how long the lease holds), so a node
+  that was frozen serves them nothing when it wakes.
+* **Fencing.** However late a stale node's commands reach Redis, they carry
+  the lease value its last JOIN set, and the scripts refuse them once that
+  lease is gone (:mod:`chatlib.registry`). A JOIN carries the node's users,
+  checked against the registry in the same script: a node whose lease
+  lapsed gets none of them back and closes them all.
 * **Redis restarted empty.** The registry's epoch is gone: the node
   registers its users again, and no new name is given for one lease, until
   every live node has had the time to do the same.
@@ -60,14 +67,45 @@ def entry_number(entry_id):
 
 class _Op:
     """One command for Redis that must be sent, and sent again after a
-    reconnect until its reply comes: ``script`` run with ``args``, or the
-    plain command ``args`` if ``script`` is None; ``on_reply`` takes the reply."""
+    reconnect until its reply comes: ``script`` run with ``args`` (after
+    ``P node lease``, which are added when it is sent, so that it carries
+    the lease of the moment), or the plain command ``args`` if ``script`` is
+    None; ``on_reply`` takes the reply."""
 
     def __init__(self, script, args, on_reply, size=0):
         self.script = script
         self.args = args
         self.on_reply = on_reply
         self.size = size
+
+    def arguments(self):
+        return self.args
+
+
+class _Publish(_Op):
+    """A PUBLISH: one bus entry with a turn's records (``data``), the
+    departures to release (key, owner, announce) and the claims to list."""
+
+    def __init__(self, data, releases, joins, on_reply, users_era):
+        super().__init__(registry.PUBLISH, None, on_reply, len(data))
+        self.users_era = users_era    # the node's users when it was made (see give_up_users)
+        self.data = data
+        self.releases = releases
+        self.joins = joins
+
+    def drop_lines(self):
+        """Only the departures still go: the users whose lines these were are closed."""
+        self.data = b""
+        self.joins = []
+        self.size = 0
+
+    def arguments(self):
+        args = [registry.STREAM_MAXLEN, self.data, len(self.releases)]
+        for key, owner, announce in self.releases:
+            args += [key, owner, "1" if announce else "0"]
+        for key, owner in self.joins:
+            args += [key, owner]
+        return args
 
 
 class _Request:
@@ -88,7 +126,8 @@ class Cluster:
         self.prefix = cfg.cluster
         self.node = cfg.node_id
         self.node_b = cfg.node_id.encode()
-        self.token = cfg.node_token
+        self.token = cfg.node_token  # this run's: the first part of each lease value
+        self.lease_value = None    # what the lease key holds since our last JOIN
         self.lease = cfg.node_lease
         self.lease_ms = int(self.lease * 1000)
         self.heartbeat_every = min(1.0, self.lease / 4)
@@ -99,9 +138,12 @@ class Cluster:
         self.reader = RedisClient(cfg.redis, broker.sel, "redis-bus", on_up=self.read,
                                   log=self.log)
         self.epoch = ""            # the registry's epoch, once joined
+        self.join_mode = None      # '' once connected; None before
+        self.joining = False       # a JOIN is in flight
         self.registered = False    # joined on the current connection
         self.ready = False         # told the supervisor once
         self.fenced = False        # lease lost: no names given until renewed
+        self.users_era = 0         # times the node gave up all its users
         # Our lease surely holds until then. A restarted broker does not know
         # when its predecessor last renewed: it has a moment to join.
         self.lease_until = time.monotonic() + 2 * self.fence_margin
@@ -185,8 +227,7 @@ class Cluster:
             due = [op for when, op in self.later if when <= now]
             self.later = [(when, op) for when, op in self.later if when > now]
             self.queue(*due)
-        if not self.fenced and self.broker.users and now >= self.lease_until - self.fence_margin:
-            self.fence()
+        self.check_lease(now)
         if self.registered and now >= self.next_heartbeat and self.heartbeat_sent is None:
             self.heartbeat(now)
         if self.leaving and now >= self.leaving[0]:
@@ -196,34 +237,45 @@ class Cluster:
             self.read()
         if self.rejoin_at is not None and now >= self.rejoin_at:
             self.rejoin_at = None
-            if self.commands.up:
-                self.join("")
+            self.synced()
         self.send()
         self.commands.flush()
 
     # -- the command connection ------------------------------------------------
 
     def on_up(self):
-        """Connected: register (again) before anything else goes. The bus
-        reader starts once Redis first answered, so that a Redis unreachable
-        at start is logged once, not once per connection."""
+        """Connected: register (again) before anything else goes, once we
+        know which Redis this is. The bus reader starts once Redis first
+        answered, so that a Redis unreachable at start is logged once, not
+        once per connection."""
         if not self.reader_started:
             self.reader_started = True
             self.reader.start()
-        self.registered = False
-        self.join("")
+        self.registered = self.joining = False
+        self.join_mode = ""
+        self.synced()
 
-    def join(self, mode, users=()):
-        args = [self.prefix, self.node, self.token, self.lease_ms, registry.STREAM_MAXLEN,
-                os.urandom(8).hex(), self.epoch, mode]
-        for cid_slot, name, stamp in users:
-            slot, cid = cid_slot
+    def synced(self):
+        """JOIN once Redis is identified and every worker has told the broker
+        who is logged in there (the broker calls this once they all have):
+        the JOIN checks those users."""
+        if self.join_mode is not None and self.commands.up and not self.joining \
+                and not self.registered and not self.broker.unsynced:
+            self.join(self.join_mode)
+
+    def join(self, mode):
+        lease_value = "%s.%s" % (self.token, os.urandom(6).hex())
+        args = [self.prefix, self.node, lease_value, self.lease_ms, registry.STREAM_MAXLEN,
+                os.urandom(8).hex(), self.epoch, mode, "0" if self.epoch else "1"]
+        for name, slot, cid, stamp in self.broker.users.values():
             args += [name.lower(), self.owner(slot, cid), name, stamp]
-        sent = time.monotonic()
-        self.commands.evalsha(partial(self.on_join, sent), registry.JOIN, (), args)
+        self.joining = True
+        self.commands.evalsha(partial(self.on_join, time.monotonic(), lease_value),
+                              registry.JOIN, (), args)
         self.commands.flush()
 
-    def on_join(self, sent, reply):
+    def on_join(self, sent, lease_value, reply):
+        self.joining = False
         if isinstance(reply, (ConnectionLost, RedisError)):
             if isinstance(reply, RedisError):
                 self.log.error("cannot join the cluster: %s", reply)
@@ -235,31 +287,36 @@ class Cluster:
         if status == b"epoch":
             self.log.warning("redis has lost the cluster's data (restarted empty?): "
                              "registering this node's %d users again", len(self.broker.users))
-            self.join("restore", [((u[1], u[2]), u[0], u[3])
-                                  for u in self.broker.users.values()])
+            self.join("restore")
             return
-        _, epoch, last_id, keys, conflicts = reply
+        _, epoch, last_id, keys, conflicts, lapsed = reply
         if not self.epoch:
             self.log.info("joined cluster %r as node %s", self.prefix, self.node)
         self.epoch = epoch.decode()
+        self.lease_value = lease_value
+        self.join_mode = ""
         self.registered = True
         self.join_cursor = last_id
+        if lapsed and self.broker.users and not self.fenced:
+            self.log.error("this node's cluster lease had run out (was it stopped, or cut "
+                           "off?): closing its %d users' connections (ERR unavailable)",
+                           len(self.broker.users))
+            self.give_up_users()
+        elif conflicts:
+            self.broker.evict([k.decode() for k in conflicts])
         self.renewed(sent)
         self.mirror = {k.decode() for k in keys} - set(self.broker.users)
-        if conflicts:
-            self.broker.evict([k.decode() for k in conflicts])
         self.broker.directory_changed()
-        self.synced()
+        self.serve()
         self.send()
 
-    def synced(self):
-        """Registered, and every worker has synced (a restarted broker has
+    def serve(self):
+        """Registered, so every worker had synced (a restarted broker has
         their cursors): start reading, and serving."""
-        if not self.registered or self.broker.unsynced:
-            return
         if self.cursor is None:
             self.cursor = min(self.worker_cursors + [self.join_cursor], key=entry_number)
         self.read()
+        self.broker.joined()
         if not self.ready:
             self.ready = True
             self.broker.report_ready()
@@ -281,17 +338,23 @@ class Cluster:
     def on_down(self):
         """Every unanswered command failed (in order): send them again later,
         first, after registering again."""
-        self.registered = False
+        self.registered = self.joining = False
+        self.join_mode = None
         self.heartbeat_sent = None
         self.backlog.extendleft(reversed(self.lost))
         self.lost = []
 
     def renewed(self, sent):
+        """Redis renewed the lease at ``sent`` or later. The workers run our
+        users' lines until we would fence."""
         self.lease_until = sent + self.lease
         self.next_heartbeat = sent + self.heartbeat_every
-        if self.fenced:
+        vouched_until = self.lease_until - self.fence_margin
+        if self.fenced and time.monotonic() < vouched_until:
             self.fenced = False
             self.log.info("cluster lease renewed: serving logins again")
+        if not self.fenced:
+            self.broker.vouch(vouched_until)
 
     def heartbeat(self, now):
         """Renew the lease; save the cursor of one heartbeat ago, whose lines
@@ -299,8 +362,9 @@ class Cluster:
         self.heartbeat_sent = now
         saved, self.cursor_saved = self.cursor_saved, self.cursor
         self.commands.evalsha(self.on_heartbeat, registry.HEARTBEAT, (),
-                              [self.prefix, self.node, self.token, self.lease_ms, self.epoch,
-                               registry.STREAM_MAXLEN, self.lease_ms * 3, saved or ""])
+                              [self.prefix, self.node, self.lease_value, self.lease_ms,
+                               self.epoch, registry.STREAM_MAXLEN, self.lease_ms * 3,
+                               saved or ""])
 
     def on_heartbeat(self, reply):
         sent, self.heartbeat_sent = self.heartbeat_sent, None
@@ -316,33 +380,43 @@ class Cluster:
             for node, count in zip(pairs[::2], pairs[1::2]):
                 self.log.warning("node %s missed its lease: %d users announced gone",
                                  node.decode(), count)
-        elif status == b"epoch":
-            self.registered = False
-            self.join("")
-        else:                                   # reaped: the others took us for dead
-            self.log.error("this node was taken for dead by the cluster; joining again")
+            return
+        if status != b"epoch" and not self.fenced:     # lapsed: gone, or taken for dead
+            self.log.error("this node's cluster lease ran out before it was renewed "
+                           "(was it stopped, or cut off?); joining again")
             self.fence()
-            self.registered = False
-            self.join("")
+        self.registered = False
+        self.synced()
+
+    def check_lease(self, now):
+        """Fence if the lease may run out before Redis hears from us. The
+        broker asks before it routes anything, so that a node that was not
+        running (stopped, paused) closes its users before serving a line."""
+        if not self.fenced and self.broker.users and now >= self.lease_until - self.fence_margin:
+            self.fence()
 
     def fence(self):
-        """Our lease may run out before Redis hears from us: give up our users
-        (the others will announce them) and drop what they said that Redis
-        has not got. Their departures stay queued: if nobody reaped us after
-        all, the release announces them, exactly once."""
+        """Our lease may run out before Redis hears from us: no names given
+        until it is renewed, and our users given up (the others will
+        announce them)."""
         self.fenced = True
         if self.broker.users:
             self.log.error("cannot renew the cluster lease: closing %d users' connections "
                            "(ERR unavailable)", len(self.broker.users))
+            self.give_up_users()
+
+    def give_up_users(self):
+        """Close every user's connection, dropping what they said that Redis
+        has not got. Their departures stay queued: a release whose name is
+        still ours announces it, exactly once."""
+        self.users_era += 1                     # and those in flight, if sent again
         for op in self.backlog:
-            if op.script is registry.PUBLISH:
-                op.args[4] = b""
-                op.args[6 + 3 * int(op.args[5]):] = []      # claims: gone with the users
+            if isinstance(op, _Publish):
                 self.backlog_bytes -= op.size
-                op.size = 0
+                op.drop_lines()
         self.records = bus.Records()
         self.joins = []
-        self.broker.evict()
+        self.broker.evict(drop_lines=True)
 
     # -- queueing and sending -------------------------------------------------
 
@@ -367,9 +441,11 @@ class Cluster:
                 self.publishing += 1
             callback = partial(self.on_reply, op)
             if op.script is None:
-                self.commands.call(callback, *op.args)
+                self.commands.call(callback, *op.arguments())
             else:
-                self.commands.evalsha(callback, op.script, (), op.args)
+                self.commands.evalsha(callback, op.script, (),
+                                      [self.prefix, self.node, self.lease_value,
+                                       *op.arguments()])
         self.backlog = held
         self.commands.flush()
 
@@ -377,6 +453,8 @@ class Cluster:
         if op.script is registry.PUBLISH:
             self.publishing -= 1
         if isinstance(reply, ConnectionLost):
+            if isinstance(op, _Publish) and op.users_era != self.users_era:
+                op.drop_lines()                 # its users were given up meanwhile
             self.lost.append(op)
             return
         if isinstance(reply, RedisError):
@@ -406,16 +484,9 @@ class Cluster:
     def seal(self):
         if self.covered is not None:
             covered, self.covered = self.covered, None
-            data = self.records.encode()
-            args = [self.prefix, self.node, self.token, registry.STREAM_MAXLEN, data,
-                    len(self.releases)]
-            for key, owner, announce in self.releases:
-                args += [key, owner, "1" if announce else "0"]
-            for key, owner in self.joins:
-                args += [key, owner]
             self.unconfirmed.append(covered)
-            self.queue(_Op(registry.PUBLISH, args, partial(self.on_published, covered),
-                           len(data)))
+            self.queue(_Publish(self.records.encode(), self.releases, self.joins,
+                                partial(self.on_published, covered), self.users_era))
             self.records = bus.Records()
             self.releases = []
             self.joins = []
@@ -425,14 +496,13 @@ class Cluster:
             self.requests = []
         if self.leaving and not self.leave_queued:
             self.leave_queued = True
-            self.queue(_Op(registry.LEAVE, [self.prefix, self.node, self.token,
-                                            registry.STREAM_MAXLEN], self.left))
+            self.queue(_Op(registry.LEAVE, [registry.STREAM_MAXLEN], self.left))
         self.send()
 
     def on_published(self, covered, reply):
         self.entries_out += 1
-        if reply == b"reaped":
-            self.log.error("redis refused this node's lines: it was taken for dead")
+        if reply == b"lapsed":
+            self.log.error("redis refused this node's lines: its lease had run out")
         if self.unconfirmed and self.unconfirmed[0] is covered:
             self.unconfirmed.popleft()
         self.confirmed = covered
@@ -469,8 +539,7 @@ class Cluster:
         request = self.request(slot, cid)
         key = name.lower()
         owner = self.owner(slot, cid)
-        args = [self.prefix, self.node, self.token, key, name, owner]
-        op = _Op(registry.CLAIM, args, None)
+        op = _Op(registry.CLAIM, [key, name, owner], None)
         op.on_reply = partial(self.on_claim, request, op, name, owner)
         self.requests.append(op)
 
@@ -516,9 +585,8 @@ class Cluster:
         records = bus.Records()
         records.from_batch("dm", self.dm_number)
         records.dm(key, line)
-        args = [self.prefix, self.node, self.token, registry.STREAM_MAXLEN, key,
-                records.encode()]
-        self.requests.append(_Op(registry.DM, args, partial(self.on_dm, request)))
+        self.requests.append(_Op(registry.DM, [registry.STREAM_MAXLEN, key, records.encode()],
+                                 partial(self.on_dm, request)))
 
     def on_dm(self, request, reply):
         if request.done:
@@ -606,3 +674,4 @@ class Cluster:
 
 def _names(field):
     return [n for n in (field or b"").decode().split("\n") if n]
+

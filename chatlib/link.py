@@ -53,6 +53,13 @@ Broker -> worker
                                 reading after the oldest cursor of its workers
     (EVICT, line, cids)         cluster mode: the node lost its lease; cut
                                 these logged-in users (None: all) with ``line``
+    (LEASE, until)              cluster mode: the node's lease holds until
+                                ``until`` (``time.monotonic()``, one clock for
+                                every process of a host): run no logged-in
+                                user's line after it, unless told a later one.
+                                A node stopped past its lease (a freeze, a
+                                paused VM) then serves its users nothing
+                                before the broker has closed them
     (ACK, n)                    this worker's batches up to number ``n`` are
                                 routed and their lines are in the kernel's
                                 socket buffers: a broker killed now loses none
@@ -87,3 +94,4 @@ SEQ = "N"
 FROM = "F"
 CURSOR = "C"
 EVICT = "E"
+LEASE = "T"

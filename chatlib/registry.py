@@ -13,7 +13,9 @@ Keys, all under the cluster's prefix ``P`` (``--cluster``, default ``chat``):
     P:order        zset   name as typed, scored by its login stamp (WHO)
     P:stamp        string the last login stamp given
     P:nodes        hash   node id -> token of the run that registered it
-    P:lease:<id>   string that token, expiring: the node is alive while it exists
+    P:lease:<id>   string the node's lease, expiring: the node is alive while it
+                          exists. Its value, ``<run token>.<random>``, is new at
+                          every JOIN: the fencing token (see below)
     P:held:<id>    set    the names node <id> holds (what a reaper frees)
     P:cursor:<id>  string the bus entry up to which node <id> surely routed:
                           where a restarted broker of the same run resumes
@@ -27,6 +29,13 @@ A bus entry has the fields ``o`` (origin node, or ``reaper``), ``d`` (the
 records of :mod:`chatlib.bus`: MSG lines and DMs), ``l`` (display names of
 departed users, newline-separated: an ``INFO`` each), ``q`` (names released
 without an announcement) and ``j`` (names just claimed: for directories).
+
+Every script but JOIN takes ``P node lease`` as its first three arguments,
+``lease`` being the value the node's last JOIN gave its lease key, and does
+nothing unless that key still holds it. So a node that was frozen, paused or
+cut off past its lease (whose users the others may have announced gone and
+whose names they may have given out again) cannot change anything, however
+late its commands arrive: it must JOIN again, and is told its lease lapsed.
 
 The scripts build key names from the prefix (``ARGV[1]``) instead of
 declaring them in ``KEYS``: fine on a standalone Redis or Valkey, which is
@@ -46,6 +55,9 @@ local function held(node) return P .. ':held:' .. node end
 local function lease(node) return P .. ':lease:' .. node end
 local function cursor(node) return P .. ':cursor:' .. node end
 local function node_of(owner) return string.match(owner, '^%S+') end
+local function run_of(lease_value) return string.match(lease_value, '^[^.]*') end
+-- The fencing token: does `node` still hold the lease `value`?
+local function holds(node, value) return redis.call('GET', lease(node)) == value end
 
 -- Free `key` if `owner` holds it; the name as typed, or nil.
 local function release(key, owner)
@@ -86,17 +98,32 @@ local function announce_reaped(maxlen, names)
 end
 """
 
-# ARGV: P node token lease_ms maxlen new_epoch known_epoch mode, then for
-# mode 'restore' the node's users as (key owner name stamp) quadruples.
+# ARGV: P node lease lease_ms maxlen new_epoch known_epoch mode first, then
+# the node's users as (key owner name stamp) quadruples. ``lease`` is the new
+# value of the node's lease (``<run token>.<random>``); ``mode`` is '', or
+# 'lost' when the node finds Redis is not the server it wrote to (restarted,
+# or failed over to a replica that may have missed writes), or 'restore' to
+# register its users again after that. ``first``: '1' from a broker's first
+# JOIN, whose users are all the node has (a restarted broker's, from its
+# workers): names the node holds beyond them are released and announced.
+#
+# The users are checked against the registry, atomically: while the node's
+# lease has run on without a break (it is renewed here) each must be held by
+# its owner or is claimed again if free (restore); a name held by another is
+# a conflict. A node whose lease lapsed (its run's lease key is gone) is
+# reaped first, its users announced gone, and none of the users given is
+# registered: they are all returned as conflicts, for the node to close.
+#
 # Returns {'duplicate', ms left} | {'epoch', epoch} (call again to restore)
-# | {'ok', epoch, bus id to read after, every key in P:users, keys held
-# by others}. The bus id is the last entry for a new run of the node, and
-# the saved cursor for a restarted broker of the same run.
+# | {'ok', epoch, bus id to read after, every key in P:users, conflicts,
+# 1 if the lease had lapsed}. The bus id is the last entry for a new run of
+# the node, and the saved cursor when its lease ran on.
 JOIN = Script(_PRELUDE + r"""
-local node, token, lease_ms, maxlen = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local known, mode = ARGV[7], ARGV[8]
+local node, value, lease_ms, maxlen = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local known, mode, first = ARGV[7], ARGV[8], ARGV[9]
+local run = run_of(value)
 local current = redis.call('GET', lease(node))
-if current and current ~= token then
+if current and run_of(current) ~= run then
   return {'duplicate', redis.call('PTTL', lease(node))}
 end
 local epoch = redis.call('GET', P .. ':epoch')
@@ -110,34 +137,40 @@ end
 if known ~= '' and known ~= epoch and mode ~= 'restore' then
   return {'epoch', epoch}
 end
-local previous = redis.call('HGET', NODES, node)
-if previous and previous ~= token then
-  announce_reaped(maxlen, reap(node))      -- an earlier run, its lease run out
+local lapsed = not current and mode ~= 'restore'
+if redis.call('HEXISTS', NODES, node) == 1 and (lapsed or redis.call('HGET', NODES, node) ~= run) then
+  announce_reaped(maxlen, reap(node))      -- its lease ran out: a lapse, or an earlier run
 end
-local conflicts, joined = {}, {}
-if mode == 'restore' then
-  local top = tonumber(redis.call('GET', P .. ':stamp') or '0')
-  for i = 9, #ARGV, 4 do
-    local key, owner, name, stamp = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-    local holder = redis.call('HGET', USERS, key)
-    if not holder then
-      redis.call('HSET', USERS, key, owner)
-      redis.call('HSET', NAMES, key, name)
-      redis.call('ZADD', ORDER, stamp, name)
-      redis.call('SADD', held(node), key)
-      joined[#joined + 1] = key
-      if stamp > top then top = stamp end
-    elseif holder ~= owner then
-      conflicts[#conflicts + 1] = key
-    end
-  end
-  redis.call('SET', P .. ':stamp', top)
-  if #joined > 0 then
-    publish(maxlen, {'o', node, 'j', table.concat(joined, '\n')})
+local conflicts, joined, given = {}, {}, {}
+local top = tonumber(redis.call('GET', P .. ':stamp') or '0')
+for i = 10, #ARGV, 4 do
+  local key, owner, name, stamp = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local holder = redis.call('HGET', USERS, key)
+  given[key] = true
+  if lapsed or (holder and holder ~= owner) then
+    conflicts[#conflicts + 1] = key
+  elseif not holder then
+    redis.call('HSET', USERS, key, owner)
+    redis.call('HSET', NAMES, key, name)
+    redis.call('ZADD', ORDER, stamp, name)
+    redis.call('SADD', held(node), key)
+    joined[#joined + 1] = key
+    if stamp > top then top = stamp end
   end
 end
-redis.call('SET', lease(node), token, 'PX', lease_ms)
-redis.call('HSET', NODES, node, token)
+redis.call('SET', P .. ':stamp', top)
+if #joined > 0 then
+  publish(maxlen, {'o', node, 'j', table.concat(joined, '\n')})
+end
+if first == '1' and not lapsed then
+  local gone = {}
+  for _, key in ipairs(redis.call('SMEMBERS', held(node))) do
+    if not given[key] then gone[#gone + 1] = release(key, redis.call('HGET', USERS, key)) end
+  end
+  if #gone > 0 then publish(maxlen, {'o', node, 'l', table.concat(gone, '\n')}) end
+end
+redis.call('SET', lease(node), value, 'PX', lease_ms)
+redis.call('HSET', NODES, node, run)
 local start = current and redis.call('GET', cursor(node))
 if not start then
   local last = redis.call('XREVRANGE', BUS, '+', '-', 'COUNT', 1)
@@ -145,19 +178,20 @@ if not start then
   if #last > 0 then start = last[1][1] end
   redis.call('SET', cursor(node), start, 'PX', lease_ms * 3)
 end
-return {'ok', epoch, start, redis.call('HKEYS', USERS), conflicts}
+return {'ok', epoch, start, redis.call('HKEYS', USERS), conflicts, lapsed and 1 or 0}
 """)
 
-# ARGV: P node token lease_ms epoch maxlen retention_ms cursor.
+# ARGV: P node lease lease_ms epoch maxlen retention_ms cursor.
 # Renews this node's lease (and saves its cursor, if not ''), reaps the
 # nodes whose lease ran out, trims the bus to what a node resuming after a
 # short outage may still need.
-# Returns {'ok', {node, users reaped, ...}} | {'epoch'} | {'reaped'}.
+# Returns {'ok', {node, users reaped, ...}} | {'epoch'} | {'lapsed'} (the
+# lease ran out, or the node was reaped: it must JOIN again).
 HEARTBEAT = Script(_PRELUDE + r"""
-local node, token, lease_ms, maxlen = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
+local node, value, lease_ms, maxlen = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 if redis.call('GET', P .. ':epoch') ~= ARGV[5] then return {'epoch'} end
-if redis.call('HGET', NODES, node) ~= token then return {'reaped'} end
-redis.call('SET', lease(node), token, 'PX', lease_ms)
+if not holds(node, value) then return {'lapsed'} end
+redis.call('SET', lease(node), value, 'PX', lease_ms)
 if ARGV[8] ~= '' then redis.call('SET', cursor(node), ARGV[8], 'PX', lease_ms * 3) end
 local reaped = {}
 for _, other in ipairs(redis.call('HKEYS', NODES)) do
@@ -174,11 +208,11 @@ redis.call('XTRIM', BUS, 'MINID', '~', oldest)
 return {'ok', reaped}
 """)
 
-# ARGV: P node token key name owner. Returns the login stamp, 0 if the name
-# is taken, -1 if no name may be given now (recovering, or not registered).
+# ARGV: P node lease key name owner. Returns the login stamp, 0 if the name
+# is taken, -1 if no name may be given now (recovering, or the lease lapsed).
 CLAIM = Script(_PRELUDE + r"""
-local node, token, key, name, owner = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-if redis.call('HGET', NODES, node) ~= token then return -1 end
+local node, key, name, owner = ARGV[2], ARGV[4], ARGV[5], ARGV[6]
+if not holds(node, ARGV[3]) then return -1 end
 local holder = redis.call('HGET', USERS, key)
 if holder == owner then                        -- our own claim, sent again
   return tonumber(redis.call('ZSCORE', ORDER, redis.call('HGET', NAMES, key)))
@@ -193,13 +227,13 @@ redis.call('SADD', held(node), key)
 return stamp
 """)
 
-# ARGV: P node token maxlen data count, then count (key owner announce)
+# ARGV: P node lease maxlen data count, then count (key owner announce)
 # triples to release, then (key owner) pairs just claimed. One bus entry
 # with the turn's records, the departures it really freed (an INFO each,
-# or quietly) and the claims still held. Returns 'ok' or 'reaped'.
+# or quietly) and the claims still held. Returns 'ok' or 'lapsed'.
 PUBLISH = Script(_PRELUDE + r"""
-local node, token, maxlen = ARGV[2], ARGV[3], ARGV[4]
-if redis.call('HGET', NODES, node) ~= token then return 'reaped' end
+local node, maxlen = ARGV[2], ARGV[4]
+if not holds(node, ARGV[3]) then return 'lapsed' end
 local left, quiet, joined = {}, {}, {}
 local i = 7
 for _ = 1, tonumber(ARGV[6]) do
@@ -224,20 +258,20 @@ publish(maxlen, fields)
 return 'ok'
 """)
 
-# ARGV: P node token maxlen key data. A DM to a name this node's directory
+# ARGV: P node lease maxlen key data. A DM to a name this node's directory
 # did not know: sent if the name is logged in anywhere. Returns 1 if sent,
-# 0 if nobody has the name, -1 if this node is not registered.
+# 0 if nobody has the name, -1 if the node's lease lapsed.
 DM = Script(_PRELUDE + r"""
-if redis.call('HGET', NODES, ARGV[2]) ~= ARGV[3] then return -1 end
+if not holds(ARGV[2], ARGV[3]) then return -1 end
 if redis.call('HEXISTS', USERS, ARGV[5]) == 0 then return 0 end
 publish(ARGV[4], {'o', ARGV[2], 'd', ARGV[6]})
 return 1
 """)
 
-# ARGV: P node token maxlen. A node shutting down: its users are announced
+# ARGV: P node lease maxlen. A node shutting down: its users are announced
 # gone and its names freed at once, instead of after its lease.
 LEAVE = Script(_PRELUDE + r"""
-if redis.call('HGET', NODES, ARGV[2]) ~= ARGV[3] then return 0 end
+if not holds(ARGV[2], ARGV[3]) then return 0 end
 local names = reap(ARGV[2])
 announce_reaped(ARGV[4], names)
 return #names
