@@ -36,7 +36,10 @@ What it keeps true, and how:
   lease is gone (:mod:`chatlib.registry`). A JOIN carries the node's users,
   checked against the registry in the same script: a node whose lease
   lapsed gets none of them back and closes them all.
-* **Redis restarted empty.** The registry's epoch is gone: the node
+* **Redis restarted, or failed over.** On every connection the node asks
+  Redis who it is (``run_id``, ``master_replid``): a server it has not
+  written to may have missed its last writes (replication is asynchronous),
+  as an empty one has lost them all (its epoch is gone). Either way the node
   registers its users again, and no new name is given for one lease, until
   every live node has had the time to do the same.
 """
@@ -57,6 +60,7 @@ READ_BLOCK = 1.0          # seconds a read waits for new entries
 BACKLOG_LIMIT = 64 << 20  # bytes waiting for Redis above which the broker stops reading
 READ_RETRY = 1.0          # seconds before reading again after Redis refused a read
 LEAVE_TIMEOUT = 1.5       # seconds a stopping node waits for its departures to be published
+IDENTITY_FIELDS = (b"run_id", b"master_replid")   # a Redis server, and its data's history
 
 
 def entry_number(entry_id):
@@ -138,7 +142,8 @@ class Cluster:
         self.reader = RedisClient(cfg.redis, broker.sel, "redis-bus", on_up=self.read,
                                   log=self.log)
         self.epoch = ""            # the registry's epoch, once joined
-        self.join_mode = None      # '' once connected; None before
+        self.identity = None       # IDENTITY_FIELDS of the Redis we last wrote to
+        self.join_mode = None      # '' or 'lost' once Redis is identified; None before
         self.joining = False       # a JOIN is in flight
         self.registered = False    # joined on the current connection
         self.ready = False         # told the supervisor once
@@ -252,7 +257,31 @@ class Cluster:
             self.reader_started = True
             self.reader.start()
         self.registered = self.joining = False
+        self.join_mode = None
+        answers = []
+        for section in ("server", "replication"):
+            self.commands.call(partial(self.on_info, answers), "INFO", section)
+        self.commands.flush()
+
+    def on_info(self, answers, reply):
+        """Both INFO replies in: is this the Redis we wrote to? A restart and
+        a promotion of a replica both change its run id or replication id."""
+        answers.append(reply)
+        if len(answers) < 2 or any(isinstance(a, ConnectionLost) for a in answers):
+            return
+        refused = [a for a in answers if isinstance(a, RedisError)]
+        identity = None if refused else _info_fields(b"\r\n".join(answers), IDENTITY_FIELDS)
+        if refused and not self.epoch:
+            self.log.warning("redis refused INFO (%s): a failover to a replica that missed "
+                             "writes would go unnoticed", refused[0])
         self.join_mode = ""
+        if identity and self.identity and identity != self.identity:
+            self.log.warning("redis is not the server this node wrote to (restarted, or "
+                             "failed over to a replica?): it may have missed the last "
+                             "writes; registering this node's %d users again, and no new "
+                             "names for %.0f s", len(self.broker.users), self.lease)
+            self.join_mode = "lost"
+        self.identity = identity or self.identity
         self.synced()
 
     def synced(self):
@@ -285,8 +314,10 @@ class Cluster:
             self.duplicate(max(0, reply[1]) / 1000)
             return
         if status == b"epoch":
-            self.log.warning("redis has lost the cluster's data (restarted empty?): "
-                             "registering this node's %d users again", len(self.broker.users))
+            if self.join_mode != "lost":
+                self.log.warning("redis has lost the cluster's data (restarted empty?): "
+                                 "registering this node's %d users again",
+                                 len(self.broker.users))
             self.join("restore")
             return
         _, epoch, last_id, keys, conflicts, lapsed = reply
@@ -675,3 +706,9 @@ class Cluster:
 def _names(field):
     return [n for n in (field or b"").decode().split("\n") if n]
 
+
+def _info_fields(text, fields):
+    """The values of ``fields`` in INFO replies, as a tuple (None if one is missing)."""
+    found = dict(line.split(b":", 1) for line in text.split(b"\r\n") if b":" in line)
+    values = tuple(found.get(field) for field in fields)
+    return None if None in values else values

@@ -134,6 +134,10 @@ if not epoch then
     redis.call('SET', P .. ':recovering', '1', 'PX', lease_ms)
   end
 end
+if mode == 'lost' then
+  redis.call('SET', P .. ':recovering', '1', 'PX', lease_ms)
+  return {'epoch', epoch}
+end
 if known ~= '' and known ~= epoch and mode ~= 'restore' then
   return {'epoch', epoch}
 end

@@ -4,7 +4,9 @@ Black-box, against real ``redis-server`` processes. A node's process group is
 frozen with SIGSTOP for longer than its lease, so that the others announce
 its users gone and hand their names out again, then resumed in each order a
 real pause can end in (a stopped terminal job, a paused VM, a long garbage
-collection).
+collection). And Redis fails over to a replica that missed the last writes
+(replication is asynchronous), through TCP relays that stall and move like a
+network does.
 
 What must hold: a node whose lease ran out serves its users no further line
 (they get ``ERR unavailable`` and are closed), nothing they sent after
@@ -110,3 +112,33 @@ def _resume(pgid):
     except OSError:
         pass
 
+
+class TestFailover(FencingCase):
+    def test_a_replica_that_missed_a_login_never_grants_that_name_again(self):
+        """The replica is fed through a relay that stalls (a partition)
+        before ``carol`` logs in; the master dies with its last writes, the
+        replica is promoted, and the nodes' relay moves to it."""
+        master = self.redis()
+        feed = self.relay(master.port)
+        replica = self.redis("--replicaof", "127.0.0.1", feed.port)
+        front = self.relay(master.port)
+        a, b = self.node("A", front.url), self.node("B", front.url)
+        alice, bob = self.client(a, "alice"), self.client(b, "bob")
+        deadline = time.monotonic() + 10
+        while replica.command("HGET", "chat:users", "bob").startswith(b"$-1"):
+            self.assertLess(time.monotonic(), deadline, "the replica never caught up")
+            time.sleep(0.05)
+        feed.stall()
+        carol = self.client(a, "carol")
+        master.kill()
+        feed.cut()
+        self.assertTrue(replica.command("REPLICAOF", "NO", "ONE").startswith(b"+OK"))
+        front.move(replica.port)
+        contender = self.client(b)
+        contender.send("LOGIN carol")
+        self.assertEqual(contender.read_line(timeout=LEASE + 10), "ERR username-taken")
+        carol.send("MSG still here")
+        for user in (alice, bob):
+            self.wait_line(user, "MSG carol still here", 10)
+        alice.send("WHO")
+        alice.expect("USER alice", "USER bob", "USER carol")
