@@ -432,8 +432,11 @@ class Cluster:
         announce them)."""
         self.fenced = True
         if self.broker.users:
-            self.log.error("cannot renew the cluster lease: closing %d users' connections "
-                           "(ERR unavailable)", len(self.broker.users))
+            self.log.error("cannot renew the cluster lease (last renewed %.1f s ago: redis "
+                           "unreachable, or this process not running): closing %d users' "
+                           "connections (ERR unavailable)",
+                           time.monotonic() - (self.lease_until - self.lease),
+                           len(self.broker.users))
             self.give_up_users()
 
     def give_up_users(self):
