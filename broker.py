@@ -59,6 +59,11 @@ class Broker(Service):
         self.unsynced = set(expected)   # workers whose SYNC we still await
         self.deferred = []              # (slot, event) held until then
         self.unlisted = set()           # synced workers still owed the directory
+        self.listed = {}                # slot -> other users its directory listed at its
+                                        # SYNC, {key: name}, until all have synced
+        self.claimed = set()            # names the synced workers' LOGINs claim again
+        self.told_early = {}            # slot -> names whose LEFT it was sent before
+                                        # its SYNC came (which still lists them)
         self.last_stamp = 0             # login times, to keep WHO in login order
         self.users = {}                 # lower-case name -> (name, slot, cid, stamp), login order
         self.owner = {}                 # (slot, cid) -> lower-case name
@@ -307,7 +312,7 @@ class Broker(Service):
             if event[1] is not None:
                 self.received[slot] = event[1]
         elif tag == link.SYNC:
-            self.sync(slot, event[1], event[2])
+            self.sync(slot, event[1], event[2], event[4], event[5])
             if self.cluster is not None:
                 self.cluster.note_cursor(event[3])
         else:
@@ -320,12 +325,20 @@ class Broker(Service):
         """A change of the directory for every worker. A new name waits for
         the next batch to each (a worker that does not know it yet only
         waits for the broker's answer to a DM), so a burst of logins does
-        not wake every worker; a departure goes now, after those."""
+        not wake every worker; a departure goes now, after those. A new name
+        carries the name as typed (None: another node's user), for the
+        worker to tell a restarted broker (announce_missing)."""
         if event[0] == link.JOINED:
+            user = self.users.get(event[1])
+            event = (link.JOINED, event[1], user and user[0])
             for waiting in self.lazy.values():
                 waiting.append(event)
             self.lazy_soon()
             return
+        for names in self.listed.values():      # told now: not missing
+            names.pop(event[1], None)
+        for slot in self.unsynced.intersection(self.outboxes):
+            self.told_early.setdefault(slot, set()).add(event[1])
         for slot in self.outboxes:
             self.flush_lazy(slot)
             self.outboxes[slot].append(event)
@@ -359,10 +372,12 @@ class Broker(Service):
         self.who_cache = None
         self.last_stamp = max(self.last_stamp, stamp)
 
-    def sync(self, slot, users, departed):
+    def sync(self, slot, users, departed, listed, claims):
         """A worker's users, as it holds them (a restarted broker learns them),
         and those whose BYE it sends again: registered only if nobody holds
-        the name now, since their BYE may have been routed already."""
+        the name now, since their BYE may have been routed already. Also the
+        other users its directory lists, and the names its LOGINs claim
+        again, for announce_missing."""
         for cid, name, stamp in users:
             self.register(name, slot, cid, stamp)
         for cid, name, stamp in departed:
@@ -370,19 +385,45 @@ class Broker(Service):
                 self.register(name, slot, cid, stamp)
         if users or departed:
             self.users = dict(sorted(self.users.items(), key=lambda item: item[1][3]))
+        told = self.told_early.pop(slot, ())
+        self.listed[slot] = {key: name for key, name in listed.items() if key not in told}
+        self.claimed.update(claims)
         self.unsynced.discard(slot)
         self.unlisted.add(slot)
 
     def send_directories(self):
-        """Once every worker has synced, the ones that lack it get the directory."""
+        """Once every worker has synced, the ones that lack it get the
+        directory (name as typed by key; None for other nodes' users), then
+        the departures they missed."""
         if self.unlisted and not self.unsynced:
-            names = list(self.users)
-            if self.cluster is not None:
-                names += self.cluster.mirror
+            names = dict.fromkeys(self.cluster.mirror) if self.cluster is not None else {}
+            names.update((key, user[0]) for key, user in self.users.items())
             for slot in self.unlisted:
                 if slot in self.outboxes:
                     self.outboxes[slot].append((link.DIRECTORY, names))
             self.unlisted.clear()
+            self.announce_missing()
+
+    def announce_missing(self):
+        """The INFO lines a worker that died with the old broker took along.
+
+        A worker lists every user whose lines it may have delivered (JOINED
+        goes before them). A user it listed at its SYNC whom no worker holds
+        now, nor claims again with a LOGIN the old broker may have granted,
+        was on a worker that died unannounced, to this worker at least (one
+        told already had dropped the name): it gets the INFO, once, from no
+        batch. The DIRECTORY it was just sent no longer lists the name.
+        """
+        listed, self.listed = self.listed, {}
+        claimed, self.claimed = self.claimed, set()
+        origin, self.origin = self.origin, None
+        for slot, names in listed.items():
+            gone = [name for key, name in names.items()
+                    if key not in self.users and key not in claimed]
+            if gone and slot in self.outboxes:
+                blob = b"".join(protocol.info_disconnected(name) for name in gone)
+                self.box(slot).append((link.MSG, blob))
+        self.origin = origin
 
     def log_in(self, slot, cid, name):
         """Atomic across workers: the broker is the only one who decides

@@ -65,8 +65,9 @@ class Worker(Service):
         self.clients = {}          # cid -> Client
         self.users = {}            # cid -> Client, the logged-in ones
         self.local_names = {}      # lower-case name -> Client, the same by name
-        self.directory = set()     # lower-case names logged in anywhere (a
-                                   # replica the broker keeps up to date)
+        self.directory = {}        # lower-case name -> name as typed (None for
+                                   # another node's user), logged in anywhere:
+                                   # a replica the broker keeps up to date
         self.dirty = set()         # clients with output to write this turn
         self.broadcast_due = False # the users have broadcast lines to write
         self.next_broadcast = 0.0  # not before then (BROADCAST_EVERY)
@@ -111,6 +112,10 @@ class Worker(Service):
         events it never acknowledged, each under its batch's old number, so
         that receivers drop what they already had. Users whose BYE is among
         them are in the SYNC too, so that the new broker announces them.
+        So are the other users of this node our directory lists (another
+        node's have no name here), and the names our LOGINs claim again: a
+        new broker announces to us those it finds nowhere, whose worker
+        died with the old broker.
         """
         if self.link is not None:
             self.link.close()
@@ -121,7 +126,11 @@ class Worker(Service):
         unacked = self.sent.replay()
         users = [(c.cid, c.name, c.login_stamp) for c in self.users.values()]
         departed = [e[1:] for e in unacked + self.outbox if e[0] == link.BYE and e[2] is not None]
-        self.resend = [(link.SYNC, users, departed, self.cursor)] + requests + unacked
+        listed = {key: name for key, name in self.directory.items()
+                  if name is not None and key not in self.local_names}
+        claims = [r[2].lower() for r in requests if r[0] == link.LOGIN]
+        self.resend = ([(link.SYNC, users, departed, self.cursor, listed, claims)]
+                       + requests + unacked)
 
     def on_link_lost(self):
         self.log.debug("broker link lost; holding requests until a new broker")
@@ -483,11 +492,11 @@ class Worker(Service):
                 elif tag == link.ACK:
                     self.sent.acknowledged(event[1])
                 elif tag == link.JOINED:
-                    self.directory.add(event[1])
+                    self.directory[event[1]] = event[2]
                 elif tag == link.LEFT:
-                    self.directory.discard(event[1])
+                    self.directory.pop(event[1], None)
                 elif tag == link.DIRECTORY:
-                    self.directory = set(event[1])
+                    self.directory = dict(event[1])
                 elif tag == link.CURSOR:
                     self.cursor = event[1]
                 elif tag == link.LEASE:

@@ -21,12 +21,19 @@ Worker -> broker
                                 left: then a DELIVER of the ERR line.
     (BYE, cid, name, stamp)     the connection is gone (``name`` None if it
                                 never logged in)
-    (SYNC, users, departed, cursor)
+    (SYNC, users, departed, cursor, listed, claims)
                                 first event on a new link: the users this
                                 worker holds, as [(cid, name, stamp), ...] (a
                                 restarted broker learns them), those whose
-                                BYE it is about to send again, and the last
-                                CURSOR it was told (None outside cluster mode)
+                                BYE it is about to send again, the last
+                                CURSOR it was told (None outside cluster
+                                mode), the other users of this node its
+                                directory lists, {key: name}, and the keys
+                                of the LOGINs it sends again (a previous
+                                broker may have granted them). Once all have
+                                synced, a worker gets the INFO of each user
+                                it listed whom nobody holds or claims: one on
+                                a worker that died with the old broker
 
 Broker -> worker
     (MSG, blob)                 lines for every logged-in user of this worker
@@ -35,12 +42,15 @@ Broker -> worker
     (ANSWER, cid, data)         the answer to the connection's pending request
     (GRANTED, cid, name, stamp) the pending ``LOGIN`` succeeded; ``stamp``
                                 orders logins for ``WHO`` across broker restarts
-    (JOINED, key) / (LEFT, key) the directory: who is logged in anywhere, so a
-    (DIRECTORY, [key, ...])     worker can send a ``DM`` without waiting for an
-                                answer; the whole of it after a (re)start.
-                                JOINED rides on the next batch (a name not yet
-                                known only costs a DM a round trip); LEFT is
-                                sent at once, with the departure's INFO
+    (JOINED, key, name)         the directory: who is logged in anywhere, so a
+    (LEFT, key)                 worker can send a ``DM`` without waiting for an
+    (DIRECTORY, {key: name})    answer, and a restarted broker learns whom it
+                                has heard of (SYNC); the whole of it after a
+                                (re)start. ``name`` as typed; None for another
+                                node's user. JOINED rides on the next batch,
+                                always ahead of the user's lines (a name not
+                                yet known only costs a DM a round trip); LEFT
+                                is sent at once, with the departure's INFO
     (FROM, slot, n)             the MSG and DELIVER events that follow come
                                 from worker ``slot``'s batch ``n``; slot None:
                                 from no batch (a dead worker's departures).

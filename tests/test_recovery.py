@@ -14,6 +14,15 @@ class Recovery(TestCase):
     def logged_in(self, server, n):
         return [self.client(server, "user%d" % i) for i in range(n)]
 
+    def kill_together(self, server, roles):
+        """SIGKILL these processes one right after the other, and wait for
+        their replacements."""
+        old = server.roles()
+        for role in roles:
+            os.kill(old[role], signal.SIGKILL)
+        for role in roles:
+            server.replacement(role, old[role], RECOVERY_TIME)
+
     def split_by_survival(self, clients):
         """Clients whose connection the server closed, and the others with
         the lines each got before its PONG."""
@@ -49,6 +58,33 @@ class Recovery(TestCase):
         witness = next(iter(alive))
         witness.send("WHO")
         self.assertEqual(len(witness.read_lines(6)), 6)
+
+    def test_broker_and_worker_death(self):
+        """The broker and a worker killed together, in either order: every
+        survivor still hears once of each of the worker's users it has
+        heard from, by the name as typed, and WHO lists only the survivors."""
+        for roles in (("chat-broker", "chat-worker-1"), ("chat-worker-1", "chat-broker")):
+            with self.subTest(killed_first=roles[0]):
+                self.killed_together(roles)
+
+    def killed_together(self, roles):
+        s = self.server(workers=2)
+        # Mixed case: the INFO must say the name as typed, not its key.
+        clients = [self.client(s, "User%d" % i) for i in range(6)]
+        for c in clients:                      # everyone has heard of everyone
+            c.send("MSG hi from " + c.name)
+        for c in clients:
+            self.assertEqual(sorted(c.read_lines(5)), ["MSG %s hi from %s" % (o.name, o.name)
+                                                       for o in clients if o is not c])
+        self.kill_together(s, roles)
+        lost, alive = self.split_by_survival(clients)
+        self.assertEqual(len(lost), 3, "least-loaded hand-off puts 3 of 6 on each worker")
+        self.assert_told_once(lost, alive)
+        witness = next(iter(alive))
+        witness.send("WHO")
+        self.assertEqual(witness.read_lines(3), ["USER " + c.name for c in alive])
+        witness.expect_nothing_more()
+        s.kill()
 
     def test_broker_death(self):
         s = self.server(workers=2)
