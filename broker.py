@@ -261,11 +261,13 @@ class Broker(Service):
             self.route(slot, event)
 
     def run_deferred(self):
-        self.send_directories()
         if self.deferred and not self.unsynced and self.registered:
             deferred, self.deferred = self.deferred, []
             for slot, event in deferred:
                 self.route(slot, event)
+        # After them: a name granted now rides ahead of the batch, and a
+        # directory sent before the grant would drop it again.
+        self.send_directories()
         if self.cluster is not None and not self.unsynced:
             self.cluster.synced()
 

@@ -130,6 +130,14 @@ class RestartedBroker(unittest.TestCase):
         for slot in (0, 1, 2):
             self.assertEqual(self.lines(slot), "")
 
+    def test_a_login_granted_during_the_recovery_stays_in_the_directory(self):
+        self.send(1, sync(), (link.LOGIN, 5, "Bob"))    # held until all synced
+        self.send(0, sync())
+        self.send(2, sync())
+        self.assertIn((link.GRANTED, 5, "Bob", self.broker.users["bob"][3]), self.events(1))
+        for slot in (0, 2):
+            self.assertEqual(self.directory(slot), {"bob": "Bob"})
+
     def test_a_name_claimed_again_is_not_announced(self):
         """The old broker granted Bob and told worker 0, then died before
         worker 1 heard: worker 1 claims Bob again, and in cluster mode the

@@ -86,6 +86,30 @@ class Recovery(TestCase):
         witness.expect_nothing_more()
         s.kill()
 
+    def test_a_login_granted_during_recovery_is_announced_too(self):
+        """A LOGIN that waited for a new broker: the directory that broker
+        sends the other workers lists the name, so when the broker and the
+        user's worker die together later, the others still hear of it."""
+        s = self.server(workers=2)
+        clients = self.logged_in(s, 4)
+        broker = s.roles()["chat-broker"]
+        os.kill(broker, signal.SIGSTOP)        # no broker answers meanwhile
+        try:
+            late = self.client(s)
+            late.send("LOGIN Late")
+        finally:
+            os.kill(broker, signal.SIGKILL)
+        late.expect("OK")
+        late.name = "Late"
+        late.send("MSG hi")
+        for c in clients:
+            c.expect("MSG Late hi")
+        worker = s.wait_log(r"(worker-\d+)\[\d+\] Late logged in").group(1)
+        self.kill_together(s, ("chat-broker", "chat-" + worker))
+        lost, alive = self.split_by_survival(clients + [late])
+        self.assertIn(late, lost)
+        self.assert_told_once(lost, alive)
+
     def test_broker_death(self):
         s = self.server(workers=2)
         clients = self.logged_in(s, 4)
