@@ -289,7 +289,7 @@ class Cluster:
         who is logged in there (the broker calls this once they all have):
         the JOIN checks those users."""
         if self.join_mode is not None and self.commands.up and not self.joining \
-                and not self.registered and not self.broker.unsynced:
+                and not self.registered and not self.broker.unsynced and self.rejoin_at is None:
             self.join(self.join_mode)
 
     def join(self, mode):
