@@ -16,7 +16,7 @@ dies (``chatlib.delivery``): it acknowledges a worker's batches only once all
 it routed is in the kernel, and names the origin batch before the lines it
 routes, so that workers can drop what a predecessor had routed already.
 
-In cluster mode (``--redis``) a :class:`chatlib.cluster.Cluster` beside it
+In cluster mode (``--redis``) a :class:`chatlib.cluster.node.Cluster` beside it
 carries to the other nodes what they must see, and brings back what they
 send; the broker's routing between its own workers stays as it is, and
 ``users`` holds this node's users only.
@@ -27,7 +27,8 @@ import time
 from functools import partial
 from multiprocessing.connection import Connection
 
-from chatlib import bus, link, protocol
+from chatlib import link, protocol
+from chatlib.cluster import bus
 from chatlib.channel import Channel
 from chatlib.service import Service
 
@@ -113,7 +114,7 @@ class Broker(Service):
 
     def start(self):
         if self.config.redis is not None:
-            from chatlib.cluster import Cluster
+            from chatlib.cluster.node import Cluster
             self.cluster = Cluster(self)
             self.cluster.start()
 
@@ -462,7 +463,7 @@ class Broker(Service):
     # -- cluster mode: what other nodes send ----------------------------------
 
     def route_remote(self, node, records):
-        """Another node's lines, records of :mod:`chatlib.bus`, under a FROM
+        """Another node's lines, records of :mod:`chatlib.cluster.bus`, under a FROM
         naming their origin batch there."""
         for record in records:
             tag = record[0]

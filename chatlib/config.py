@@ -58,7 +58,7 @@ def _cluster_name(text):
 
 
 def _redis_url(text):
-    from chatlib.redis_client import parse_url
+    from chatlib.cluster.redis_client import parse_url
     try:
         return parse_url(text, os.environ.get("REDIS_PASSWORD"))
     except ValueError as exc:

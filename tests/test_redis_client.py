@@ -1,4 +1,4 @@
-"""Tests of chatlib/redis_client.py against a real redis-server.
+"""Tests of chatlib/cluster/redis_client.py against a real redis-server.
 
 A real ``selectors`` loop drives the clients, as the broker's does, until a
 condition holds or a deadline passes: no sleeping and hoping. Outages are
@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from support import RedisServer, TestCase, requires_redis  # noqa: E402
 from harness import free_port, self_signed  # noqa: E402  (support puts scripts/ on the path)
 
-from chatlib.redis_client import RedisClient, Script, parse_url  # noqa: E402
-from chatlib.resp import ConnectionLost, RedisError  # noqa: E402
+from chatlib.cluster.redis_client import RedisClient, Script, parse_url  # noqa: E402
+from chatlib.cluster.resp import ConnectionLost, RedisError  # noqa: E402
 
 LOG = logging.getLogger("test_redis_client")
 LOG.addHandler(logging.NullHandler())          # quiet, but for assertLogs

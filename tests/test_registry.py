@@ -1,4 +1,4 @@
-"""The registry's scripts (chatlib/registry.py) run in a real redis-server.
+"""The registry's scripts (chatlib/cluster/registry.py) run in a real redis-server.
 
 The fencing token is checked inside each script: a command carrying a lease
 value that is no longer the node's is refused by Redis itself, whatever the
@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from support import RedisServer, TestCase, requires_redis  # noqa: E402
 
-from chatlib import registry  # noqa: E402
-from chatlib.resp import Parser, encode  # noqa: E402
+from chatlib.cluster import registry  # noqa: E402
+from chatlib.cluster.resp import Parser, encode  # noqa: E402
 
 P = "t"
 MAXLEN = registry.STREAM_MAXLEN

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from support import TestCase  # noqa: E402
 
-from chatlib.resp import Parser, ProtocolError, RedisError, encode  # noqa: E402
+from chatlib.cluster.resp import Parser, ProtocolError, RedisError, encode  # noqa: E402
 
 # One reply of every kind, and nested arrays with nulls inside.
 MIXED = (b"+OK\r\n"

@@ -3,7 +3,7 @@
 Nothing here touches a socket: :func:`encode` builds the bytes of one
 command, and a :class:`Parser` turns received bytes, cut anywhere, back into
 replies. That keeps the codec testable with plain function calls and the
-connection (:mod:`chatlib.redis_client`) small.
+connection (:mod:`chatlib.cluster.redis_client`) small.
 
 An error reply is a value, a :class:`RedisError`, not an exception raised:
 in a pipeline, one command's error must not cost the replies behind it.

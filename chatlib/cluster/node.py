@@ -2,13 +2,13 @@
 
 The broker keeps routing between its own workers exactly as on one host; a
 :class:`Cluster` beside it carries what other nodes must see, and brings back
-what they send. Two connections to Redis (:mod:`chatlib.redis_client`): one
+what they send. Two connections to Redis (:mod:`chatlib.cluster.redis_client`): one
 for commands, pipelined, and one blocked reading the bus stream.
 
 What it keeps true, and how:
 
 * **One name space, atomic LOGIN, linearizable WHO.** Names are claimed and
-  released by Lua scripts (:mod:`chatlib.registry`); ``WHO`` reads Redis.
+  released by Lua scripts (:mod:`chatlib.cluster.registry`); ``WHO`` reads Redis.
   Commands go out on one connection in the order they were made, so a
   release queued before a ``WHO`` is done before it.
 * **Batching.** All a turn's lines for other nodes, and its departures,
@@ -33,7 +33,7 @@ What it keeps true, and how:
   that was frozen serves them nothing when it wakes.
 * **Fencing.** However late a stale node's commands reach Redis, they carry
   the lease value its last JOIN set, and the scripts refuse them once that
-  lease is gone (:mod:`chatlib.registry`). A JOIN carries the node's users,
+  lease is gone (:mod:`chatlib.cluster.registry`). A JOIN carries the node's users,
   checked against the registry in the same script: a node whose lease
   lapsed gets none of them back and closes them all.
 * **Redis restarted, or failed over.** On every connection the node asks
@@ -49,8 +49,9 @@ import time
 from collections import deque
 from functools import partial
 
-from chatlib import bus, protocol, registry
-from chatlib.redis_client import ConnectionLost, RedisClient, RedisError
+from chatlib import protocol
+from chatlib.cluster import bus, registry
+from chatlib.cluster.redis_client import ConnectionLost, RedisClient, RedisError
 
 REQUEST_TIMEOUT = 5.0     # a LOGIN or WHO waiting longer gets ERR unavailable
 RETRY_DELAY = 0.25        # a claim refused for now (recovering) tries again after this

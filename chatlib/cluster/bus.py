@@ -1,7 +1,7 @@
 """What one node tells the others: the records in the ``d`` field of a bus entry.
 
 A broker turn's lines for other nodes travel as one stream entry (see
-:mod:`chatlib.registry`), its records in the order the worker batches came:
+:mod:`chatlib.cluster.registry`), its records in the order the worker batches came:
 
     (ORIGIN, slot, n)   the records that follow come from worker ``slot``'s
                         batch ``n`` (``slot`` ``dm``: a DM sent on its own,

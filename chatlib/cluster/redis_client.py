@@ -28,7 +28,7 @@ from collections import deque, namedtuple
 from functools import partial
 from urllib.parse import quote, unquote, urlsplit
 
-from chatlib.resp import ConnectionLost, Parser, ProtocolError, RedisError, encode
+from chatlib.cluster.resp import ConnectionLost, Parser, ProtocolError, RedisError, encode
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE

@@ -26,7 +26,7 @@ Keys, all under the cluster's prefix ``P`` (``--cluster``, default ``chat``):
     P:bus          stream what nodes tell each other, one entry per broker turn
 
 A bus entry has the fields ``o`` (origin node, or ``reaper``), ``d`` (the
-records of :mod:`chatlib.bus`: MSG lines and DMs), ``l`` (display names of
+records of :mod:`chatlib.cluster.bus`: MSG lines and DMs), ``l`` (display names of
 departed users, newline-separated: an ``INFO`` each), ``q`` (names released
 without an announcement) and ``j`` (names just claimed: for directories).
 
@@ -43,7 +43,7 @@ what cluster mode supports; a Redis Cluster would need every key declared
 and one hash slot (the step after one Redis: see docs/ARCHITECTURE.md).
 """
 
-from chatlib.redis_client import Script
+from chatlib.cluster.redis_client import Script
 
 STREAM_MAXLEN = 20000   # entries kept in P:bus (trimmed with MAXLEN ~)
 

@@ -1,0 +1,14 @@
+"""Cluster mode (``--redis``): several hosts sharing one chat through Redis.
+
+Optional, and reached through one door: the broker of a node started with
+``--redis`` makes a :class:`chatlib.cluster.node.Cluster`; nothing else in
+the server imports this package. Its parts, from the wire up:
+
+* :mod:`.resp`: the Redis protocol (RESP2), sans-IO;
+* :mod:`.redis_client`: one non-blocking, pipelined, reconnecting connection
+  on the broker's selector;
+* :mod:`.registry`: the cluster's keys in Redis and the Lua scripts that
+  change them atomically (names, leases, the bus);
+* :mod:`.bus`: the records one node's stream entries carry to the others;
+* :mod:`.node`: the node's side of it all, beside the broker.
+"""
