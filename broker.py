@@ -16,10 +16,12 @@ dies (``chatlib.delivery``): it acknowledges a worker's batches only once all
 it routed is in the kernel, and names the origin batch before the lines it
 routes, so that workers can drop what a predecessor had routed already.
 
-In cluster mode (``--redis``) a :class:`chatlib.cluster.node.Cluster` beside it
-carries to the other nodes what they must see, and brings back what they
-send; the broker's routing between its own workers stays as it is, and
-``users`` holds this node's users only.
+Names beyond this host's users are a directory's (:mod:`chatlib.directory`):
+on one host every claim is granted at once; in cluster mode (``--redis``) a
+:class:`chatlib.cluster.node.Cluster` asks Redis, carries to the other nodes
+what they must see and brings back what they send. The broker's routing
+between its own workers is the same either way, and ``users`` holds this
+host's users only.
 """
 
 import sys
@@ -28,8 +30,8 @@ from functools import partial
 from multiprocessing.connection import Connection
 
 from chatlib import link, protocol
-from chatlib.cluster import bus
 from chatlib.channel import Channel
+from chatlib.directory import LocalDirectory, Router, User
 from chatlib.service import Service
 
 LAZY_DELAY = 0.02   # seconds an acknowledgement or a new name waits for a batch to ride on
@@ -40,89 +42,86 @@ class _Run(list):
     """Consecutive MSG blobs for one worker, joined into one at send time."""
 
 
-class Broker(Service):
+class WorkerLink:
+    """Everything the broker knows about one worker, made and dropped together."""
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.outbox = []            # events for it this turn
+        self.received = 0           # number of the last batch taken from it
+        self.ackable = 0            # the last one safely routed (its lines in the kernel)
+        self.acked = 0              # the last one it has been told of
+        self.lazy = []              # new names, sent with its next batch
+        self.marked = None          # the origin its outbox last named (FROM)
+        self.cursor_told = None     # cluster mode: the bus cursor it was last told
+        self.listed = {}            # at its SYNC: other users its directory listed,
+                                    # {key: name}, until every worker has synced
+        self.told_early = set()     # names whose LEFT it got before its SYNC came
+        self.owes_directory = False  # synced, still to be sent the directory
+
+
+class Broker(Service, Router):
     role = "broker"
 
     def __init__(self, config, pipes, expected=()):
         super().__init__(config, pipes)
-        self.channels = {}              # slot -> Channel
-        self.outboxes = {}              # slot -> events for that worker this turn
-        self.received = {}              # slot -> number of the last batch taken from it
-        self.ackable = {}               # slot -> the last one safely routed (in the kernel)
-        self.acked = {}                 # slot -> the last one it has been told of
-        self.lazy = {}                  # slot -> new names, sent with its next batch
+        self.links = {}                 # slot -> WorkerLink
         self.lazy_due = None            # when acknowledgements and new names go
                                         # without a batch
         self.origin = None              # (slot, batch number) being routed
-        self.marked = {}                # slot -> the origin its outbox last named
         # A restarted broker must not decide anything (a LOGIN above all)
         # before every worker has told it who is logged in there.
         self.unsynced = set(expected)   # workers whose SYNC we still await
         self.deferred = []              # (slot, event) held until then
-        self.unlisted = set()           # synced workers still owed the directory
-        self.listed = {}                # slot -> other users its directory listed at its
-                                        # SYNC, {key: name}, until all have synced
         self.claimed = set()            # names the synced workers' LOGINs claim again
-        self.told_early = {}            # slot -> names whose LEFT it was sent before
-                                        # its SYNC came (which still lists them)
         self.last_stamp = 0             # login times, to keep WHO in login order
-        self.users = {}                 # lower-case name -> (name, slot, cid, stamp), login order
+        self.users = {}                 # lower-case name -> User, login order
         self.owner = {}                 # (slot, cid) -> lower-case name
         self.who_cache = None           # the USER lines, rebuilt after a change
         self.paused = False
         self.cursor = None              # cluster mode: the last bus entry routed
-        self.cursor_told = {}           # slot -> the cursor it was last told
-        self.cluster = None             # cluster mode: made in start(), on our selector
-        self.ready_when_started = config.redis is None   # a node: once it has joined
-        # A node routes nothing before its first JOIN has checked, against
-        # the registry, the users its workers hold (see chatlib.cluster).
-        self.registered = config.redis is None
         self.vouched_until = None       # cluster mode: the workers run users' lines until then
+        self.directory = None           # made in start(), on our selector
+        self.registered = True          # until start(): the directory's routes_at_once
 
     # -- set-up and control ---------------------------------------------------
 
     def attach(self, slot, conn):
         """Start routing to worker ``slot`` over ``conn`` (a new or restarted worker)."""
         self.detach(slot)
-        self.channels[slot] = Channel(conn, self.sel, partial(self.on_batches, slot),
-                                      partial(self.on_link_lost, slot))
-        self.outboxes[slot] = []
-        self.received[slot] = self.ackable[slot] = self.acked[slot] = 0
-        self.lazy[slot] = []
+        worker = self.links[slot] = WorkerLink(
+            Channel(conn, self.sel, partial(self.on_batches, slot),
+                    partial(self.on_link_lost, slot)))
         if self.vouched_until is not None:
-            self.lazy[slot].append((link.LEASE, self.vouched_until))
+            worker.lazy.append((link.LEASE, self.vouched_until))
         self.unsynced.add(slot)
 
     def detach(self, slot):
         """Forget worker ``slot``: its users are gone, everyone else hears so."""
-        channel = self.channels.pop(slot, None)
-        if channel is None:
+        worker = self.links.pop(slot, None)
+        if worker is None:
             return
-        channel.close()
-        self.outboxes.pop(slot, None)
-        for per_slot in (self.received, self.ackable, self.acked, self.lazy, self.cursor_told):
-            per_slot.pop(slot, None)
+        worker.channel.close()
         self.unsynced.discard(slot)
-        self.marked.pop(slot, None)
         self.deferred = [(s, event) for s, event in self.deferred if s != slot]
-        if self.cluster is not None:
-            self.cluster.cancel(slot)
+        self.directory.cancel(slot)
         self.origin = None                      # its departures come from no batch
-        for key in [k for k, user in self.users.items() if user[1] == slot]:
-            self.log_out(slot, self.users[key][2])
+        for key in [k for k, user in self.users.items() if user.slot == slot]:
+            self.log_out(slot, self.users[key].cid)
         self.run_deferred()
 
     def start(self):
         if self.config.redis is not None:
             from chatlib.cluster.node import Cluster
-            self.cluster = Cluster(self)
-            self.cluster.start()
+            self.directory = Cluster(self.config, self.sel, self.log, self)
+        else:
+            self.directory = LocalDirectory(self)
+        self.ready_when_started = self.directory.ready_at_start
+        self.registered = self.directory.routes_at_once
+        self.directory.start()
 
     def stop(self):
-        if self.cluster is not None:
-            self.cluster.leave(self.stopped)
-        else:
-            self.stopped()
+        self.directory.leave(self.stopped)
 
     def stopped(self):
         self.running = False
@@ -141,49 +140,46 @@ class Broker(Service):
 
     def heartbeat_info(self):
         info = {"users": len(self.users)}
-        if self.cluster is not None:
-            info["cluster"] = self.cluster.figures()
+        figures = self.directory.figures()
+        if figures is not None:
+            info["cluster"] = figures
         return info
 
     def finish(self):
-        for channel in self.channels.values():
-            channel.close()
-        if self.cluster is not None:
-            self.cluster.close()
+        for worker in self.links.values():
+            worker.channel.close()
+        self.directory.close()
 
     # -- the loop -------------------------------------------------------------
 
     def on_events(self, events):
-        if self.cluster is not None:
-            self.cluster.check_lease(time.monotonic())
+        self.directory.check_lease()            # before anything is routed
         for key, mask in events:
             key.data(mask)
         self.end_turn()
 
     def poll_timeout(self):
         due = self.lazy_due
-        if self.cluster is not None:
-            wakeup = self.cluster.next_wakeup()
-            if wakeup is not None:
-                due = wakeup if due is None else min(due, wakeup)
+        wakeup = self.directory.next_wakeup()
+        if wakeup is not None:
+            due = wakeup if due is None else min(due, wakeup)
         if due is None:
             return self.heartbeat_interval
         return max(0.0, min(self.heartbeat_interval, due - time.monotonic()))
 
     def tick(self, now):
-        """Backpressure: while a worker cannot take more, read from nobody."""
+        """Backpressure: while a worker (or Redis) cannot take more, read from nobody."""
         if self.lazy_due is not None and now >= self.lazy_due:
             self.send_lazy()
-        congested = any(ch.congested for ch in self.channels.values())
-        if self.cluster is not None:
-            self.cluster.tick(now)
-            if any(self.outboxes.values()):     # answers to requests that waited too long
-                self.end_turn()
-            congested = congested or self.cluster.congested
+        self.directory.tick(now)
+        if any(worker.outbox for worker in self.links.values()):
+            self.end_turn()                     # answers to requests that waited too long
+        congested = self.directory.congested or any(
+            worker.channel.congested for worker in self.links.values())
         if congested != self.paused:
             self.paused = congested
-            for channel in self.channels.values():
-                channel.set_reading(not congested)
+            for worker in self.links.values():
+                worker.channel.set_reading(not congested)
 
     def end_turn(self):
         """Send each worker one batch with everything it got this turn.
@@ -191,36 +187,36 @@ class Broker(Service):
         A send can find a link dead, and detaching that worker queues INFO
         lines for the others: loop until every outbox is empty.
         """
-        while any(self.outboxes.values()):
-            for slot in list(self.outboxes):
-                box = self.outboxes.get(slot)
-                if box:
-                    self.outboxes[slot] = []
-                    self.marked.pop(slot, None)
+        while any(worker.outbox for worker in self.links.values()):
+            for slot in list(self.links):
+                worker = self.links.get(slot)
+                if worker is not None and worker.outbox:
+                    box, worker.outbox = worker.outbox, []
+                    worker.marked = None
                     batch = [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box]
-                    if self.lazy[slot] or self.cursor is not None:
-                        batch[:0] = self.take_lazy(slot)
-                    if self.ackable[slot] != self.acked[slot]:
-                        self.acked[slot] = self.ackable[slot]
-                        batch.append((link.ACK, self.acked[slot]))
-                    self.channels[slot].send(batch)
-        if self.cluster is not None:
-            self.cluster.end_turn(self.received)
-        self.mark_ackable()
+                    if worker.lazy or self.cursor is not None:
+                        batch[:0] = self.take_lazy(worker)
+                    if worker.ackable != worker.acked:
+                        worker.acked = worker.ackable
+                        batch.append((link.ACK, worker.acked))
+                    worker.channel.send(batch)
+        received = {slot: worker.received for slot, worker in self.links.items()}
+        self.directory.end_turn(received)
+        self.mark_ackable(received)
 
-    def mark_ackable(self):
-        """Once all that was routed is in the kernel, what the workers sent
-        may be acknowledged: on the next batch to them, or on its own after
-        LAZY_DELAY, so that acknowledging costs no extra frame under load."""
-        if self.deferred or any(ch.pending_bytes for ch in self.channels.values()):
+    def mark_ackable(self, received):
+        """Once all that was routed is in the kernel (and, for a node, in
+        Redis), what the workers sent may be acknowledged: on the next batch
+        to them, or on its own after LAZY_DELAY, so that acknowledging costs
+        no extra frame under load."""
+        if self.deferred or any(w.channel.pending_bytes for w in self.links.values()):
             return
-        if self.cluster is None:
-            self.ackable.update(self.received)
-        else:                                   # of the workers attached now
-            self.ackable.update((slot, n) for slot, n in self.cluster.confirmed.items()
-                                if slot in self.received)
-        if self.ackable != self.acked:
-            self.lazy_soon()
+        for slot, number in self.directory.acknowledgeable(received).items():
+            worker = self.links.get(slot)               # of the workers attached now
+            if worker is not None:
+                worker.ackable = number
+                if number != worker.acked:
+                    self.lazy_soon()
 
     def lazy_soon(self):
         if self.lazy_due is None:
@@ -229,22 +225,19 @@ class Broker(Service):
     def send_lazy(self):
         """What waited for a batch to ride on goes on its own."""
         self.lazy_due = None
-        for slot, n in self.ackable.items():
-            if n != self.acked[slot]:
-                self.outboxes[slot].append((link.ACK, n))
-                self.acked[slot] = n
-            self.flush_lazy(slot)
+        for worker in self.links.values():
+            if worker.ackable != worker.acked:
+                worker.outbox.append((link.ACK, worker.ackable))
+                worker.acked = worker.ackable
+            worker.outbox.extend(self.take_lazy(worker))
         self.end_turn()
 
-    def flush_lazy(self, slot):
-        self.outboxes[slot].extend(self.take_lazy(slot))
-
-    def take_lazy(self, slot):
-        """What waits for the next batch to ``slot``: new names, and in
+    def take_lazy(self, worker):
+        """What waits for the next batch to ``worker``: new names, and in
         cluster mode the bus cursor if it moved."""
-        events, self.lazy[slot] = self.lazy[slot], []
-        if self.cursor is not None and self.cursor_told.get(slot) != self.cursor:
-            self.cursor_told[slot] = self.cursor
+        events, worker.lazy = worker.lazy, []
+        if self.cursor is not None and worker.cursor_told != self.cursor:
+            worker.cursor_told = self.cursor
             events.append((link.CURSOR, self.cursor))
         return events
 
@@ -269,60 +262,58 @@ class Broker(Service):
         # After them: a name granted now rides ahead of the batch, and a
         # directory sent before the grant would drop it again.
         self.send_directories()
-        if self.cluster is not None and not self.unsynced:
-            self.cluster.synced()
+        if not self.unsynced:
+            self.directory.synced()
 
     # -- routing --------------------------------------------------------------
 
     def route(self, slot, event):
         tag = event[0]
         if tag == link.MSG:
-            self.broadcast(event[1], skip=slot)
-            if self.cluster is not None:
-                self.cluster.add_msg(slot, self.origin[1], event[1])
+            _, blob = event
+            self.broadcast(blob, skip=slot)
+            self.directory.publish(slot, self.origin[1], blob)
         elif tag == link.LOGIN:
-            self.log_in(slot, event[1], event[2])
+            _, cid, name = event
+            self.log_in(slot, cid, name)
         elif tag == link.WHO:
-            if self.cluster is not None:
-                self.cluster.who(slot, event[1])
-                return
-            if self.who_cache is None:
-                self.who_cache = protocol.user_lines(user[0] for user in self.users.values())
-            self.answer(slot, event[1], self.who_cache)
+            _, cid = event
+            self.directory.who(slot, cid)
         elif tag == link.DM:
-            _, cid, key, line, awaited = event
-            target = self.users.get(key)
-            if target is not None:
-                _, tslot, tcid, _ = target
-                self.box(tslot).append((link.DELIVER, tcid, line))
-                if awaited:
-                    self.answer(slot, cid, b"")
-            elif self.cluster is not None and self.cluster.knows(key):
-                self.cluster.add_dm(slot, self.origin[1], key, line)
-                if awaited:
-                    self.answer(slot, cid, b"")
-            elif self.cluster is not None and awaited:
-                self.cluster.dm(slot, cid, key, line)
-            elif awaited:
-                self.answer(slot, cid, protocol.ERR_USER_NOT_FOUND)
-            else:
-                # The sender's directory was a moment behind: tell it anyway.
-                self.box(slot).append((link.DELIVER, cid, protocol.ERR_USER_NOT_FOUND))
+            self.route_dm(slot, *event[1:])
         elif tag == link.BYE:
             self.log_out(slot, event[1])
         elif tag == link.SEQ:
-            self.origin = None if event[1] is None else (slot, event[1])
-            if event[1] is not None:
-                self.received[slot] = event[1]
+            _, number = event
+            self.origin = None if number is None else (slot, number)
+            if number is not None:
+                self.links[slot].received = number
         elif tag == link.SYNC:
-            self.sync(slot, event[1], event[2], event[4], event[5])
-            if self.cluster is not None:
-                self.cluster.note_cursor(event[3])
+            _, users, departed, cursor, listed, claims = event
+            self.sync(slot, users, departed, listed, claims)
+            self.directory.note_cursor(cursor)
         else:
             self.log.error("unknown event from worker-%d: %r", slot, tag)
 
+    def route_dm(self, slot, cid, key, line, awaited):
+        """A ``DM`` to ``key``: ``awaited`` if its sender waits for the
+        answer (its directory did not know the name)."""
+        target = self.users.get(key)
+        if target is not None:
+            self.box(target.slot).append((link.DELIVER, target.cid, line))
+        elif self.directory.knows(key):
+            self.directory.forward_dm(slot, self.origin[1], key, line)
+        elif awaited:
+            self.directory.find_dm(slot, cid, key, line)
+            return
+        else:
+            # The sender's directory was a moment behind: tell it anyway.
+            self.box(slot).append((link.DELIVER, cid, protocol.ERR_USER_NOT_FOUND))
+        if awaited:
+            self.answer(slot, cid, b"")
+
     def answer(self, slot, cid, data):
-        self.outboxes[slot].append((link.ANSWER, cid, data))
+        self.links[slot].outbox.append((link.ANSWER, cid, data))
 
     def tell_all(self, event):
         """A change of the directory for every worker. A new name waits for
@@ -331,32 +322,32 @@ class Broker(Service):
         not wake every worker; a departure goes now, after those. A new name
         carries the name as typed (None: another node's user), for the
         worker to tell a restarted broker (announce_missing)."""
+        key = event[1]
         if event[0] == link.JOINED:
-            user = self.users.get(event[1])
-            event = (link.JOINED, event[1], user and user[0])
-            for waiting in self.lazy.values():
-                waiting.append(event)
+            user = self.users.get(key)
+            event = (link.JOINED, key, user and user.name)
+            for worker in self.links.values():
+                worker.lazy.append(event)
             self.lazy_soon()
             return
-        for names in self.listed.values():      # told now: not missing
-            names.pop(event[1], None)
-        for slot in self.unsynced.intersection(self.outboxes):
-            self.told_early.setdefault(slot, set()).add(event[1])
-        for slot in self.outboxes:
-            self.flush_lazy(slot)
-            self.outboxes[slot].append(event)
+        for slot, worker in self.links.items():
+            worker.listed.pop(key, None)        # told now: not missing
+            if slot in self.unsynced:
+                worker.told_early.add(key)
+            worker.outbox.extend(self.take_lazy(worker))
+            worker.outbox.append(event)
 
     def box(self, slot):
         """``slot``'s outbox, after a FROM naming the batch being routed, so
         that the worker can drop what a previous broker routed already."""
-        box = self.outboxes[slot]
-        if self.marked.get(slot) != self.origin:
-            self.marked[slot] = self.origin
-            box.append((link.FROM,) + (self.origin or (None, None)))
-        return box
+        worker = self.links[slot]
+        if worker.marked != self.origin:
+            worker.marked = self.origin
+            worker.outbox.append((link.FROM,) + (self.origin or (None, None)))
+        return worker.outbox
 
     def broadcast(self, blob, skip=None):
-        for slot in self.outboxes:
+        for slot in self.links:
             if slot == skip:
                 continue
             box = self.box(slot)
@@ -369,8 +360,8 @@ class Broker(Service):
         key = name.lower()
         stale = self.users.get(key)
         if stale is not None:                   # a departed user's, from a SYNC
-            self.owner.pop((stale[1], stale[2]), None)
-        self.users[key] = (name, slot, cid, stamp)
+            self.owner.pop((stale.slot, stale.cid), None)
+        self.users[key] = User(name, slot, cid, stamp)
         self.owner[(slot, cid)] = key
         self.who_cache = None
         self.last_stamp = max(self.last_stamp, stamp)
@@ -387,24 +378,26 @@ class Broker(Service):
             if name.lower() not in self.users:
                 self.register(name, slot, cid, stamp)
         if users or departed:
-            self.users = dict(sorted(self.users.items(), key=lambda item: item[1][3]))
-        told = self.told_early.pop(slot, ())
-        self.listed[slot] = {key: name for key, name in listed.items() if key not in told}
+            self.users = dict(sorted(self.users.items(), key=lambda item: item[1].stamp))
+        worker = self.links[slot]
+        worker.listed = {key: name for key, name in listed.items()
+                         if key not in worker.told_early}
+        worker.told_early = set()
         self.claimed.update(claims)
         self.unsynced.discard(slot)
-        self.unlisted.add(slot)
+        worker.owes_directory = True
 
     def send_directories(self):
         """Once every worker has synced, the ones that lack it get the
         directory (name as typed by key; None for other nodes' users), then
         the departures they missed."""
-        if self.unlisted and not self.unsynced:
-            names = dict.fromkeys(self.cluster.mirror) if self.cluster is not None else {}
-            names.update((key, user[0]) for key, user in self.users.items())
-            for slot in self.unlisted:
-                if slot in self.outboxes:
-                    self.outboxes[slot].append((link.DIRECTORY, names))
-            self.unlisted.clear()
+        owed = [worker for worker in self.links.values() if worker.owes_directory]
+        if owed and not self.unsynced:
+            names = dict.fromkeys(self.directory.others())
+            names.update((key, user.name) for key, user in self.users.items())
+            for worker in owed:
+                worker.outbox.append((link.DIRECTORY, names))
+                worker.owes_directory = False
             self.announce_missing()
 
     def announce_missing(self):
@@ -417,13 +410,13 @@ class Broker(Service):
         told already had dropped the name): it gets the INFO, once, from no
         batch. The DIRECTORY it was just sent no longer lists the name.
         """
-        listed, self.listed = self.listed, {}
         claimed, self.claimed = self.claimed, set()
         origin, self.origin = self.origin, None
-        for slot, names in listed.items():
-            gone = [name for key, name in names.items()
+        for slot, worker in self.links.items():
+            listed, worker.listed = worker.listed, {}
+            gone = [name for key, name in listed.items()
                     if key not in self.users and key not in claimed]
-            if gone and slot in self.outboxes:
+            if gone:
                 blob = b"".join(protocol.info_disconnected(name) for name in gone)
                 self.box(slot).append((link.MSG, blob))
         self.origin = origin
@@ -433,49 +426,59 @@ class Broker(Service):
         (in cluster mode, Redis decides for the whole cluster)."""
         if name.lower() in self.users:
             self.answer(slot, cid, protocol.ERR_USERNAME_TAKEN)
-        elif self.cluster is not None:
-            self.cluster.claim(slot, cid, name)
         else:
-            self.grant(slot, cid, name, max(time.time_ns(), self.last_stamp + 1))
-
-    def grant(self, slot, cid, name, stamp):
-        if slot not in self.outboxes:
-            if self.cluster is not None:        # its worker died meanwhile
-                self.cluster.release(name.lower(), slot, cid, announce=False)
-            return
-        self.register(name, slot, cid, stamp)
-        self.outboxes[slot].append((link.GRANTED, cid, name, stamp))
-        self.tell_all((link.JOINED, name.lower()))
+            self.directory.claim(slot, cid, name)
 
     def log_out(self, slot, cid):
         key = self.owner.pop((slot, cid), None)
         if key is None:                         # never logged in
-            if self.cluster is not None:
-                self.cluster.cancel(slot, cid)  # a claim it was waiting for
+            self.directory.cancel(slot, cid)    # a claim it was waiting for
             return
-        name = self.users.pop(key)[0]
+        name = self.users.pop(key).name
         self.who_cache = None
         self.tell_all((link.LEFT, key))
         self.broadcast(protocol.info_disconnected(name))
-        if self.cluster is not None:
-            self.cluster.release(key, slot, cid)
+        self.directory.release(key, slot, cid)
 
-    # -- cluster mode: what other nodes send ----------------------------------
+    # -- what the directory calls back (chatlib.directory.Router) -------------
 
-    def route_remote(self, node, records):
-        """Another node's lines, records of :mod:`chatlib.cluster.bus`, under a FROM
-        naming their origin batch there."""
-        for record in records:
-            tag = record[0]
-            if tag == bus.MSG:
-                self.broadcast(record[1])
-            elif tag == bus.DM:
-                target = self.users.get(record[1])
-                if target is not None:
-                    self.box(target[1]).append((link.DELIVER, target[2], record[2]))
-            else:
-                self.origin = ((node, record[1]), record[2])
+    def local_users(self):
+        return self.users
+
+    def all_synced(self):
+        return not self.unsynced
+
+    def grant(self, slot, cid, name, stamp):
+        if slot not in self.links:              # its worker died meanwhile
+            self.directory.release(name.lower(), slot, cid, announce=False)
+            return
+        self.register(name, slot, cid, stamp)
+        self.links[slot].outbox.append((link.GRANTED, cid, name, stamp))
+        self.tell_all((link.JOINED, name.lower()))
+
+    def who_lines(self):
+        if self.who_cache is None:
+            self.who_cache = protocol.user_lines(user.name for user in self.users.values())
+        return self.who_cache
+
+    def latest_stamp(self):
+        return self.last_stamp
+
+    # -- cluster mode: what the node's Cluster calls back ---------------------
+
+    def remote_lines(self, origin, blob):
+        """Another node's ``MSG`` lines, from its batch ``origin``."""
+        self.origin = origin
+        self.broadcast(blob)
         self.origin = None
+
+    def remote_dm(self, origin, key, line):
+        """Another node's ``DM`` line for ``key``, if logged in here."""
+        target = self.users.get(key)
+        if target is not None:
+            self.origin = origin
+            self.box(target.slot).append((link.DELIVER, target.cid, line))
+            self.origin = None
 
     def remote_joined(self, key):
         self.tell_all((link.JOINED, key))
@@ -498,7 +501,8 @@ class Broker(Service):
         self.lazy_soon()
 
     def directory_changed(self):
-        self.unlisted.update(self.outboxes)
+        for worker in self.links.values():
+            worker.owes_directory = True
         self.send_directories()
 
     def joined(self):
@@ -513,8 +517,8 @@ class Broker(Service):
         rest (not riding ahead of a batch, as new names do): after an EVICT,
         since a worker runs the lines it held once it gets this."""
         self.vouched_until = until
-        for box in self.outboxes.values():
-            box.append((link.LEASE, until))
+        for worker in self.links.values():
+            worker.outbox.append((link.LEASE, until))
 
     def evict(self, keys=None, drop_lines=False):
         """The node cannot vouch for its users any more: close their
@@ -524,11 +528,11 @@ class Broker(Service):
         if drop_lines:
             self.deferred = [(slot, event) for slot, event in self.deferred
                              if event[0] != link.MSG and event[0] != link.DM]
-        for slot in self.outboxes:
-            cids = None if keys is None else [self.users[k][2] for k in keys
-                                              if k in self.users and self.users[k][1] == slot]
+        for slot, worker in self.links.items():
+            cids = None if keys is None else [
+                self.users[k].cid for k in keys if k in self.users and self.users[k].slot == slot]
             if cids is None or cids:
-                self.outboxes[slot].append((link.EVICT, protocol.ERR_UNAVAILABLE, cids))
+                worker.outbox.append((link.EVICT, protocol.ERR_UNAVAILABLE, cids))
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ from broker import Broker  # noqa: E402
 from chatlib import link  # noqa: E402
 from chatlib.channel import Channel  # noqa: E402
 from chatlib.config import parse_args  # noqa: E402
+from chatlib.directory import LocalDirectory  # noqa: E402
 from chatlib.delivery import Inbound  # noqa: E402
 
 STAMP = 1000
@@ -26,29 +27,16 @@ def sync(users=(), departed=(), listed=None, claims=()):
             dict(listed or {}), list(claims))
 
 
-class ClaimsInFlight:
+class ClaimsInFlight(LocalDirectory):
     """Cluster mode as far as a restarted broker's recovery sees it: a
     LOGIN is a claim sent to Redis, answered later (by Broker.grant)."""
 
-    def __init__(self):
-        self.mirror = set()                     # no other node's users
-        self.confirmed = {}
+    def __init__(self, router):
+        super().__init__(router)
         self.pending = []
 
     def claim(self, slot, cid, name):
         self.pending.append((slot, cid, name))
-
-    def note_cursor(self, cursor):
-        pass
-
-    def synced(self):
-        pass
-
-    def end_turn(self, received):
-        pass
-
-    def close(self):
-        pass
 
 
 class RestartedBroker(unittest.TestCase):
@@ -58,6 +46,7 @@ class RestartedBroker(unittest.TestCase):
         self.addCleanup(self.sel.close)
         self.broker = Broker(parse_args(["--port", "0"]), (None, None), expected=(0, 1, 2))
         self.broker.sel = self.sel
+        self.broker.directory = LocalDirectory(self.broker)
         self.got = {}                           # slot -> batches the worker received
         self.workers = {}
         for slot in (0, 1, 2):
@@ -134,7 +123,7 @@ class RestartedBroker(unittest.TestCase):
         self.send(1, sync(), (link.LOGIN, 5, "Bob"))    # held until all synced
         self.send(0, sync())
         self.send(2, sync())
-        self.assertIn((link.GRANTED, 5, "Bob", self.broker.users["bob"][3]), self.events(1))
+        self.assertIn((link.GRANTED, 5, "Bob", self.broker.users["bob"].stamp), self.events(1))
         for slot in (0, 2):
             self.assertEqual(self.directory(slot), {"bob": "Bob"})
 
@@ -142,7 +131,7 @@ class RestartedBroker(unittest.TestCase):
         """The old broker granted Bob and told worker 0, then died before
         worker 1 heard: worker 1 claims Bob again, and in cluster mode the
         answer comes from Redis only after every worker has synced."""
-        self.broker.cluster = claims = ClaimsInFlight()
+        self.broker.directory = claims = ClaimsInFlight(self.broker)
         self.send(0, sync(listed={"bob": "Bob"}))
         self.send(2, sync())
         self.send(1, sync(claims=["bob"]), (link.LOGIN, 5, "Bob"))

@@ -124,10 +124,12 @@ class _Request:
 
 
 class Cluster:
-    def __init__(self, broker):
-        cfg = broker.config
-        self.broker = broker
-        self.log = broker.log
+    ready_at_start = False     # serving once joined (the supervisor waits)
+    routes_at_once = False     # a restarted broker's users are checked by the first JOIN
+
+    def __init__(self, cfg, sel, log, router):
+        self.router = router       # the broker, as a chatlib.directory.Router
+        self.log = log
         self.prefix = cfg.cluster
         self.node = cfg.node_id
         self.node_b = cfg.node_id.encode()
@@ -137,10 +139,10 @@ class Cluster:
         self.lease_ms = int(self.lease * 1000)
         self.heartbeat_every = min(1.0, self.lease / 4)
         self.fence_margin = min(2.0, self.lease / 4)
-        self.commands = RedisClient(cfg.redis, broker.sel, "redis", on_up=self.on_up,
+        self.commands = RedisClient(cfg.redis, sel, "redis", on_up=self.on_up,
                                     on_down=self.on_down, scripts=registry.SCRIPTS,
                                     log=self.log)
-        self.reader = RedisClient(cfg.redis, broker.sel, "redis-bus", on_up=self.read,
+        self.reader = RedisClient(cfg.redis, sel, "redis-bus", on_up=self.read,
                                   log=self.log)
         self.epoch = ""            # the registry's epoch, once joined
         self.identity = None       # IDENTITY_FIELDS of the Redis we last wrote to
@@ -215,7 +217,7 @@ class Cluster:
         times = [self.next_heartbeat if self.registered else None,
                  self.waiting[0].deadline if self.waiting else None,
                  self.later[0][0] if self.later else None,
-                 self.lease_until - self.fence_margin if self.broker.users and not self.fenced
+                 self.lease_until - self.fence_margin if self.router.local_users() and not self.fenced
                  else None,
                  self.rejoin_at, self.read_again_at, self.commands.next_wakeup(),
                  self.reader.next_wakeup()]
@@ -228,7 +230,7 @@ class Cluster:
             request = self.waiting.popleft()
             if not request.done:
                 request.done = True
-                self.broker.answer(request.slot, request.cid, protocol.ERR_UNAVAILABLE)
+                self.router.answer(request.slot, request.cid, protocol.ERR_UNAVAILABLE)
         if self.later and self.later[0][0] <= now:
             due = [op for when, op in self.later if when <= now]
             self.later = [(when, op) for when, op in self.later if when > now]
@@ -280,7 +282,7 @@ class Cluster:
             self.log.warning("redis is not the server this node wrote to (restarted, or "
                              "failed over to a replica?): it may have missed the last "
                              "writes; registering this node's %d users again, and no new "
-                             "names for %.0f s", len(self.broker.users), self.lease)
+                             "names for %.0f s", len(self.router.local_users()), self.lease)
             self.join_mode = "lost"
         self.identity = identity or self.identity
         self.synced()
@@ -290,14 +292,14 @@ class Cluster:
         who is logged in there (the broker calls this once they all have):
         the JOIN checks those users."""
         if self.join_mode is not None and self.commands.up and not self.joining \
-                and not self.registered and not self.broker.unsynced and self.rejoin_at is None:
+                and not self.registered and self.router.all_synced() and self.rejoin_at is None:
             self.join(self.join_mode)
 
     def join(self, mode):
         lease_value = "%s.%s" % (self.token, os.urandom(6).hex())
         args = [self.prefix, self.node, lease_value, self.lease_ms, registry.STREAM_MAXLEN,
                 os.urandom(8).hex(), self.epoch, mode, "0" if self.epoch else "1"]
-        for name, slot, cid, stamp in self.broker.users.values():
+        for name, slot, cid, stamp in self.router.local_users().values():
             args += [name.lower(), self.owner(slot, cid), name, stamp]
         self.joining = True
         self.commands.evalsha(partial(self.on_join, time.monotonic(), lease_value),
@@ -318,7 +320,7 @@ class Cluster:
             if self.join_mode != "lost":
                 self.log.warning("redis has lost the cluster's data (restarted empty?): "
                                  "registering this node's %d users again",
-                                 len(self.broker.users))
+                                 len(self.router.local_users()))
             self.join("restore")
             return
         _, epoch, last_id, keys, conflicts, lapsed = reply
@@ -329,16 +331,16 @@ class Cluster:
         self.join_mode = ""
         self.registered = True
         self.join_cursor = last_id
-        if lapsed and self.broker.users and not self.fenced:
+        if lapsed and self.router.local_users() and not self.fenced:
             self.log.error("this node's cluster lease had run out (was it stopped, or cut "
                            "off?): closing its %d users' connections (ERR unavailable)",
-                           len(self.broker.users))
+                           len(self.router.local_users()))
             self.give_up_users()
         elif conflicts:
-            self.broker.evict([k.decode() for k in conflicts])
+            self.router.evict([k.decode() for k in conflicts])
         self.renewed(sent)
-        self.mirror = {k.decode() for k in keys} - set(self.broker.users)
-        self.broker.directory_changed()
+        self.mirror = {k.decode() for k in keys} - set(self.router.local_users())
+        self.router.directory_changed()
         self.serve()
         self.send()
 
@@ -348,10 +350,10 @@ class Cluster:
         if self.cursor is None:
             self.cursor = min(self.worker_cursors + [self.join_cursor], key=entry_number)
         self.read()
-        self.broker.joined()
+        self.router.joined()
         if not self.ready:
             self.ready = True
-            self.broker.report_ready()
+            self.router.report_ready()
 
     def duplicate(self, left):
         """Our id is leased by another run: a live node (its lease stays
@@ -363,7 +365,7 @@ class Cluster:
             self.log.warning("node id %r is leased by another run (for %.1f s more): "
                              "waiting to see whether it is alive", self.node, left)
             return
-        self.broker.fatal(
+        self.router.fatal(
             "node id %r is in use by another live node of cluster %r: give each "
             "node its own --node-id" % (self.node, self.prefix))
 
@@ -386,7 +388,7 @@ class Cluster:
             self.fenced = False
             self.log.info("cluster lease renewed: serving logins again")
         if not self.fenced:
-            self.broker.vouch(vouched_until)
+            self.router.vouch(vouched_until)
 
     def heartbeat(self, now):
         """Renew the lease; save the cursor of one heartbeat ago, whose lines
@@ -420,11 +422,12 @@ class Cluster:
         self.registered = False
         self.synced()
 
-    def check_lease(self, now):
+    def check_lease(self, now=None):
         """Fence if the lease may run out before Redis hears from us. The
         broker asks before it routes anything, so that a node that was not
         running (stopped, paused) closes its users before serving a line."""
-        if not self.fenced and self.broker.users and now >= self.lease_until - self.fence_margin:
+        now = time.monotonic() if now is None else now
+        if not self.fenced and self.router.local_users() and now >= self.lease_until - self.fence_margin:
             self.fence()
 
     def fence(self):
@@ -432,12 +435,12 @@ class Cluster:
         until it is renewed, and our users given up (the others will
         announce them)."""
         self.fenced = True
-        if self.broker.users:
+        if self.router.local_users():
             self.log.error("cannot renew the cluster lease (last renewed %.1f s ago: redis "
                            "unreachable, or this process not running): closing %d users' "
                            "connections (ERR unavailable)",
                            time.monotonic() - (self.lease_until - self.lease),
-                           len(self.broker.users))
+                           len(self.router.local_users()))
             self.give_up_users()
 
     def give_up_users(self):
@@ -451,7 +454,7 @@ class Cluster:
                 op.drop_lines()
         self.records = bus.Records()
         self.joins = []
-        self.broker.evict(drop_lines=True)
+        self.router.evict(drop_lines=True)
 
     # -- queueing and sending -------------------------------------------------
 
@@ -544,11 +547,11 @@ class Cluster:
 
     # -- what the broker hands over ------------------------------------------
 
-    def add_msg(self, slot, number, blob):
+    def publish(self, slot, number, blob):
         self.records.from_batch(slot, number)
         self.records.msg(blob)
 
-    def add_dm(self, slot, number, key, line):
+    def forward_dm(self, slot, number, key, line):
         self.records.from_batch(slot, number)
         self.records.dm(key, line)
 
@@ -557,6 +560,13 @@ class Cluster:
 
     def knows(self, key):
         return key in self.mirror
+
+    def others(self):
+        return self.mirror
+
+    def acknowledgeable(self, received):
+        """Worker slot -> the last batch whose lines Redis holds."""
+        return self.confirmed
 
     def request(self, slot, cid):
         request = _Request(slot, cid, time.monotonic() + REQUEST_TIMEOUT)
@@ -591,12 +601,12 @@ class Cluster:
             return
         request.done = True
         if stamp is None:
-            self.broker.answer(request.slot, request.cid, protocol.ERR_UNAVAILABLE)
+            self.router.answer(request.slot, request.cid, protocol.ERR_UNAVAILABLE)
         elif stamp == 0:
-            self.broker.answer(request.slot, request.cid, protocol.ERR_USERNAME_TAKEN)
+            self.router.answer(request.slot, request.cid, protocol.ERR_USERNAME_TAKEN)
         else:
             self.joins.append((key, owner))
-            self.broker.grant(request.slot, request.cid, name, stamp)
+            self.router.grant(request.slot, request.cid, name, stamp)
 
     def who(self, slot, cid):
         request = self.request(slot, cid)
@@ -611,9 +621,9 @@ class Cluster:
             answer = protocol.ERR_UNAVAILABLE
         else:
             answer = protocol.user_lines(name.decode() for name in reply)
-        self.broker.answer(request.slot, request.cid, answer)
+        self.router.answer(request.slot, request.cid, answer)
 
-    def dm(self, slot, cid, key, line):
+    def find_dm(self, slot, cid, key, line):
         """A DM to a name no directory here knows: Redis says if it exists."""
         request = self.request(slot, cid)
         self.dm_number += 1
@@ -633,7 +643,7 @@ class Cluster:
             answer = protocol.ERR_USER_NOT_FOUND
         else:
             answer = protocol.ERR_UNAVAILABLE
-        self.broker.answer(request.slot, request.cid, answer)
+        self.router.answer(request.slot, request.cid, answer)
 
     # -- reading the bus ------------------------------------------------------
 
@@ -665,7 +675,7 @@ class Cluster:
                         self.log.error("skipping a malformed bus entry %r: %s", entry_id, exc)
                     self.cursor = entry_id
                     self.entries_in += 1
-            self.broker.tell_cursor(self.cursor)
+            self.router.tell_cursor(self.cursor)
         self.read()
 
     def take(self, entry_id, fields):
@@ -675,20 +685,30 @@ class Cluster:
         entry = dict(zip(fields[::2], fields[1::2]))
         if entry.get(b"o") == self.node_b:
             return                               # our own
-        broker = self.broker
+        router = self.router
         if b"d" in entry:
-            broker.route_remote(entry.get(b"o", b"?").decode(), bus.decode(entry[b"d"]))
+            node = entry.get(b"o", b"?").decode()
+            origin = None
+            for record in bus.decode(entry[b"d"]):
+                if record[0] == bus.ORIGIN:
+                    _, slot, number = record
+                    origin = ((node, slot), number)
+                elif record[0] == bus.MSG:
+                    router.remote_lines(origin, record[1])
+                else:
+                    _, key, line = record
+                    router.remote_dm(origin, key, line)
         for key in _names(entry.get(b"j")):
             self.mirror.add(key)
-            broker.remote_joined(key)
+            router.remote_joined(key)
         for key in _names(entry.get(b"q")):
             self.mirror.discard(key)
-            broker.remote_left(key)
+            router.remote_left(key)
         names = _names(entry.get(b"l"))
         if names:
             for name in names:
                 self.mirror.discard(name.lower())
-            broker.remote_departures(names, entry_number(entry_id))
+            router.remote_departures(names, entry_number(entry_id))
 
     # -- stopping ------------------------------------------------------------
 
