@@ -266,7 +266,9 @@ class Worker(Service):
             if until <= now:
                 self.drop(c, c.closing)
         for c in list(self.clients.values()):
-            if c.last_line < deadline:
+            # Idle: all its lines run (none held, no answer awaited), the
+            # last of them before the deadline.
+            if c.last_line < deadline and c.held is None and not c.waiting:
                 self.cut(c, protocol.ERR_IDLE_TIMEOUT, "idle timeout")
             elif c.name is None and c.connected < login_deadline and not c.waiting:
                 self.cut(c, protocol.ERR_LOGIN_TIMEOUT, "login timeout")
@@ -324,7 +326,6 @@ class Worker(Service):
             return
         lines = c.reader.feed(data)
         if lines:
-            c.last_line = self.now
             if c.held is None:
                 c.held = lines
             else:
@@ -347,7 +348,13 @@ class Worker(Service):
         A flooder stops counting as one only when a ``fresh`` read's lines
         all run at once: running out of held lines is not enough, since the
         next read is already waiting in the kernel.
+
+        The idle clock restarts whenever the server turns to a client's
+        lines, not only when it reads them: neither a flooder slowed by
+        flood control nor a client waiting for the broker is idle while its
+        lines wait (``sweep_idle`` skips them).
         """
+        c.last_line = self.now
         lines, c.held = c.held, None
         flood = self.flood
         if c.waiting or self.congested():
@@ -524,6 +531,7 @@ class Worker(Service):
                         self.answered(c)
 
     def answered(self, c):
+        c.last_line = self.now       # the idle clock restarts (see pump)
         c.waiting = False
         c.request = None
         self.dirty.add(c)

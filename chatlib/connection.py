@@ -42,7 +42,7 @@ class Client:
         self.out_bytes = 0
         self.midline = False       # out[0] starts in the middle of a line
         self.connected = now       # for the login timeout
-        self.last_line = now       # for the idle timeout
+        self.last_line = now       # when its lines last ran, for the idle timeout
         self.held = None           # lines read but not yet run
         self.waiting = False       # a request to the broker is unanswered
         self.request = None        # that request, to resend to a new broker

@@ -15,6 +15,7 @@ only once, at start, so a limit lowered afterwards stays.
 
 import os
 import resource
+import signal
 import socket
 import sys
 import threading
@@ -135,6 +136,44 @@ class Fakelag(LimitCase):
         flooder.send(*["MSG %d" % i for i in range(99)])   # LOGIN took a token
         obs.expect(*["MSG flooder %d" % i for i in range(99)])
         obs.expect_nothing_more()
+
+
+class HeldLinesAreNotIdle(LimitCase):
+    """The idle timeout counts from the last line the server ran: a client
+    whose lines are still held (by flood control, or behind a request the
+    broker has not answered) is not idle, however long that takes."""
+
+    def test_lines_held_by_flood_control(self):
+        # 100 PINGs at 20 a second take 4 s: four idle timeouts.
+        s = self.server("--rate", 20, "--burst", 20, workers=1, idle_timeout=1)
+        c = self.client(s)
+        c.send(*["PING"] * 100)
+        got = [c.read_line()]
+        while got[-1] == "PONG" and len(got) < 100:
+            got.append(c.read_line())
+        self.assertEqual((len(got), got[-1]), (100, "PONG"), "the last of %d lines" % len(got))
+        last_run = time.monotonic()
+        # Nothing left to run: from now on it is idle.
+        self.assertEqual(c.expect_closed(), ["ERR idle-timeout"])
+        self.assertGreater(time.monotonic() - last_run, 0.5)
+
+    def test_request_waiting_for_the_broker(self):
+        s = self.server(workers=1, idle_timeout=1)
+        a = self.client(s, "a")
+        broker = s.roles()["chat-broker"]
+        os.kill(broker, signal.SIGSTOP)                 # WHO waits for the broker
+        self.addCleanup(os.kill, broker, signal.SIGCONT)
+        a.send("WHO")
+        late = self.client(s)
+        late.send("PING")
+        late.expect("PONG")
+        # Once `late`, whose last line came after a's WHO, is cut for being
+        # idle, the idle timeout has passed for `a` too.
+        self.assertEqual(late.expect_closed(), ["ERR idle-timeout"])
+        os.kill(broker, signal.SIGCONT)
+        a.expect("USER a")
+        a.send("PING")
+        a.expect("PONG")
 
 
 class FloodCut(LimitCase):
