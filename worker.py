@@ -43,6 +43,7 @@ from chatlib.intake import Intake
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, Login, Msg, Ping, Quit,
                               Reply, Who, parse_line)
 from chatlib.service import Service
+from chatlib.telnet import Answer, Interrupt
 
 RECV_SIZE = 65536
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
@@ -53,6 +54,8 @@ COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
             "flood_cuts", "batches", "events")
 QUIT_REASON = "quit"
 HANGUP_REASON = "not a chat client"
+INTERRUPT_REASON = "interrupt (telnet's Ctrl-C)"
+ENDED_BY_CLIENT = (QUIT_REASON, HANGUP_REASON, INTERRUPT_REASON)   # lines after: not run
 
 
 class Worker(Service):
@@ -324,6 +327,14 @@ class Worker(Service):
             c.update_interest(self.sel)
             self.dirty.add(c)
             return
+        if c.name is None and not c.reader.buffered and protocol.looks_like_tls(data):
+            # A line that starts like a TLS ClientHello: a client at the
+            # wrong port. Told before the line reader sees its bytes, whose
+            # 0xff bytes it would take for telnet's commands.
+            self.send(c, protocol.ERR_NOT_A_CHAT_CLIENT)
+            c.closing = HANGUP_REASON
+            c.update_interest(self.sel)
+            return
         lines = c.reader.feed(data)
         if lines:
             if c.held is None:
@@ -331,12 +342,6 @@ class Worker(Service):
             else:
                 c.held.extend(lines)
             self.pump(c, fresh=True)
-        elif c.name is None and protocol.looks_like_tls(data) and c.reader.buffered == len(data):
-            # A line that starts like a TLS ClientHello, with no \n in it (one
-            # with a \n is caught by parse_line): a client at the wrong port.
-            self.send(c, protocol.ERR_NOT_A_CHAT_CLIENT)
-            c.closing = HANGUP_REASON
-            c.update_interest(self.sel)
 
     def pump(self, c, fresh=False):
         """Run ``c``'s unrun lines as far as nothing stops them.
@@ -366,7 +371,7 @@ class Worker(Service):
             allowed = flood.allowance(c, self.now)
             rest = self.run_lines(c, lines[:allowed])
             flood.spend(c, min(allowed, len(lines)) - (len(rest) if rest else 0))
-            if len(lines) > allowed and c.closing not in (QUIT_REASON, HANGUP_REASON):
+            if len(lines) > allowed and c.closing not in ENDED_BY_CLIENT:
                 rest = (rest or []) + lines[allowed:]
         else:
             rest = self.run_lines(c, lines)
@@ -392,12 +397,15 @@ class Worker(Service):
                 self.queue_msgs(c, block, len(lines))
                 return None
         for i, line in enumerate(lines):
-            if line is TOO_LONG:
+            if type(line) is bytes:
+                cmd = parse_line(line, c.name is not None)
+                if cmd is None:
+                    continue
+            elif line is TOO_LONG:
                 self.send(c, protocol.ERR_LINE_TOO_LONG)
                 continue
-            cmd = parse_line(line, c.name is not None)
-            if cmd is None:
-                continue
+            else:
+                cmd = line             # telnet's, from the reader (chatlib.telnet)
             kind = type(cmd)
             if kind is Msg:
                 self.queue_msgs(c, protocol.msg_line(c.name_b, cmd.text), 1)
@@ -413,6 +421,17 @@ class Worker(Service):
                 return None            # lines after QUIT are not run
             elif kind is Dm and self.send_dm(c, cmd):
                 continue
+            elif kind is Answer:
+                self.send(c, cmd.data)
+            elif kind is Interrupt:
+                # Ctrl-C: the end, as QUIT. Telnet follows it with DO
+                # TIMING-MARK and shows nothing until that is answered.
+                for later in lines[i + 1:]:
+                    if type(later) is Answer:
+                        self.send(c, later.data)
+                c.closing = INTERRUPT_REASON
+                self.dirty.add(c)
+                return None
             else:
                 self.ask_broker(c, cmd)
                 return lines[i + 1:]

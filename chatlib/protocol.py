@@ -13,6 +13,8 @@ ASCII, so the common case costs no codec round trip.
 import re
 from collections import namedtuple
 
+from chatlib import telnet
+
 # --- Commands a client line can turn into --------------------------------
 
 Login = namedtuple("Login", "name")            # name: str, already validated
@@ -205,25 +207,48 @@ TOO_LONG = object()
 
 
 class LineReader:
-    """Split a byte stream into lines, enforcing ``max_line``.
+    """Split a byte stream into lines, enforcing ``max_line``, and take
+    telnet's commands out of it.
 
     ``max_line`` counts every byte up to and including the ``\\n``. A line
     over it is dropped up to its ``\\n`` (buffering nothing meanwhile) and
     reported as :data:`TOO_LONG` when that ``\\n`` arrives, so a client
-    cannot make the server hold more than ``max_line`` bytes for it.
+    cannot make the server hold more than ``max_line`` bytes for it (and a
+    telnet command cut short).
+
+    Telnet's commands (:mod:`chatlib.telnet`) go wherever the bytes came
+    from, plaintext or TLS. What they ask for, a ``telnet.Answer`` or
+    ``telnet.INTERRUPT``, takes their place among the lines, so that it
+    runs in the order it was sent. A telnet command cut short by the end
+    of a read is kept after the start of the line, to be scanned again
+    with the next read; so is a line that holds a 0xff byte of text, whose
+    first ``_scanned`` bytes are then known to be text already. Either way
+    the next read, with what is kept in front of it, holds a 0xff byte:
+    exactly when there is telnet's work to do, so a read without one costs
+    a single ``0xFF in data`` for all this.
     """
 
-    __slots__ = ("max_line", "_partial", "_discarding")
+    __slots__ = ("max_line", "_partial", "_discarding", "_scanned")
 
     def __init__(self, max_line):
         self.max_line = max_line
         self._partial = b""
         self._discarding = False
+        self._scanned = 0       # 0 unless _partial starts with text holding a 0xff
 
-    def feed(self, data):
-        """Return the complete lines in ``data`` (without ``\\r\\n``/``\\n``)."""
+    def feed(self, data, text_only=False):
+        """Return the complete lines in ``data`` (without ``\\r\\n``/``\\n``),
+        and what telnet's commands among them ask for.
+
+        ``text_only``: ``data`` is text out of ``telnet.scan`` already, its
+        0xff bytes are text (see :meth:`_feed_telnet`).
+        """
         if self._partial:
             data = self._partial + data
+        # An int: ``b"\xff" in data`` first tries its bytes as an int and
+        # pays for the exception, ten times the cost of the search.
+        if 0xFF in data and not text_only:
+            return self._feed_telnet(data)
         lines = data.split(b"\n")
         tail = lines.pop()
         limit = self.max_line - 1             # bytes allowed before the \n
@@ -248,7 +273,30 @@ class LineReader:
         self._partial = tail
         return lines
 
+    def _feed_telnet(self, data):
+        """:meth:`feed` for bytes with telnet's commands in them: the text
+        between the commands is split as any other, with the commands'
+        answers and interrupts in their places.
+
+        ``data`` starts with what was kept: its first ``_scanned`` bytes are
+        text (a text without a 0xff byte may be scanned again, unchanged).
+        """
+        scanned = self._scanned
+        self._partial = data[:scanned]
+        pieces, unfinished = telnet.scan(data[scanned:])
+        items = []
+        for piece in pieces:
+            if type(piece) is bytes:
+                items += self.feed(piece, text_only=True)
+            else:
+                items.append(piece)
+        text = self._partial
+        self._scanned = len(text) if b"\xff" in text else 0
+        self._partial = text + unfinished
+        return items
+
     @property
     def buffered(self):
-        """Bytes held for a line not yet complete."""
+        """Bytes held for a line not yet complete (and a telnet command cut
+        short: at most ``max_line + 3`` in all)."""
         return len(self._partial)

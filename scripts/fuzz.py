@@ -6,10 +6,11 @@ Two modes:
 ``fuzz.py [fuzz] --seed N --duration S``
     A seeded generator (``random.Random(seed)``) makes lines and byte
     streams: random bytes, huge lines, lines cut at every byte boundary, NULs,
-    invalid UTF-8, terminal escapes, bidi overrides, thousands of pipelined
-    commands, half-closed and reset sockets. They go to the sans-IO module
-    (``LineReader``, ``parse_line``: no exception, same lines whatever the
-    chunking, every reply a known line) and to a running server, while
+    invalid UTF-8, terminal escapes, bidi overrides, telnet's commands
+    (0xff bytes), thousands of pipelined commands, half-closed and reset
+    sockets. They go to the sans-IO module (``LineReader``, ``parse_line``:
+    no exception, same lines whatever the chunking, every reply a known
+    line) and to a running server, while
     well-behaved "probe" clients check PING/PONG, a DM to themselves and WHO.
     At the end every server process must still be the same one (pid and
     role), and the memory (sum of VmRSS) back near where it started. The
@@ -45,6 +46,7 @@ if ROOT not in sys.path:
 from chatlib import protocol                                    # noqa: E402
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,  # noqa: E402
                               Ping, Quit, Reply, Who, parse_line)
+from chatlib.telnet import INTERRUPT, Answer                    # noqa: E402
 
 MAX_LINE = 4096
 FFFD = "\ufffd"
@@ -54,6 +56,9 @@ KNOWN_REPLIES = ERR_LINES | {protocol.OK, protocol.PONG}
 NAME = r"[A-Za-z0-9_.\-]{1,32}"
 SERVER_LINE = re.compile(r"(OK|PONG|ERR [a-z-]+|USER %s|INFO %s disconnected"
                          r"|(MSG|DM) %s [^ \t](.*[^ \t])?)\Z" % (NAME, NAME, NAME), re.S)
+# What the server answers telnet's negotiation with (IAC WILL/WONT/DONT x),
+# between its lines: nothing else it sends holds a 0xff byte.
+TELNET_ANSWER = re.compile(rb"\xff[\xfb\xfc\xfe].", re.S)
 
 ESCAPES = [b"\x1b[2J", b"\x1b[31m", b"\x1b]0;pwned\x07", b"\x1b[1;1H", b"\x07", b"\x08\x08",
            b"\x9b31m", "\u202e".encode(), "\u2066".encode(), "\u0085".encode(), b"\x7f",
@@ -62,6 +67,10 @@ BAD_UTF8 = [b"\xff", b"\xfe\xff", b"\xc3", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\
             b"\xe2\x82", b"\x80\x80", b"\xf0\x9f\x98"]
 GOOD = [b"hello", b"hi there", "caf\u00e9".encode(), "\U0001f600".encode(), b"\t",
         b"   ", b"a\tb", "e\u0301".encode(), "\u4e2d\u6587".encode(), b"x" * 40]
+# telnet's: Ctrl-C, negotiation, a window size, NOP, AYT, a 0xff of text.
+TELNET = [b"\xff\xf4\xff\xfd\x06", b"\xff\xfd\x06", b"\xff\xfb\x1f", b"\xff\xfd\x01",
+          b"\xff\xfe\x01", b"\xff\xfc\x03", b"\xff\xfa\x1f\x00\x50\x00\x18\xff\xf0",
+          b"\xff\xf1", b"\xff\xf6", b"\xff\xff"]
 WORDS = [b"LOGIN", b"login", b"Login", b"MSG", b"msg", b"DM", b"dm", b"WHO", b"who",
          b"PING", b"ping", b"QUIT", b"FOO", b"", b"GET", b"USER", b"OK", b"PONG"]
 
@@ -102,7 +111,15 @@ class Gen:
         return data if newlines else data.replace(b"\n", b"?")
 
     def line(self):
-        """One line, without its terminator."""
+        """One line, without its terminator; one in ten with a telnet
+        command somewhere in it."""
+        line = self.plain_line()
+        if self.rng.random() < 0.1:
+            at = self.rng.randint(0, len(line))
+            line = line[:at] + self.rng.choice(TELNET) + line[at:]
+        return line
+
+    def plain_line(self):
         r = self.rng.random()
         if r < 0.55:
             word = self.rng.choice(WORDS)
@@ -146,23 +163,78 @@ class Gen:
     def anon_stream(self, n_lines):
         """A stream with no line that would log in (so its answers are known)."""
         data = self.stream(n_lines)
-        lines = data.split(b"\n")
-        for i, line in enumerate(lines):
-            if type(parse_line(line.rstrip(b"\r"), False)) is Login:
-                lines[i] = b"X" + line
-        return b"\n".join(lines)
+        for _ in range(2):
+            lines = data.split(b"\n")
+            for i, line in enumerate(lines):
+                if type(parse_line(line.rstrip(b"\r"), False)) is Login:
+                    lines[i] = b"X" + line
+            data = b"\n".join(lines)
+            if self.answers_known(data):
+                return data
+            data = data.replace(b"\xff", b"\xfe")   # no telnet, then
+        return data
+
+    def answers_known(self, data):
+        """No line logs in once telnet's commands are out, and none is
+        answered after an interrupt (the server answers those that came
+        with it, in the same read: it depends on how the stream is cut)."""
+        items = reference_lines(data, self.max_line)
+        after = items[items.index(INTERRUPT):] if INTERRUPT in items else []
+        return (not any(type(item) is Answer for item in after)
+                and not any(type(item) is bytes and type(parse_line(item, False)) is Login
+                            for item in items))
 
 
 # -- sans-IO properties ----------------------------------------------------------
 
 def reference_lines(data, max_line):
-    """What LineReader must return for ``data``: an independent model."""
-    out = []
-    for seg in data.split(b"\n")[:-1]:
-        if len(seg) + 1 > max_line:
+    """What LineReader must return for ``data``: an independent model of
+    lines and of telnet's commands (RFC 854 as ``chatlib.telnet`` reads it:
+    answers and interrupts where they come), a command at a time."""
+    out, line, i, subnegotiation = [], bytearray(), 0, False
+
+    def end_line():
+        if len(line) + 1 > max_line:
             out.append(TOO_LONG)
         else:
-            out.append(seg[:-1] if seg.endswith(b"\r") else seg)
+            out.append(bytes(line[:-1] if line.endswith(b"\r") else line))
+
+    while i < len(data):
+        if data[i] != 0xFF:
+            iac = data.find(b"\xff", i)
+            text, i = data[i:iac if iac >= 0 else len(data)], iac if iac >= 0 else len(data)
+        else:
+            command = data[i + 1:i + 2]
+            if not command or command in b"\xfb\xfc\xfd\xfe" and i + 2 >= len(data):
+                break                                   # cut short: never finished
+            if command in b"\xfb\xfc\xfd\xfe":           # WILL WONT DO DONT
+                option = data[i + 2]
+                if command == b"\xfd":
+                    out.append(Answer(bytes([255, 251 if option == 6 else 252, option])))
+                elif command == b"\xfb":
+                    out.append(Answer(bytes([255, 254, option])))
+                i += 3
+                continue
+            i += 2
+            if command == b"\xff":
+                text = b"\xff"
+            elif command < b"\xf0":
+                text = b"\xff" + command
+            else:                                       # other commands: no text
+                if command == b"\xfa":                  # SB
+                    subnegotiation = True
+                elif command == b"\xf0":                # SE
+                    subnegotiation = False
+                elif command == b"\xf4":                # IP
+                    out.append(INTERRUPT)
+                continue
+        if subnegotiation:
+            continue
+        first, *more = text.split(b"\n")
+        line += first
+        for rest in more:
+            end_line()
+            line = bytearray(rest)
     return out
 
 
@@ -170,7 +242,7 @@ def feed_all(chunks, max_line):
     reader, lines = LineReader(max_line), []
     for chunk in chunks:
         lines += reader.feed(chunk)
-        if reader.buffered > max_line - 1:
+        if reader.buffered > max_line + 3:          # a line, and a command cut short
             raise AssertionError("LineReader holds %d bytes" % reader.buffered)
     return lines
 
@@ -242,7 +314,7 @@ def check_sans_io(gen, rounds, max_line=MAX_LINE):
             problems.append("round %d: LineReader raised %r on %r" % (r, exc, data[:120]))
             continue
         for line in expected:
-            if line is TOO_LONG:
+            if type(line) is not bytes:           # TOO_LONG, telnet's
                 continue
             for logged_in in (False, True):
                 problems += check_command(line, logged_in)
@@ -259,6 +331,11 @@ def expected_anon_answers(data, max_line):
         if line is TOO_LONG:
             out.append(protocol.ERR_LINE_TOO_LONG)
             continue
+        if type(line) is Answer:
+            out.append(line.data)
+            continue
+        if line is INTERRUPT:
+            break
         cmd = parse_line(line, False)
         kind = type(cmd)
         if cmd is None:
@@ -469,7 +546,7 @@ class Session:
     def judge(self, problems):
         """Check what came back; True if it was compared with the oracle."""
         where = "session %d (%s, %s)" % (self.serial, self.kind, self.ending)
-        lines = self.got.split(b"\n")
+        lines = TELNET_ANSWER.sub(b"", self.got).split(b"\n")
         lines.pop()
         for raw in lines:
             check_server_line(raw, problems, where)
