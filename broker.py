@@ -544,7 +544,8 @@ def main(argv=None):
         return 2
     from chatlib.config import parse_args
     from chatlib.supervisor import Supervisor
-    return Supervisor(parse_args(argv)).run()
+    from worker import Worker
+    return Supervisor(parse_args(argv), broker=Broker, worker=Worker).run()
 
 
 if __name__ == "__main__":

@@ -71,12 +71,10 @@ def _default_port():
 
 
 def program_name():
-    """What the operator typed: ``broker.py``, ``chat-server`` or
-    ``python -m chatlib``, for usage lines and errors (``--version`` names
-    the product, however it was started)."""
+    """What the operator typed: ``broker.py`` or ``chat-server``, for usage
+    lines and errors (``--version`` names the product, however it was
+    started)."""
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    if name == "__main__.py":
-        return "python -m chatlib"
     return name if name and name != "-c" else PRODUCT
 
 

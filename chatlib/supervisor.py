@@ -153,8 +153,12 @@ def operator_signals_deferred(start_method):
 
 
 class Supervisor:
-    def __init__(self, config):
+    def __init__(self, config, broker, worker):
+        """``broker`` and ``worker``: the classes of those processes, which
+        the application hands over (the library imports nothing from it)."""
         self.config = config
+        self.broker_class = broker
+        self.worker_class = worker
         self.ctx = multiprocessing.get_context(config.start_method)
         self.children = {}            # (role, slot) -> Child
         self.signals = []
@@ -281,14 +285,12 @@ class Supervisor:
     # here and handed to both ends as an order, at start-up as after a restart.
 
     def start_worker(self, slot):
-        from worker import Worker
-        self.spawn(Worker, slot)
+        self.spawn(self.worker_class, slot)
         self.connect(slot, "broker")
         self.connect(slot, "acceptor")
 
     def start_broker(self):
-        from broker import Broker
-        self.spawn(Broker, None, self.worker_slots())
+        self.spawn(self.broker_class, None, self.worker_slots())
         for slot in self.worker_slots():
             self.connect(slot, "broker")
 

@@ -1,5 +1,5 @@
 """Running it as a service: statistics, signals, sd_notify, --log-file,
---version, ``python -m chatlib`` and ``pip install``.
+--version and ``pip install``.
 
 Black-box like the other tests: the real server in its own session, talked to
 over TCP, its log read line by line. Nothing sleeps and hopes: every wait is
@@ -59,8 +59,8 @@ def login_ping(port):
 
 
 class CommandServer(Server):
-    """A server started with any command line (``chat-server``, ``python -m
-    chatlib``) from any directory, instead of ``python broker.py``."""
+    """A server started with any command line (``chat-server``) from any
+    directory, instead of ``python broker.py``."""
 
     def __init__(self, command, *args, cwd=ROOT, **kwargs):
         super().__init__(*args, **kwargs)
@@ -438,7 +438,7 @@ class CommandLineTest(TestCase):
             product = re.search(r'^name = "([^"]+)"$', f.read(), re.M).group(1)
         self.assertEqual(product, "chat-server")
         self.assertRegex(chatlib.__version__, r"^\d+\.\d+\.\d+")
-        for command in ([sys.executable, BROKER], [sys.executable, "-m", "chatlib"]):
+        for command in ([sys.executable, BROKER],):
             with self.subTest(command=command[1:]):
                 code, out, err = self.run_command(*command, "--version")
                 self.assertEqual((code, out, err),
@@ -461,13 +461,6 @@ class CommandLineTest(TestCase):
                                  % (re.escape(path), reason))
                 self.assertEqual(out, "")
         self.assertEqual(os.listdir(tmp), [])
-
-    def test_python_m_chatlib_serves(self):
-        s = CommandServer([sys.executable, "-m", "chatlib"], workers=1)
-        self.addCleanup(s.kill)
-        s.start()
-        login_ping(s.port)
-        self.assertEqual(s.stop(), 0)
 
     def test_one_version_source(self):
         try:
