@@ -193,7 +193,7 @@ class Broker(Service, Router):
                 if worker is not None and worker.outbox:
                     box, worker.outbox = worker.outbox, []
                     worker.marked = None
-                    batch = [(link.MSG, b"".join(e)) if type(e) is _Run else e for e in box]
+                    batch = [(link.BROADCAST, b"".join(e)) if type(e) is _Run else e for e in box]
                     if worker.lazy or self.cursor is not None:
                         batch[:0] = self.take_lazy(worker)
                     if worker.ackable != worker.acked:
@@ -269,7 +269,7 @@ class Broker(Service, Router):
 
     def route(self, slot, event):
         tag = event[0]
-        if tag == link.MSG:
+        if tag == link.BROADCAST:
             _, blob = event
             self.broadcast(blob, skip=slot)
             self.directory.publish(slot, self.origin[1], blob)
@@ -418,7 +418,7 @@ class Broker(Service, Router):
                     if key not in self.users and key not in claimed]
             if gone:
                 blob = b"".join(protocol.info_disconnected(name) for name in gone)
-                self.box(slot).append((link.MSG, blob))
+                self.box(slot).append((link.BROADCAST, blob))
         self.origin = origin
 
     def log_in(self, slot, cid, name):
@@ -527,7 +527,7 @@ class Broker(Service, Router):
         be routed go with them."""
         if drop_lines:
             self.deferred = [(slot, event) for slot, event in self.deferred
-                             if event[0] != link.MSG and event[0] != link.DM]
+                             if event[0] != link.BROADCAST and event[0] != link.DM]
         for slot, worker in self.links.items():
             cids = None if keys is None else [
                 self.users[k].cid for k in keys if k in self.users and self.users[k].slot == slot]

@@ -36,7 +36,7 @@ from multiprocessing.connection import Connection
 from chatlib import link, protocol
 from chatlib.channel import Channel
 from chatlib.connection import READ, WRITE, Client
-from chatlib.delivery import Inbound, Outbound
+from chatlib.delivery import BrokerLink
 from chatlib.flood import FloodControl
 from chatlib.handoff import TLS
 from chatlib.intake import Intake
@@ -64,7 +64,6 @@ class Worker(Service):
     def __init__(self, config, pipes, slot):
         super().__init__(config, pipes, slot)
         self.intake = None         # chatlib.intake.Intake: its pipes come with an order
-        self.link = None           # Channel to the broker (an order brings it)
         self.clients = {}          # cid -> Client
         self.users = {}            # cid -> Client, the logged-in ones
         self.local_names = {}      # lower-case name -> Client, the same by name
@@ -74,11 +73,7 @@ class Worker(Service):
         self.dirty = set()         # clients with output to write this turn
         self.broadcast_due = False # the users have broadcast lines to write
         self.next_broadcast = 0.0  # not before then (BROADCAST_EVERY)
-        self.outbox = []           # events for the broker this turn
-        self.resend = []           # what a new broker gets before this turn's events
-        self.sent = Outbound()     # our batches, until the broker acknowledges them
-        self.routed = Inbound()    # which batches were routed to us already
-        self.cursor = None         # cluster mode: the last stream entry routed to us
+        self.broker = BrokerLink(OUTBOX_LIMIT)   # its channel comes with an order
         # Cluster mode: the node's lease holds until then (link.LEASE); past
         # it, users' lines wait in `unvouched` until a later one, or their close.
         self.vouched_until = 0.0 if config.redis is not None else float("inf")
@@ -120,30 +115,25 @@ class Worker(Service):
         new broker announces to us those it finds nowhere, whose worker
         died with the old broker.
         """
-        if self.link is not None:
-            self.link.close()
-        self.link = Channel(conn, self.sel, self.on_batches, self.on_link_lost)
-        queued = {id(event) for event in self.outbox}
+        queued = {id(event) for event in self.broker.outbox}
         requests = [c.request for c in self.clients.values()
                     if c.waiting and id(c.request) not in queued]
-        unacked = self.sent.replay()
         users = [(c.cid, c.name, c.login_stamp) for c in self.users.values()]
-        departed = [e[1:] for e in unacked + self.outbox if e[0] == link.BYE and e[2] is not None]
+        departed = [e[1:] for e in self.broker.unsent() if e[0] == link.BYE and e[2] is not None]
         listed = {key: name for key, name in self.directory.items()
                   if name is not None and key not in self.local_names}
         claims = [r[2].lower() for r in requests if r[0] == link.LOGIN]
-        self.resend = ([(link.SYNC, users, departed, self.cursor, listed, claims)]
-                       + requests + unacked)
+        sync = (link.SYNC, users, departed, self.broker.cursor, listed, claims)
+        self.broker.attach(Channel(conn, self.sel, self.on_batches, self.on_link_lost),
+                           sync, requests)
 
     def on_link_lost(self):
         self.log.debug("broker link lost; holding requests until a new broker")
-        self.link = None
+        self.broker.lost()
 
     def congested(self):
         """True while the broker cannot take more from us: hold client lines."""
-        if self.link is None:
-            return len(self.outbox) > OUTBOX_LIMIT
-        return self.link.congested
+        return self.broker.congested()
 
     def on_order(self, order):
         if order[0] == "link":            # a broker: here is our end
@@ -162,8 +152,8 @@ class Worker(Service):
 
     def heartbeat_info(self):
         info = dict(self.counters)
-        if self.link is not None:
-            info["batches"] = self.link.frames_out
+        if self.broker.channel is not None:
+            info["batches"] = self.broker.channel.frames_out
         info.update(clients=len(self.clients), users=len(self.users))
         if self.tls is not None:
             info.update(self.tls.figures())
@@ -188,8 +178,8 @@ class Worker(Service):
         self.running = False
 
     def finish(self):
-        if self.link is not None:
-            self.link.flush_blocking(1.0)
+        if self.broker.channel is not None:
+            self.broker.channel.flush_blocking(1.0)
 
     # -- the loop -------------------------------------------------------------
 
@@ -254,11 +244,7 @@ class Worker(Service):
                     self.flush(c, False)
         if self.msg_run:
             self.close_msg_run()
-        if (self.outbox or self.resend) and self.link is not None:
-            events, self.outbox = self.outbox, []
-            self.counters["events"] += len(events)
-            batch, self.resend = self.resend + [self.sent.seal(events)] + events, []
-            self.link.send(batch)   # may find the broker gone: attach_link resends
+        self.counters["events"] += self.broker.flush()
         self.intake.send_notes()
 
     def sweep_idle(self, now):
@@ -346,9 +332,10 @@ class Worker(Service):
     def pump(self, c, fresh=False):
         """Run ``c``'s unrun lines as far as nothing stops them.
 
-        Three things hold lines back: an unanswered broker request (the answer
-        pumps again), a congested broker link (``tick`` pumps again), and
-        flood control (``tick`` pumps again when tokens are back). A client
+        Four things hold lines back: an unanswered broker request (the answer
+        pumps again), a congested broker link (``tick`` pumps again), flood
+        control (``tick`` pumps again when tokens are back), and in cluster
+        mode a lease past its time (a later LEASE pumps again). A client
         with held lines is not read, so one read's worth is all it can park.
         A flooder stops counting as one only when a ``fresh`` read's lines
         all run at once: running out of held lines is not enough, since the
@@ -484,11 +471,11 @@ class Worker(Service):
     def to_broker(self, event):
         if self.msg_run:
             self.close_msg_run()
-        self.outbox.append(event)
+        self.broker.outbox.append(event)
 
     def close_msg_run(self):
         run, self.msg_run = self.msg_run, []
-        self.outbox.append((link.MSG, b"".join(run)))
+        self.broker.outbox.append((link.BROADCAST, b"".join(run)))
 
     # -- what the broker sends ------------------------------------------------
 
@@ -497,57 +484,70 @@ class Worker(Service):
             seen_before = False    # the lines that follow were routed to us already
             for event in batch:
                 tag = event[0]
-                if tag == link.MSG:
+                if tag == link.BROADCAST:
                     if not seen_before:
                         self.fan_out(event[1])
                 elif tag == link.FROM:
-                    seen_before = not self.routed.is_new(event[1], event[2])
+                    _, origin, number = event
+                    seen_before = not self.broker.routed.is_new(origin, number)
                 elif tag == link.DELIVER:
-                    if seen_before:
-                        continue
-                    c = self.users.get(event[1])
-                    if c is not None:
-                        self.send(c, event[2])
+                    _, cid, line = event
+                    c = self.users.get(cid)
+                    if c is not None and not seen_before:
+                        self.send(c, line)
                         self.counters["deliveries"] += 1
                 elif tag == link.ANSWER:
-                    c = self.clients.get(event[1])
+                    _, cid, data = event
+                    c = self.clients.get(cid)
                     if c is not None and c.waiting:
-                        if event[2]:
-                            self.send(c, event[2])
+                        if data:
+                            self.send(c, data)
                         self.answered(c)
                 elif tag == link.ACK:
-                    self.sent.acknowledged(event[1])
+                    self.broker.sent.acknowledged(event[1])
                 elif tag == link.JOINED:
-                    self.directory[event[1]] = event[2]
+                    _, key, name = event
+                    self.directory[key] = name
                 elif tag == link.LEFT:
                     self.directory.pop(event[1], None)
                 elif tag == link.DIRECTORY:
                     self.directory = dict(event[1])
                 elif tag == link.CURSOR:
-                    self.cursor = event[1]
+                    self.broker.cursor = event[1]
                 elif tag == link.LEASE:
-                    self.vouched_until = event[1]
-                    self.now = time.monotonic()
-                    if self.unvouched and self.now < self.vouched_until:
-                        waiting, self.unvouched = self.unvouched, set()
-                        for c in waiting:
-                            if c.sock is not None and c.held:
-                                self.pump(c)
+                    self.vouched(event[1])
                 elif tag == link.EVICT:
-                    cids = self.users if event[2] is None else event[2]
-                    for c in [self.users[cid] for cid in cids if cid in self.users]:
-                        self.cut(c, event[1], "cluster unavailable")
+                    _, line, cids = event
+                    for cid in list(self.users) if cids is None else cids:
+                        c = self.users.get(cid)
+                        if c is not None:
+                            self.cut(c, line, "cluster unavailable")
                 elif tag == link.GRANTED:
-                    c = self.clients.get(event[1])
+                    _, cid, name, stamp = event
+                    c = self.clients.get(cid)
                     if c is not None and c.waiting:
-                        c.name = event[2]
-                        c.name_b = c.name.encode()
-                        c.login_stamp = event[3]
-                        self.users[c.cid] = c
-                        self.local_names[c.name.lower()] = c
-                        self.send(c, protocol.OK)
-                        self.log.info("%s logged in from %s", c.name, c.ip)
-                        self.answered(c)
+                        self.logged_in(c, name, stamp)
+
+    def logged_in(self, c, name, stamp):
+        c.name = name
+        c.name_b = name.encode()
+        c.login_stamp = stamp
+        self.users[c.cid] = c
+        self.local_names[name.lower()] = c
+        self.send(c, protocol.OK)
+        self.log.info("%s logged in from %s", name, c.ip)
+        self.answered(c)
+
+    def vouched(self, until):
+        """Cluster mode: the node's lease holds until ``until``; users'
+        lines held past the last time run again if it is later."""
+        self.vouched_until = until
+        self.now = time.monotonic()
+        if self.unvouched and self.now < until:
+            waiting, self.unvouched = self.unvouched, set()
+            for c in waiting:
+                if c.sock is not None and c.held:
+                    self.pump(c)
 
     def answered(self, c):
         c.last_line = self.now       # the idle clock restarts (see pump)

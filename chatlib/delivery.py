@@ -22,7 +22,7 @@ def resent(event):
     """Must a new broker get ``event`` again? Users' lines and departures
     must; a DM awaiting its answer goes again as a request instead."""
     tag = event[0]
-    return tag == link.MSG or tag == link.BYE or (tag == link.DM and not event[4])
+    return tag == link.BROADCAST or tag == link.BYE or (tag == link.DM and not event[4])
 
 
 class Outbound:
@@ -71,3 +71,52 @@ class Inbound:
             return False
         self.seen[slot] = number
         return True
+
+
+class BrokerLink:
+    """A worker's end of its link to the broker: the events it owes the
+    broker and the numbering that makes a broker's death lose nothing.
+
+    ``channel`` is None between brokers; what is queued meanwhile waits, up
+    to ``limit`` events before the worker holds its clients' lines.
+    """
+
+    def __init__(self, limit):
+        self.channel = None
+        self.limit = limit
+        self.outbox = []            # events for the broker this turn
+        self.resend = []            # what a new broker gets before this turn's events
+        self.sent = Outbound()      # our batches, until the broker acknowledges them
+        self.routed = Inbound()     # which batches were routed to us already
+        self.cursor = None          # cluster mode: the last stream entry routed to us
+
+    def attach(self, channel, sync, requests):
+        """A new broker: it gets ``sync``, the ``requests`` it must answer,
+        then every unacknowledged event, before this turn's."""
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = channel
+        self.resend = [sync] + requests + self.sent.replay()
+
+    def lost(self):
+        self.channel = None
+
+    def unsent(self):
+        """Events the broker has not acknowledged, or not been sent yet."""
+        return self.sent.replay() + self.outbox
+
+    def congested(self):
+        """True while the broker cannot take more from us."""
+        if self.channel is None:
+            return len(self.outbox) > self.limit
+        return self.channel.congested
+
+    def flush(self):
+        """Send the turn's events as one numbered batch; the number of
+        events sent (0 without a broker: they wait for the next one)."""
+        if not (self.outbox or self.resend) or self.channel is None:
+            return 0
+        events, self.outbox = self.outbox, []
+        batch, self.resend = self.resend + [self.sent.seal(events)] + events, []
+        self.channel.send(batch)    # may find the broker gone: attach resends
+        return len(events)

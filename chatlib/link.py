@@ -9,7 +9,7 @@ Worker -> broker
     (SEQ, n)                    the events that follow are from the worker's
                                 batch number ``n`` (numbers only grow, across
                                 restarts of the worker too)
-    (MSG, blob)                 ready-made ``MSG`` lines, to every other worker
+    (BROADCAST, blob)           ready-made ``MSG`` lines, to every other worker
     (LOGIN, cid, name)          claim a name; answered by GRANTED or ANSWER
     (WHO, cid)                  answered by ANSWER with the ``USER`` lines
     (DM, cid, key, line, awaited)
@@ -36,7 +36,7 @@ Worker -> broker
                                 a worker that died with the old broker
 
 Broker -> worker
-    (MSG, blob)                 lines for every logged-in user of this worker
+    (BROADCAST, blob)           lines for every logged-in user of this worker
                                 (other workers' ``MSG`` lines, ``INFO`` lines)
     (DELIVER, cid, line)        a line for one connection (a ``DM``)
     (ANSWER, cid, data)         the answer to the connection's pending request
@@ -51,7 +51,7 @@ Broker -> worker
                                 always ahead of the user's lines (a name not
                                 yet known only costs a DM a round trip); LEFT
                                 is sent at once, with the departure's INFO
-    (FROM, slot, n)             the MSG and DELIVER events that follow come
+    (FROM, slot, n)             the BROADCAST and DELIVER events that follow come
                                 from worker ``slot``'s batch ``n``; slot None:
                                 from no batch (a dead worker's departures).
                                 In cluster mode ``slot`` may also be a tuple:
@@ -75,10 +75,10 @@ Broker -> worker
                                 socket buffers: a broker killed now loses none
 
 Nothing accepted from a client is lost with a broker, and nothing arrives
-twice: a worker keeps the MSG, DM and BYE events of every batch until it is
+twice: a worker keeps the BROADCAST, DM and BYE events of every batch until it is
 acknowledged, and sends the unacknowledged ones again to the next broker
 under their old batch numbers (requests are sent again anyway). A receiving
-worker drops MSG and DELIVER events under a FROM it has seen before: per
+worker drops BROADCAST and DELIVER events under a FROM it has seen before: per
 sending worker, batches are routed in order, so the highest number seen
 is all it needs to remember.
 
@@ -87,7 +87,7 @@ worker can hold the connection's later lines until it comes and keep each
 client's answers in the order of its commands.
 """
 
-MSG = "M"
+BROADCAST = "M"
 LOGIN = "L"
 WHO = "W"
 DM = "D"

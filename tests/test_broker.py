@@ -82,7 +82,7 @@ class RestartedBroker(unittest.TestCase):
             for event in batch:
                 if event[0] == link.FROM:
                     seen_before = not routed.is_new(event[1], event[2])
-                elif event[0] == link.MSG and not seen_before:
+                elif event[0] == link.BROADCAST and not seen_before:
                     delivered.append(event[1])
         return b"".join(delivered).decode()
 
@@ -103,7 +103,7 @@ class RestartedBroker(unittest.TestCase):
         self.send(1, sync())                    # the dead worker's replacement
         # Dee's line, which the old broker had routed to worker 0 already.
         self.send(2, sync(users=[(1, "Dee")], listed={"bob": "Bob"}),
-                  (link.SEQ, 7), (link.MSG, b"MSG Dee hi\n"))
+                  (link.SEQ, 7), (link.BROADCAST, b"MSG Dee hi\n"))
         routed = Inbound()
         routed.is_new(2, 7)
         # The INFO lines come from no batch: none is taken for a resent one.

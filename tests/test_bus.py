@@ -11,16 +11,16 @@ class TestRecords(unittest.TestCase):
         r = bus.Records()
         self.assertFalse(r)
         r.from_batch(0, 17)
-        r.msg(b"MSG a hi\nMSG a there\n")
+        r.broadcast(b"MSG a hi\nMSG a there\n")
         r.from_batch(0, 17)                       # same batch: no second header
         r.dm("bob", b"DM a psst\n")
         r.from_batch(1, 5)
-        r.msg(b"MSG c yo\n")
+        r.broadcast(b"MSG c yo\n")
         self.assertTrue(r)
         self.assertEqual(bus.decode(r.encode()), [
-            (bus.ORIGIN, "0", 17), (bus.MSG, b"MSG a hi\nMSG a there\n"),
+            (bus.ORIGIN, "0", 17), (bus.BROADCAST, b"MSG a hi\nMSG a there\n"),
             (bus.DM, "bob", b"DM a psst\n"),
-            (bus.ORIGIN, "1", 5), (bus.MSG, b"MSG c yo\n")])
+            (bus.ORIGIN, "1", 5), (bus.BROADCAST, b"MSG c yo\n")])
 
     def test_a_dm_sent_on_its_own_names_its_own_origin(self):
         r = bus.Records()
@@ -33,13 +33,13 @@ class TestRecords(unittest.TestCase):
         r = bus.Records()
         r.from_batch(0, 1)
         blob = bytes(range(256)) * 3
-        r.msg(blob)
-        self.assertEqual(bus.decode(r.encode())[1], (bus.MSG, blob))
+        r.broadcast(blob)
+        self.assertEqual(bus.decode(r.encode())[1], (bus.BROADCAST, blob))
 
     def test_malformed_data_is_refused_not_crashed_on(self):
         r = bus.Records()
         r.from_batch(0, 1)
-        r.msg(b"MSG a hi\n")
+        r.broadcast(b"MSG a hi\n")
         data = r.encode()
         boundary = len(data) - len(b"MSG a hi\n") - 5      # between the two records
         for cut in range(1, len(data)):

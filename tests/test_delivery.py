@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from chatlib import link  # noqa: E402
 from chatlib.delivery import Inbound, Outbound, resent  # noqa: E402
 
-MSG = (link.MSG, b"MSG a hi\n")
+MSG = (link.BROADCAST, b"MSG a hi\n")
 BYE = (link.BYE, 3, "a", 17)
 DM_FIRE = (link.DM, 3, "b", b"DM a x\n", False)
 DM_AWAITED = (link.DM, 3, "zed", b"DM a x\n", True)

@@ -7,7 +7,7 @@ A broker turn's lines for other nodes travel as one stream entry (see
                         batch ``n`` (``slot`` ``dm``: a DM sent on its own,
                         numbered by the broker), so that a receiving worker
                         drops lines it had before (:class:`chatlib.delivery.Inbound`)
-    (MSG, blob)         ready-made ``MSG`` lines, for every user of the node
+    (BROADCAST, blob)   ready-made ``MSG`` lines, for every user of the node
     (DM, key, line)     a ``DM`` line for the user ``key`` (lower-case name)
 
 Each record is a tag byte, then its fields, each a 4-byte length and the
@@ -16,9 +16,9 @@ run code on every node. Sans-IO, tested in ``tests/test_bus.py``.
 """
 
 ORIGIN = b"B"
-MSG = b"M"
+BROADCAST = b"M"
 DM = b"D"
-_FIELDS = {ORIGIN: 2, MSG: 1, DM: 2}
+_FIELDS = {ORIGIN: 2, BROADCAST: 1, DM: 2}
 
 
 class Records:
@@ -44,8 +44,8 @@ class Records:
             self._field(str(slot).encode())
             self._field(b"%d" % number)
 
-    def msg(self, blob):
-        self.parts.append(MSG)
+    def broadcast(self, blob):
+        self.parts.append(BROADCAST)
         self._field(blob)
 
     def dm(self, key, line):
@@ -59,7 +59,7 @@ class Records:
 
 def decode(data):
     """The records of ``data`` as tuples: (ORIGIN, slot str, n int),
-    (MSG, blob), (DM, key str, line). ValueError if it is malformed."""
+    (BROADCAST, blob), (DM, key str, line). ValueError if it is malformed."""
     records = []
     view = memoryview(data)
     pos, end = 0, len(data)
@@ -84,5 +84,5 @@ def decode(data):
         elif tag == DM:
             records.append((DM, fields[0].decode(), fields[1]))
         else:
-            records.append((MSG, fields[0]))
+            records.append((BROADCAST, fields[0]))
     return records

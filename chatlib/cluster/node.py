@@ -549,7 +549,7 @@ class Cluster:
 
     def publish(self, slot, number, blob):
         self.records.from_batch(slot, number)
-        self.records.msg(blob)
+        self.records.broadcast(blob)
 
     def forward_dm(self, slot, number, key, line):
         self.records.from_batch(slot, number)
@@ -693,7 +693,7 @@ class Cluster:
                 if record[0] == bus.ORIGIN:
                     _, slot, number = record
                     origin = ((node, slot), number)
-                elif record[0] == bus.MSG:
+                elif record[0] == bus.BROADCAST:
                     router.remote_lines(origin, record[1])
                 else:
                     _, key, line = record
