@@ -22,6 +22,8 @@ import pickle
 import selectors
 import socket
 
+from chatlib.connection import IOV_MAX, drop_sent
+
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 RECV_SIZE = 1 << 18          # bytes read at once; a bigger frame grows the buffer
@@ -83,7 +85,7 @@ class Channel:
             self._read()
 
     def _write(self):
-        if len(self.pending) > 512:           # stay under IOV_MAX
+        if len(self.pending) > IOV_MAX:
             self.pending = [b"".join(self.pending)]
         try:
             sent = self.sock.sendmsg(self.pending)
@@ -97,14 +99,7 @@ class Channel:
             self.pending = []
             self._update()
             return
-        pending = self.pending
-        i = 0
-        while sent >= len(pending[i]):
-            sent -= len(pending[i])
-            i += 1
-        del pending[:i]
-        if sent:
-            pending[0] = pending[0][sent:]
+        drop_sent(self.pending, sent)
         self._update()
 
     def set_reading(self, reading):

@@ -12,6 +12,7 @@ The worker's fan-out appends to ``out`` and ``out_bytes`` directly, in its
 own loops: per recipient that is one append, not a call.
 """
 
+import os
 import selectors
 import socket
 
@@ -19,7 +20,10 @@ from chatlib.protocol import LineReader
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
-IOV_MAX = 512              # buffers per sendmsg; POSIX guarantees 16, Linux/macOS 1024
+try:                      # buffers per sendmsg (Linux and macOS: 1024)
+    IOV_MAX = os.sysconf("SC_IOV_MAX")
+except (AttributeError, ValueError, OSError):
+    IOV_MAX = 16           # what POSIX guarantees
 
 
 class Client:
@@ -79,18 +83,9 @@ class Client:
 
     def consume(self, sent):
         """Forget the first ``sent`` bytes of ``out``."""
-        out = self.out
-        self.out_bytes -= sent
-        i = 0
-        while sent and sent >= len(out[i]):
-            sent -= len(out[i])
-            i += 1
-        del out[:i]
         if sent:
-            self.midline = out[0][sent - 1:sent] != b"\n"
-            out[0] = out[0][sent:]
-        elif i:
-            self.midline = False
+            self.out_bytes -= sent
+            self.midline = drop_sent(self.out, sent) not in (None, b"\n")
 
     def last_words(self, line):
         """Send what the socket takes at once of all that is owed, then ``line``.
@@ -154,3 +149,20 @@ class Client:
         except OSError:
             pass
         self.sock = None
+
+
+def drop_sent(buffers, sent):
+    """Forget the first ``sent`` bytes of ``buffers``, what a partial
+    ``sendmsg`` took: the buffers it took whole go, the one it cut keeps its
+    rest at the head. The last byte sent of the buffer cut, or None if none
+    was."""
+    i = 0
+    while sent and sent >= len(buffers[i]):
+        sent -= len(buffers[i])
+        i += 1
+    del buffers[:i]
+    if not sent:
+        return None
+    head = buffers[0]
+    buffers[0] = head[sent:]
+    return head[sent - 1:sent]

@@ -11,7 +11,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from chatlib.connection import IOV_MAX, READ, WRITE, Client  # noqa: E402
+from chatlib.connection import IOV_MAX, READ, WRITE, Client, drop_sent  # noqa: E402
 
 
 class WritePath(unittest.TestCase):
@@ -128,3 +128,18 @@ class WritePath(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class DropSent(unittest.TestCase):
+    """The partial-send trim that the client write path and the broker link share."""
+
+    def test_every_cut(self):
+        data = [b"ab\n", b"c", b"de\n"]
+        whole = b"".join(data)
+        for sent in range(len(whole) + 1):
+            buffers = list(data)
+            last = drop_sent(buffers, sent)
+            self.assertEqual(b"".join(buffers), whole[sent:])
+            cut = sent not in (0, 3, 4, 7)               # inside a buffer
+            self.assertEqual(last, whole[sent - 1:sent] if cut else None, sent)
+
