@@ -43,6 +43,7 @@ from chatlib.intake import Intake
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, Login, Msg, Ping, Quit,
                               Reply, Who, parse_line)
 from chatlib.service import Service
+from chatlib.stats import COUNTERS
 from chatlib.telnet import Answer, Interrupt
 
 RECV_SIZE = 65536
@@ -50,8 +51,6 @@ PAUSED_POLL = 0.005        # while the broker link is congested, look again this
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
 BROADCAST_EVERY = 0.005    # under load, broadcast lines are written at most this often
-COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
-            "flood_cuts", "batches", "events")
 QUIT_REASON = "quit"
 HANGUP_REASON = "not a chat client"
 INTERRUPT_REASON = "interrupt (telnet's Ctrl-C)"

@@ -8,13 +8,14 @@ port: the figures go to the log, where only the operator looks.
 
 import time
 
-SUMMED = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
-          "flood_cuts", "batches", "events")
+# What every worker counts from its start, and the report sums over them.
+COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
+            "flood_cuts", "batches", "events")
 
 
 class StatsReport:
     def __init__(self):
-        self.last_totals = dict.fromkeys(SUMMED, 0)
+        self.last_totals = dict.fromkeys(COUNTERS, 0)
         self.last_time = time.monotonic()
 
     def line(self, workers, users, cluster=None):
@@ -22,8 +23,8 @@ class StatsReport:
         info, ``cluster`` is the broker's figures in cluster mode."""
         now = time.monotonic()
         elapsed = max(now - self.last_time, 1e-9)
-        totals = {key: sum(info.get(key, 0) for info in workers.values()) for key in SUMMED}
-        rate = {key: max(0, totals[key] - self.last_totals[key]) / elapsed for key in SUMMED}
+        totals = {key: sum(info.get(key, 0) for info in workers.values()) for key in COUNTERS}
+        rate = {key: max(0, totals[key] - self.last_totals[key]) / elapsed for key in COUNTERS}
         self.last_totals, self.last_time = totals, now
         per_worker = ",".join(str(workers[k].get("clients", 0)) for k in sorted(workers))
         batch = totals["events"] / totals["batches"] if totals["batches"] else 0.0
