@@ -36,10 +36,8 @@ import ssl
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
-RECORD = 16384             # largest plaintext in one TLS record
 HANDSHAKE_READ = 65536     # a ClientHello, or the client's last flight and its first lines
 CUT_WHOLE = 65536          # a cut connection's unsent output is still tried up to this size
-HANDSHAKE_TIMEOUT = "TLS handshake timeout"
 
 
 class NoPassphrase(Exception):
@@ -233,7 +231,7 @@ class TlsServer:
         for hs in list(self.pending):
             if hs.since > deadline:
                 break
-            self.fail(hs, HANDSHAKE_TIMEOUT)
+            self.fail(hs, "TLS handshake timeout")
 
     def close_all(self):
         """Shutdown: handshakes in progress just close (no session, no ERR line)."""
@@ -276,12 +274,9 @@ class Handshake:
     def push(self):
         """Send what we can of the backlog; True once it is all out."""
         try:
-            sent = self.sock.send(self.backlog)
-        except (BlockingIOError, InterruptedError):
-            return False
+            self.backlog = send_some(self.sock, self.backlog)
         except OSError:
-            sent = len(self.backlog)   # the next recv says what happened
-        self.backlog = self.backlog[sent:]
+            self.backlog = b""         # the next recv says what happened
         return not self.backlog
 
 
@@ -386,12 +381,9 @@ class TlsStream:
         self.backlog += self.outgoing.read()
 
     def push(self):
-        """Send what we can of the backlog; True once it is all out."""
-        try:
-            sent = self.sock.send(self.backlog)
-        except (BlockingIOError, InterruptedError):
-            return False
-        self.backlog = self.backlog[sent:]
+        """Send what we can of the backlog; True once it is all out (OSError:
+        the connection is broken)."""
+        self.backlog = send_some(self.sock, self.backlog)
         return not self.backlog
 
     def cut(self, data, line):
@@ -427,3 +419,13 @@ class TlsStream:
             except OSError:
                 pass
         self.sock.close()
+
+
+def send_some(sock, data):
+    """Send what the kernel takes of ``data`` now; what is left of it.
+    OSError: the connection is broken."""
+    try:
+        return data[sock.send(data):]
+    except (BlockingIOError, InterruptedError):
+        return data
+
