@@ -195,7 +195,7 @@ class Broker(Service, Router):
                     worker.marked = None
                     batch = [(link.BROADCAST, b"".join(e)) if type(e) is _Run else e for e in box]
                     if worker.lazy or self.cursor is not None:
-                        batch[:0] = self.take_lazy(worker)
+                        batch[:0] = self.lazy_events(worker)
                     if worker.ackable != worker.acked:
                         worker.acked = worker.ackable
                         batch.append((link.ACK, worker.acked))
@@ -229,10 +229,10 @@ class Broker(Service, Router):
             if worker.ackable != worker.acked:
                 worker.outbox.append((link.ACK, worker.ackable))
                 worker.acked = worker.ackable
-            worker.outbox.extend(self.take_lazy(worker))
+            worker.outbox.extend(self.lazy_events(worker))
         self.end_turn()
 
-    def take_lazy(self, worker):
+    def lazy_events(self, worker):
         """What waits for the next batch to ``worker``: new names, and in
         cluster mode the bus cursor if it moved."""
         events, worker.lazy = worker.lazy, []
@@ -243,12 +243,12 @@ class Broker(Service, Router):
 
     def on_batches(self, slot, batches):
         for batch in batches:
-            self.take(slot, NO_ORIGIN)          # until the batch's SEQ
+            self.route_or_defer(slot, NO_ORIGIN)          # until the batch's SEQ
             for event in batch:
-                self.take(slot, event)
+                self.route_or_defer(slot, event)
         self.run_deferred()
 
-    def take(self, slot, event):
+    def route_or_defer(self, slot, event):
         if (self.unsynced or not self.registered) and event[0] != link.SYNC:
             self.deferred.append((slot, event))
         else:
@@ -334,7 +334,7 @@ class Broker(Service, Router):
             worker.listed.pop(key, None)        # told now: not missing
             if slot in self.unsynced:
                 worker.told_early.add(key)
-            worker.outbox.extend(self.take_lazy(worker))
+            worker.outbox.extend(self.lazy_events(worker))
             worker.outbox.append(event)
 
     def box(self, slot):

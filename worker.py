@@ -95,7 +95,7 @@ class Worker(Service):
         cfg = self.config
         self.intake = Intake(self.sel, self.on_connection, self.log)
         shortest = min(cfg.idle_timeout, cfg.login_timeout or cfg.idle_timeout)
-        if getattr(cfg, "tls_cert", None):
+        if cfg.tls_cert:
             from chatlib.tls import TlsServer     # OpenSSL is loaded only if used
             self.tls = TlsServer(cfg, self.sel, self.tls_ready, self.tls_failed, self.log)
             shortest = min(shortest, cfg.tls_handshake_timeout)
@@ -316,7 +316,7 @@ class Worker(Service):
             # A line that starts like a TLS ClientHello: a client at the
             # wrong port. Told before the line reader sees its bytes, whose
             # 0xff bytes it would take for telnet's commands.
-            self.send(c, protocol.ERR_NOT_A_CHAT_CLIENT)
+            self.owe(c, protocol.ERR_NOT_A_CHAT_CLIENT)
             c.closing = HANGUP_REASON
             c.update_interest(self.sel)
             return
@@ -388,7 +388,7 @@ class Worker(Service):
                 if cmd is None:
                     continue
             elif line is TOO_LONG:
-                self.send(c, protocol.ERR_LINE_TOO_LONG)
+                self.owe(c, protocol.ERR_LINE_TOO_LONG)
                 continue
             else:
                 cmd = line             # telnet's, from the reader (chatlib.telnet)
@@ -396,25 +396,25 @@ class Worker(Service):
             if kind is Msg:
                 self.queue_msgs(c, protocol.msg_line(c.name_b, cmd.text), 1)
             elif kind is Reply:
-                self.send(c, cmd.data)
+                self.owe(c, cmd.data)
             elif kind is Ping:
-                self.send(c, protocol.PONG)
+                self.owe(c, protocol.PONG)
             elif kind is Quit or kind is Hangup:
                 if kind is Hangup:
-                    self.send(c, cmd.data)
+                    self.owe(c, cmd.data)
                 c.closing = QUIT_REASON if kind is Quit else HANGUP_REASON
                 self.dirty.add(c)
                 return None            # lines after QUIT are not run
             elif kind is Dm and self.send_dm(c, cmd):
                 continue
             elif kind is Answer:
-                self.send(c, cmd.data)
+                self.owe(c, cmd.data)
             elif kind is Interrupt:
                 # Ctrl-C: the end, as QUIT. Telnet follows it with DO
                 # TIMING-MARK and shows nothing until that is answered.
                 for later in lines[i + 1:]:
                     if type(later) is Answer:
-                        self.send(c, later.data)
+                        self.owe(c, later.data)
                 c.closing = INTERRUPT_REASON
                 self.dirty.add(c)
                 return None
@@ -444,7 +444,7 @@ class Worker(Service):
         if target is not None:
             if self.local:
                 self.fan_out_local()
-            self.send(target, protocol.dm_line(c.name_b, cmd.text))
+            self.owe(target, protocol.dm_line(c.name_b, cmd.text))
             self.counters["deliveries"] += 1
             return True
         if key in self.directory:
@@ -493,14 +493,14 @@ class Worker(Service):
                     _, cid, line = event
                     c = self.users.get(cid)
                     if c is not None and not seen_before:
-                        self.send(c, line)
+                        self.owe(c, line)
                         self.counters["deliveries"] += 1
                 elif tag == link.ANSWER:
                     _, cid, data = event
                     c = self.clients.get(cid)
                     if c is not None and c.waiting:
                         if data:
-                            self.send(c, data)
+                            self.owe(c, data)
                         self.answered(c)
                 elif tag == link.ACK:
                     self.broker.sent.acknowledged(event[1])
@@ -533,7 +533,7 @@ class Worker(Service):
         c.login_stamp = stamp
         self.users[c.cid] = c
         self.local_names[name.lower()] = c
-        self.send(c, protocol.OK)
+        self.owe(c, protocol.OK)
         self.log.info("%s logged in from %s", name, c.ip)
         self.answered(c)
 
@@ -558,7 +558,8 @@ class Worker(Service):
 
     # -- writing --------------------------------------------------------------
 
-    def send(self, c, data):
+    def owe(self, c, data):
+        """Queue ``data`` for ``c``: written at the end of the turn (flush)."""
         c.out.append(data)
         c.out_bytes += len(data)
         self.dirty.add(c)

@@ -5,9 +5,8 @@ accepted sockets (``multiprocessing.reduction.sendfds``); on the second the
 worker answers with *notes*, so that the acceptor knows, exactly, how many
 connections each worker holds and how many each address has open: that is
 what it spreads the load and applies ``--max-clients`` and ``--max-per-ip``
-with, without asking anyone. (The two cannot share one pipe: on macOS each
-descriptor sent is acknowledged by a byte on its pipe, which a note would be
-taken for.)
+with, without asking anyone. (Two pipes, since a pipe that carries
+descriptors carries nothing else back: docs/ARCHITECTURE.md, "Processes".)
 
 Notes go one way only, worker -> acceptor; the acceptor never writes on this
 pipe. A note is one line of ASCII, ``\\n``-terminated:

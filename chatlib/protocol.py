@@ -4,7 +4,7 @@ Nothing here touches a socket, a clock or a process, in the style of ``h11``:
 the worker feeds received bytes to a :class:`LineReader`, hands each line to
 :func:`parse_line` and writes the bytes the ``*_line`` helpers build (a read
 of nothing but plain ``MSG`` lines goes to :func:`msg_block` whole). That
-keeps every rule of ``PROTOCOL.md`` testable with plain function calls.
+keeps every rule of the protocol (the README's protocol section) testable with plain function calls.
 
 Text stays ``bytes`` end to end: a line is decoded only when it is not pure
 ASCII, so the common case costs no codec round trip.

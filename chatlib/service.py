@@ -11,9 +11,8 @@ supervisor dies, even under ``forkserver`` where the child is not the
 supervisor's own child. So a child never outlives the server.
 
 Orders and reports (ready, heartbeats) travel on two pipes, one each way,
-because some orders carry a descriptor: ``multiprocessing.reduction`` sends
-it on the orders pipe and, on macOS, waits for a byte of acknowledgement
-coming back on that same pipe, where any other traffic would be misread.
+because some orders carry a descriptor, and a pipe that carries descriptors
+carries nothing else back (docs/ARCHITECTURE.md, "Processes").
 """
 
 import logging
@@ -81,7 +80,7 @@ class Service:
                 self.tick(now)
                 if now >= self._next_heartbeat:
                     self._next_heartbeat = now + self.heartbeat_interval
-                    self._report(("heartbeat", self.heartbeat_info()))
+                    self._report(("heartbeat", self.heartbeat_info(), now))
         finally:
             self.finish()
         logging.shutdown()

@@ -7,11 +7,11 @@ heartbeats) and the signal wake-up socket.
 
 What it owns:
 
-* the listening socket, so that it survives the acceptor, and connection
+* the listening sockets, so that they survive the acceptor, and connection
   attempts wait in the backlog while an acceptor is replaced;
 * every pipe between children: it creates them, hands each end to its process
   (as a start argument, or later with ``send_handle`` over its orders pipe),
-  and closes its own copies;
+  and closes its own copies.
 
 When a child dies (or misses heartbeats and is killed) it is replaced, and
 the survivors are re-wired: a new worker's pipes go to the broker and the
@@ -180,8 +180,8 @@ class Supervisor:
         cfg = self.config
         logs.setup("main", cfg.log_level, cfg.log_file)
         nofile = raise_nofile_limit()
-        ports = [] if getattr(cfg, "tls_only", False) else [(cfg.port, PLAIN)]
-        if getattr(cfg, "tls_cert", None):
+        ports = [] if cfg.tls_only else [(cfg.port, PLAIN)]
+        if cfg.tls_cert:
             ports.append((cfg.tls_port, TLS))
         for port, kind in ports:
             try:
@@ -190,7 +190,7 @@ class Supervisor:
                 log.error("cannot listen on %s:%d: %s", cfg.host, port, exc.strerror or exc)
                 return 1
         self.listener = self.listeners[0][0]
-        if getattr(cfg, "tls_cert", None):
+        if cfg.tls_cert:
             from chatlib.tls import fingerprint
             log.info("TLS certificate %s (sha256 %s)", cfg.tls_cert, fingerprint(cfg.tls_cert))
         if cfg.redis is not None:
@@ -383,7 +383,9 @@ class Supervisor:
             message = child.reports.recv()
         except (EOFError, OSError):
             return                    # it died; the sentinel says so
-        child.last_heartbeat = time.monotonic()
+        # When it was sent (one monotonic clock per host): a heartbeat read
+        # late, after a pause of the supervisor's, is not a fresh one.
+        child.last_heartbeat = message[2] if message[0] == "heartbeat" else time.monotonic()
         if message[0] == "ready":
             child.ready = True
         elif message[0] == "fatal":
@@ -412,7 +414,7 @@ class Supervisor:
         """Reopen the log file (logrotate) and reload the TLS certificate
         (certbot), whichever the server has; the log says which."""
         log_file = self.config.log_file
-        tls_cert = getattr(self.config, "tls_cert", None)
+        tls_cert = self.config.tls_cert
         if log_file:
             logs.reopen()
             for child in self.children.values():

@@ -670,7 +670,7 @@ class Cluster:
             for _, entries in reply:
                 for entry_id, fields in entries:
                     try:
-                        self.take(entry_id, fields)
+                        self.route_entry(entry_id, fields)
                     except (ValueError, TypeError, IndexError) as exc:
                         self.log.error("skipping a malformed bus entry %r: %s", entry_id, exc)
                     self.cursor = entry_id
@@ -678,7 +678,7 @@ class Cluster:
             self.router.tell_cursor(self.cursor)
         self.read()
 
-    def take(self, entry_id, fields):
+    def route_entry(self, entry_id, fields):
         """Route one bus entry: lines to our users, changes to the directory.
         Anything else may have written to Redis: what does not parse is a
         ValueError, for the caller to skip the entry."""
