@@ -20,7 +20,11 @@ import statistics
 import subprocess
 import sys
 
-from harness import ROOT, Server, start_cluster
+if not __package__:     # run as a file, python3 scripts/bench_cluster.py: see __init__.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
+
+from .harness import ROOT, Server, start_cluster  # noqa: E402
 
 LOADGEN = os.path.join(os.path.dirname(ROOT), "shared", "bench", "loadgen.py")
 

@@ -50,8 +50,12 @@ import sys
 import time
 from collections import Counter, defaultdict, deque
 
-from harness import IO_TIMEOUT, Server, StartError, lease_left, start_cluster
-from procfs import process_age
+if not __package__:     # run as a file, python3 scripts/chaos.py: see __init__.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
+
+from .harness import IO_TIMEOUT, Server, StartError, lease_left, start_cluster  # noqa: E402
+from .procfs import process_age  # noqa: E402
 
 ROLES = ("worker", "broker", "acceptor")
 CLUSTER_ROLES = ROLES + ("node", "redis")

@@ -16,12 +16,17 @@ Ctrl-C (or SIGTERM) stops every node and Redis: no process is left behind.
 """
 
 import argparse
+import os
 import select
 import signal
 import sys
 import time
 
-from harness import REDIS_HINT, StartError, lease_left, redis_program, start_cluster
+if not __package__:     # run as a file, python3 scripts/cluster.py: see __init__.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
+
+from .harness import REDIS_HINT, StartError, lease_left, redis_program, start_cluster  # noqa: E402
 
 
 def show(cluster, seen, down, quiet):

@@ -22,7 +22,11 @@ import statistics
 import subprocess
 import sys
 
-from harness import ROOT, Server, free_port
+if not __package__:     # run as a file, python3 scripts/compare.py: see __init__.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
+
+from .harness import ROOT, Server, free_port  # noqa: E402
 
 FIGURES = ("deliveries_per_s", "delivery_ratio", "lat_p50_ms", "lat_p99_ms",
            "rtt_p50_ms", "rtt_p99_ms", "pings_per_s", "logins_per_s",

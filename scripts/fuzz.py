@@ -29,6 +29,7 @@ Linux (for /proc).
 
 import argparse
 import multiprocessing
+import os
 import random
 import re
 import select
@@ -38,15 +39,17 @@ import sys
 import threading
 import time
 
-from harness import ROOT, Client, Server, percentile
-from procfs import process_role, usage
+if not __package__:     # run as a file, python3 scripts/fuzz.py: see __init__.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
 
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-from chatlib import protocol                                    # noqa: E402
+from chatlib import protocol  # noqa: E402
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, LineReader, Login, Msg,  # noqa: E402
                               Ping, Quit, Reply, Who, parse_line)
 from chatlib.telnet import INTERRUPT, Answer                    # noqa: E402
+
+from .harness import Client, Server, percentile  # noqa: E402
+from .procfs import process_role, usage  # noqa: E402
 
 MAX_LINE = 4096
 FFFD = "\ufffd"

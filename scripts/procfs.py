@@ -35,6 +35,11 @@ def session_pids(sid):
     return [pid for pid, _, s in _table() if s == sid]
 
 
+def children(parent):
+    """Pids of the live processes whose parent is ``parent``."""
+    return [pid for pid, ppid, _ in _table() if ppid == parent]
+
+
 def process_tree(root):
     """``root``'s session if it leads one (a spawned server), else its descendants.
 

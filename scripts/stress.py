@@ -53,9 +53,13 @@ from bisect import bisect_left
 from collections import Counter
 from operator import itemgetter
 
-from harness import OPENSSL_HINT, Server, StartError, percentile, self_signed, start_cluster
-from procfs import usage
-from tlsclient import TlsClient, client_context
+if not __package__:     # run as a file, python3 scripts/stress.py: see __init__.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
+
+from .harness import OPENSSL_HINT, Server, StartError, percentile, self_signed, start_cluster  # noqa: E402
+from .procfs import usage  # noqa: E402
+from .tlsclient import TlsClient, client_context  # noqa: E402
 
 CHUNK = 256 * 1024          # bytes per recv: few syscalls, lines counted in bulk
 PER_ADDRESS = 50            # clients per 127.x source address (server default cap: 64)

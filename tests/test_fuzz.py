@@ -10,13 +10,11 @@ of 1000), with its memory and latency bounds.
 """
 
 import os
-import sys
 import unittest
 
-from support import ROOT, TestCase
+from support import TestCase
 
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import fuzz  # noqa: E402
+from scripts import fuzz
 
 SEEDS = [int(s) for s in os.environ.get("FUZZ_SEEDS", "1,2,3").split(",")]
 

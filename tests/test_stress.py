@@ -19,9 +19,8 @@ import threading
 import unittest
 
 import support
-import harness                      # scripts/ is on the path (support puts it there)
-import procfs
-import stress as stress_tool
+from scripts import stress as stress_tool
+from scripts.procfs import children
 
 STRESS = os.path.join(support.ROOT, "scripts", "stress.py")
 CLUSTER = os.path.join(support.ROOT, "scripts", "cluster.py")
@@ -279,7 +278,7 @@ class OverTls(support.TestCase):
         """--port names the TLS port; the plaintext port is no TLS one."""
         directory = tempfile.mkdtemp(prefix="chat-stress-test-")
         self.addCleanup(shutil.rmtree, directory, True)
-        s = self.server("--rate", "0", tls=harness.self_signed(directory), workers=1)
+        s = self.server("--rate", "0", tls=support.self_signed(directory), workers=1)
         self.assertNotEqual(s.tls_port, s.port)
         status, r = stress("connect", "--tls", "--port", s.tls_port, "--server-pid", s.proc.pid,
                            "--clients", 20, "--hold", 0.2, "--settle", 0.1)
@@ -327,7 +326,7 @@ class ClusterScript(support.TestCase):
             if m:
                 ports.append(int(m.group(1)))
         self.assertEqual(len(ports), 2, out)
-        pids = [pid for child in procfs_children(proc.pid) for pid in support.session_pids(child)]
+        pids = [pid for child in children(proc.pid) for pid in support.session_pids(child)]
         self.assertGreaterEqual(len(pids), 8, "2 nodes of 4 processes, and redis")
         with support.Client(ports[0]) as a, support.Client(ports[1]) as b:
             a.login("ada")
@@ -337,16 +336,6 @@ class ClusterScript(support.TestCase):
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.wait(20), 0)
         self.assertEqual([pid for pid in pids if support.process_role(pid)], [])
-
-
-def procfs_children(parent):
-    """Pids whose parent is ``parent``."""
-    children = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        fields = procfs.stat(int(entry))
-        if fields and int(fields[1]) == parent:
-            children.append(int(entry))
-    return children
 
 
 class OracleCanFail(support.TestCase):
@@ -370,7 +359,7 @@ class OracleCanFail(support.TestCase):
         directory = tempfile.mkdtemp(prefix="chat-stress-test-")
         self.addCleanup(shutil.rmtree, directory, True)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(*harness.self_signed(directory))
+        context.load_cert_chain(*support.self_signed(directory))
         status, r = self.run_against("drop", context)
         self.assertEqual(status, 1)
         self.assertIs(r["tls"], True)

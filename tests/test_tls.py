@@ -26,10 +26,8 @@ import unittest
 from support import (BROKER, IO_TIMEOUT, ROOT, Client, Server, TestCase,
                      chat_among, example_session, per_start_method, receive)
 
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import fuzz  # noqa: E402
-
-from chatlib import tls  # noqa: E402
+from chatlib import tls
+from scripts import fuzz
 
 TLS_LISTENING = r"listening on .*:(\d+) \(TLS\)"
 
