@@ -7,7 +7,8 @@
 * :class:`RedisServer`: a throw-away ``redis-server`` on a free loopback port,
   with no persistence (``--save '' --appendonly no``).
 * :func:`start_cluster`: a Redis and N nodes sharing it, one chat.
-* :class:`Client`: a blocking line client with a timeout on every read.
+* :class:`Client`: a blocking line client with a timeout on every read,
+  from a chosen source address or over TLS if asked.
 * :func:`self_signed`: a throw-away certificate for a TLS server
   (``Server(tls=...)``, ``start_cluster(tls=...)``), made with ``openssl``.
 
@@ -79,18 +80,21 @@ def percentile(ordered, q):
     return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
 
 
-def self_signed(directory, name="server"):
-    """A self-signed ECDSA P-256 certificate for CN=localhost, valid two
-    days, and its key, made in ``directory``: ``(cert path, key path)``.
-    RuntimeError (saying what to install) without ``openssl``."""
+def self_signed(directory, name="server", kind="ec"):
+    """A self-signed certificate for CN=localhost, valid two days, and its
+    key, made in ``directory``: ``(cert path, key path)``. ``kind``: ``ec``
+    (ECDSA P-256) or ``rsa`` (RSA-2048). RuntimeError (saying what to
+    install) without ``openssl``."""
     program = shutil.which("openssl")
     if program is None:
         raise RuntimeError(OPENSSL_HINT)
     cert = os.path.join(directory, name + ".pem")
     key = os.path.join(directory, name + ".key")
-    proc = subprocess.run([program, "req", "-x509", "-newkey", "ec",
-                           "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                           "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost"],
+    newkey = ["-newkey", "rsa:2048"] if kind == "rsa" else [
+        "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    proc = subprocess.run([program, "req", "-x509"] + newkey + [
+                           "-nodes", "-keyout", key, "-out", cert, "-days", "2",
+                           "-subj", "/CN=localhost"],
                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, timeout=60)
     if proc.returncode != 0:
@@ -529,9 +533,11 @@ def start_cluster(n, workers=1, redis=None, extra_args=(), name="chat", base_por
     return cluster
 
 
-def receive(sock, deadline, failure):
-    """The next bytes from ``sock``, b"" once it is closed (or reset); past
-    ``deadline`` (monotonic), AssertionError with the message ``failure()``."""
+def receive(sock, deadline, failure, reset_is_eof=True):
+    """The next bytes from ``sock``, b"" once it is closed; past ``deadline``
+    (monotonic), AssertionError with the message ``failure()``. A reset is
+    the close too, unless ``reset_is_eof`` is False: then AssertionError (a
+    reset can cost a client the lines before it; ``nc`` shows none)."""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -542,14 +548,29 @@ def receive(sock, deadline, failure):
         except socket.timeout:
             continue
         except ConnectionResetError:
+            if not reset_is_eof:
+                raise AssertionError("connection reset; before it: " + failure())
             return b""
 
 
 class Client:
-    """A line-oriented TCP client with timeouts everywhere."""
+    """A line-oriented TCP client with timeouts everywhere.
 
-    def __init__(self, port, host="127.0.0.1"):
-        self.sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+    ``source``: the address it connects from (``127.0.0.2`` ...), for the
+    per-address limits. ``tls``: an ``ssl.SSLContext``: it speaks TLS, as a
+    blocking ``SSLSocket`` (the handshake done here).
+    """
+
+    def __init__(self, port, host="127.0.0.1", source=None, tls=None):
+        sock = socket.create_connection((host, port), timeout=IO_TIMEOUT,
+                                        source_address=(source, 0) if source else None)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname="localhost")
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
         self.sock.settimeout(IO_TIMEOUT)
         self.buf = b""
         self.name = None
@@ -631,14 +652,23 @@ class Client:
         if extra:
             raise AssertionError("unexpected lines: %r" % extra)
 
-    def expect_closed(self, timeout=IO_TIMEOUT):
-        """Read until EOF; return the lines received before it."""
+    def read_until_eof(self, timeout=IO_TIMEOUT, limit=64 << 20, reset_is_eof=True):
+        """Every byte until the server closes, what was buffered first (see
+        :func:`receive` for a reset); AssertionError past ``timeout``, or
+        past ``limit`` bytes (no giant assertion messages)."""
         deadline = time.monotonic() + timeout
-        while True:
-            data = receive(self.sock, deadline,
-                           lambda: "connection not closed (have %r)" % self.buf)
+        parts, size = [self.buf], len(self.buf)
+        self.buf = b""
+        while size <= limit:
+            data = receive(self.sock, deadline, lambda: "connection not closed after %d "
+                           "bytes (the last: %r)" % (size, parts[-1][-100:]), reset_is_eof)
             if not data:
-                lines = self.buf.split(b"\n")
-                self.buf = b""
-                return [l.decode("utf-8") for l in lines if l]
-            self.buf += data
+                return b"".join(parts)
+            parts.append(data)
+            size += len(data)
+        raise AssertionError("more than %d bytes and still open" % limit)
+
+    def expect_closed(self, timeout=IO_TIMEOUT, reset_is_eof=True):
+        """Read until EOF; return the lines received before it."""
+        data = self.read_until_eof(timeout, reset_is_eof=reset_is_eof)
+        return [line.decode("utf-8") for line in data.split(b"\n") if line]

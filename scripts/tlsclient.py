@@ -1,4 +1,4 @@
-"""A sans-IO TLS client for the load tools (stress.py, tls_bench.py).
+"""A sans-IO TLS client, for the load tool (stress.py) and the TLS tests.
 
 :class:`TlsClient` is ``ssl.SSLObject`` over two ``MemoryBIO``s: the tool
 keeps its own non-blocking socket and selectors loop, gives this object the
@@ -14,8 +14,9 @@ touches a socket, so nothing here can block a loop.
 * :meth:`TlsClient.close_write` is a half-close: the client's close_notify,
   after which it still reads.
 
-The certificate is not checked (the tools run against throw-away
-self-signed ones): :func:`client_context`.
+The tools run against throw-away self-signed certificates:
+:func:`client_context` checks none, or the chain against the ones it is
+given.
 """
 
 import ssl
@@ -23,11 +24,16 @@ import ssl
 READ_SIZE = 1 << 18         # plaintext asked of OpenSSL per read (it gives a record at most)
 
 
-def client_context():
-    """A client context that accepts any certificate."""
+def client_context(trusted=()):
+    """A client context that accepts any certificate; given ``trusted``
+    (certificate files), one that accepts a chain of one of them. Names are
+    not checked (a self-signed CN=localhost is the server of any address)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    if not trusted:
+        ctx.verify_mode = ssl.CERT_NONE
+    for path in trusted:
+        ctx.load_verify_locations(path)
     return ctx
 
 

@@ -28,6 +28,7 @@ from support import (BROKER, IO_TIMEOUT, ROOT, Client, Server, TestCase,
 
 from chatlib import tls
 from scripts import fuzz
+from scripts.tlsclient import TlsClient as SansIoTls, client_context as trusting
 
 TLS_LISTENING = r"listening on .*:(\d+) \(TLS\)"
 
@@ -79,11 +80,7 @@ def tmpdir():
 
 def client_context(*names):
     """A client context trusting the certificates ``names`` (all by default)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False          # self-signed, CN=localhost: the chain is checked
-    for name in names or ("a", "b", "rsa"):
-        ctx.load_verify_locations(CERTS[name][0])
-    return ctx
+    return trusting([CERTS[name][0] for name in names or ("a", "b", "rsa")])
 
 
 def der(name):
@@ -95,69 +92,57 @@ class TlsClient(Client):
     """support's line client, over an ``SSLSocket``."""
 
     def __init__(self, port, context=None):
-        raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
-        self.sock = (context or client_context()).wrap_socket(raw, server_hostname="localhost")
-        self.sock.settimeout(IO_TIMEOUT)
-        self.buf = b""
-        self.name = None
+        super().__init__(port, tls=context or client_context())
 
     def certificate(self):
         return self.sock.getpeercert(binary_form=True)
 
 
 class RawTls:
-    """A sans-IO TLS client over a plain socket: the test cuts the ciphertext."""
+    """The tools' sans-IO TLS client over a plain socket: the test cuts the
+    ciphertext. ``obj`` and ``outgoing`` are its ``SSLObject`` and outgoing
+    BIO, for a test that drives them by hand."""
 
     def __init__(self, port, context=None):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = (context or client_context()).wrap_bio(
-            self.incoming, self.outgoing, server_hostname="localhost")
+        self.tls = SansIoTls(context or client_context())
+        self.obj, self.outgoing = self.tls.obj, self.tls.outgoing
         self.plain = b""
 
     def close(self):
         self.sock.close()
 
     def handshake(self, send=None):
-        """Run the handshake; ``send(ciphertext)`` sends each flight (default: whole)."""
+        """Run the handshake; ``send(ciphertext)`` sends each flight (default:
+        whole), the client's Finished last."""
         send = send or self.sock.sendall
-        while True:
-            try:
-                self.obj.do_handshake()
-            except ssl.SSLWantReadError:
-                send(self.outgoing.read())
-                data = self.sock.recv(65536)
-                if not data:
-                    raise AssertionError("closed during the handshake")
-                self.incoming.write(data)
-                continue
-            send(self.outgoing.read())     # the client's Finished
-            return
+        send(self.tls.start())
+        while not self.tls.established:
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError("closed during the handshake")
+            plain, flight = self.tls.decrypt(data)
+            self.plain += plain
+            send(flight)
 
     def encrypt(self, data):
-        self.obj.write(data)
-        return self.outgoing.read()
+        return self.tls.encrypt(data)
 
     def read_until_eof(self, timeout=IO_TIMEOUT):
         """All plaintext until the server closes (close_notify or TCP)."""
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                while True:
-                    chunk = self.obj.read(65536)
-                    if not chunk:                 # close_notify
-                        return self.plain
-                    self.plain += chunk
-            except ssl.SSLWantReadError:
-                pass
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return self.plain
+        while not self.tls.closed:
             data = receive(self.sock, deadline,
                            lambda: "not closed (have %r)" % self.plain[-200:])
             if not data:
-                return self.plain
-            self.incoming.write(data)
+                break
+            try:
+                plain, _ = self.tls.decrypt(data)
+            except ssl.SSLEOFError:
+                break
+            self.plain += plain
+        return self.plain
 
 
 def closed_within(sock, seconds):
