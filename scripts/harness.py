@@ -113,7 +113,8 @@ def _die_with_parent():
 class Server:
     """``python broker.py`` on a free port; ``with Server(...) as s:``.
 
-    With ``command`` it runs that command with exactly ``args`` instead.
+    ``broker``: another tree's ``broker.py`` (run from its folder). With
+    ``command`` it runs that command with exactly ``args`` instead.
     ``die_with_parent`` (Linux) makes the server die with the tool.
 
     ``tls=(cert, key)`` adds a TLS port (``tls_port``, 0: a free one);
@@ -124,9 +125,10 @@ class Server:
 
     def __init__(self, *args, workers=2, start_method=None, idle_timeout=None, env=None,
                  host="127.0.0.1", port=0, command=None, die_with_parent=False,
-                 tls=None, tls_port=0, tls_only=False):
+                 tls=None, tls_port=0, tls_only=False, broker=BROKER):
+        self.cwd = os.path.dirname(os.path.abspath(broker))
         if command is None:
-            self.command = [sys.executable, BROKER]
+            self.command = [sys.executable, broker]
             self.args = ["--host", host]
             if tls and tls_only:
                 self.args += ["--tls-only"]
@@ -145,7 +147,6 @@ class Server:
         else:
             self.command, self.args = list(command), []
         self.args += [str(a) for a in args]
-        self.cwd = ROOT
         self.env = dict(os.environ, **(env or {}))
         self.preexec = _die_with_parent if die_with_parent and sys.platform == "linux" else None
         self.proc = None
@@ -503,7 +504,7 @@ class Cluster:
 
 
 def start_cluster(n, workers=1, redis=None, extra_args=(), name="chat", base_port=None,
-                  die_with_parent=False, timeout=30, tls=None, tls_only=False):
+                  die_with_parent=False, timeout=30, tls=None, tls_only=False, broker=BROKER):
     """A RedisServer (unless one is given) and ``n`` nodes on loopback, each
     ``broker.py --redis URL --cluster NAME --node-id nodeK`` with ``workers``
     workers; returns a :class:`Cluster` once every node listens.
@@ -511,7 +512,8 @@ def start_cluster(n, workers=1, redis=None, extra_args=(), name="chat", base_por
     Nodes listen below the ephemeral range (or from ``base_port`` on), so a
     node restarted on its port finds it free. ``tls`` and ``tls_only`` are
     :class:`Server`'s: with ``tls_only`` a node's port is its TLS port, else
-    its TLS port is another free one (:attr:`Cluster.tls_ports`).
+    its TLS port is another free one (:attr:`Cluster.tls_ports`); so is
+    ``broker``.
     """
     cluster = Cluster(redis or RedisServer(), redis is None)
     try:
@@ -523,7 +525,7 @@ def start_cluster(n, workers=1, redis=None, extra_args=(), name="chat", base_por
             node = Server("--redis", cluster.redis.url, "--cluster", name,
                           "--node-id", "node%d" % k, *extra_args, workers=workers,
                           port=port, die_with_parent=die_with_parent,
-                          tls=tls, tls_port=tls_port, tls_only=tls_only)
+                          tls=tls, tls_port=tls_port, tls_only=tls_only, broker=broker)
             cluster.nodes.append(node.launch())
         for node in cluster.nodes:
             node.wait_ready(timeout)

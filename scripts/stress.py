@@ -39,7 +39,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
-import resource
 import selectors
 import shutil
 import signal
@@ -57,13 +56,16 @@ if not __package__:     # run as a file, python3 scripts/stress.py: see __init__
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
 
-from .harness import OPENSSL_HINT, Server, StartError, percentile, self_signed, start_cluster  # noqa: E402
+from chatlib.supervisor import raise_nofile_limit  # noqa: E402
+
+from .harness import BROKER, OPENSSL_HINT, Server, StartError, percentile, self_signed, start_cluster  # noqa: E402
 from .procfs import usage  # noqa: E402
 from .tlsclient import TlsClient, client_context  # noqa: E402
 
 CHUNK = 256 * 1024          # bytes per recv: few syscalls, lines counted in bulk
 PER_ADDRESS = 50            # clients per 127.x source address (server default cap: 64)
 LAT_STRIDE = 10             # one client in this many records latency samples
+SAMPLE_STRIDE = 50          # --check sample: one receiver in this many checks (and times)
 MAX_BATCH = 512             # messages a sender writes per loop turn
 WINDOW_BYTES = 256 * 1024   # in-flight bytes per receiver the senders allow
 ACK_EVERY = 0.025           # seconds between publications of receivers' progress
@@ -82,17 +84,6 @@ CONNECTING, LOGGING_IN, READY, LEAVING, CLOSED = range(5)
 
 
 # -- machine and /proc ---------------------------------------------------------
-
-def raise_nofile():
-    """Thousands of clients need thousands of descriptors: soft limit := hard."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
 
 def own_cpu():
     """CPU seconds this process has used (user + system)."""
@@ -122,7 +113,7 @@ class Client:
 
     __slots__ = ("idx", "name", "sock", "state", "out", "carry", "interest", "t0",
                  "seq", "got", "nxt", "lat", "peer", "slow", "cut", "observer", "infos",
-                 "kind", "tls")
+                 "kind", "tls", "counting")
 
     def __init__(self, idx, name):
         self.idx = idx
@@ -144,6 +135,7 @@ class Client:
         self.infos = None
         self.kind = 0
         self.tls = None             # its TlsClient, with --tls
+        self.counting = False       # counts its lines instead of checking them (--check sample)
 
 
 class Load:
@@ -482,9 +474,17 @@ class Broadcast(Load):
     """fanout and slow: senders MSG everyone; receivers check every line.
 
     Senders are flow-controlled: a sender runs at most a window of messages
-    ahead of the slowest reading receiver (published per process in shared
+    ahead of the slowest checking receiver (published per process in shared
     memory), so "as fast as possible" measures the server, not a queue
     that ends in ``ERR slow-consumer`` for a reader the tool itself starved.
+
+    With ``--check sample`` only the receivers that time messages (one in
+    fifty) check every line; the others count the bytes they get, which costs
+    the tool nothing per line (every MSG line a receiver gets has one
+    length: the names have one length, the texts one format): a lost,
+    doubled or foreign line still shows, as a wrong count at the end, while
+    order and content are checked by the samplers alone. That is the mode
+    for measuring a server faster than the checks.
     """
 
     def __init__(self, cfg, proc, pipe, board, acks, flags):
@@ -492,14 +492,16 @@ class Broadcast(Load):
         self.flags = flags
         self.msg = MessageCheck(cfg["size"], cfg["sample"])
         super().__init__(cfg, proc, pipe, board)
-        self.line_len = len(self.msg.fmt) + 8
-        self.window = cfg["window"] or max(8, WINDOW_BYTES // (self.line_len * cfg["senders"]))
+        self.window = cfg["window"] or max(8, WINDOW_BYTES // ((len(self.msg.fmt) + 8)
+                                                               * cfg["senders"]))
         self.lines0 = 0
         self.t_start = 0
         self.next_ack = 0
         self.next_flags = 0
         self.lat = array.array("q")
         self.slow_closed = 0
+        self.line_len = len(self.msg.expected(self.sender_names[0], 0, 1))
+        self.rx_buffer = bytearray(CHUNK)
 
     def make_clients(self):
         cfg, prefix = self.cfg, self.cfg["prefix"]
@@ -514,12 +516,15 @@ class Broadcast(Load):
             c = Client(i, names[i] if i < len(names) else b"%sr%d" % (prefix, i))
             c.nxt = dict.fromkeys(names, 0)
             c.nxt[c.name] = BIG            # echoes show up as disorder
-            c.lat = i % LAT_STRIDE == 0
+            stride = SAMPLE_STRIDE if cfg["check"] == "sample" else LAT_STRIDE
+            c.lat = i // cfg["procs"] % stride == 0         # some in every process
             c.slow = i >= cfg["senders"] and i in cfg["slow_set"]
+            c.counting = cfg["check"] == "sample" and not c.lat and not c.slow
             c.infos = Counter()
             clients.append(c)
         self.senders = [c for c in clients if c.idx < len(names)]
         self.readers = [c for c in clients if not c.slow]
+        self.checkers = [c for c in self.readers if not c.counting]
         self.slow = [c for c in clients if c.slow]
         for i in cfg["slow_set"]:
             self.slow_names[b"%sr%d" % (prefix, i)] = i
@@ -529,7 +534,37 @@ class Broadcast(Load):
         if c.slow:
             self.set_interest(c, 0)     # stop reading: let the server's queue grow
 
+    def on_readable(self, c):
+        if not c.counting or c.state != READY or c.tls is not None:
+            return super().on_readable(c)
+        try:
+            size = c.sock.recv_into(self.rx_buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            size = 0
+        if not size:
+            self.on_eof(c)
+            return
+        self.count(c, size)
+
+    def received(self, c, data):
+        if c.counting and c.state == READY:
+            self.count(c, len(data))
+        else:
+            super().received(c, data)
+
+    def count(self, c, size):
+        """A counting receiver got ``size`` more bytes (``c.got``: all of them)."""
+        self.lines_in += (c.got + size) // self.line_len - c.got // self.line_len
+        c.got += size
+        self.last_rx = self.now
+
     def on_lines(self, c, lines):
+        if c.counting:          # the read that brought its OK; from now on, bytes
+            c.got += len(lines) * self.line_len + len(c.carry)
+            c.carry = b""
+            return
         if len(lines) >= BULK_LINES and not c.cut and self.bulk_check(c, lines):
             return
         nxt, parse = c.nxt, self.msg.parse
@@ -635,9 +670,9 @@ class Broadcast(Load):
             self.feed_senders(now)
 
     def publish_progress(self):
-        """Per sender, the next seq the slowest reading receiver here waits for."""
+        """Per sender, the next seq the slowest checking receiver here waits for."""
         base = self.proc * len(self.sender_names)
-        readers = [c.nxt for c in self.readers if c.sock is not None]
+        readers = [c.nxt for c in self.checkers if c.sock is not None]
         for s, name in enumerate(self.sender_names):
             self.acks[base + s] = min([nxt[name] for nxt in readers], default=BIG)
 
@@ -684,17 +719,36 @@ class Broadcast(Load):
 
         def drained():
             return all(c.sock is None for c in self.slow) and all(
-                c.nxt.get(name, BIG) >= count for c in self.readers if c.sock is not None
-                for name, count in expect.items() if name in self.sender_names)
+                c.nxt.get(name, BIG) >= count for c in self.checkers if c.sock is not None
+                for name, count in expect.items() if name in self.sender_names) and all(
+                c.got >= self.due(c, expect) * self.line_len for c in self.readers
+                if c.counting and c.sock is not None)
 
         complete = self.pump_until(deadline, drained)
         self.judge(expect)
         return self.report({"lat": self.lat.tobytes(), "complete": complete})
 
+    def due(self, c, expect):
+        """How many MSG lines a counting receiver ``c`` is owed in all."""
+        return sum(count for name, count in expect.items()
+                   if name in self.sender_names and name != c.name)
+
     def judge(self, expect):
         """Whatever did not arrive by the end: lost MSGs, missing INFOs, uncut slow clients."""
         for c in self.readers:
             if c.sock is None:
+                continue
+            if c.counting:
+                due, got = self.due(c, expect), c.got // self.line_len
+                if c.got % self.line_len:
+                    self.fail("unexpected-line", b"%s got %d bytes: not whole MSG lines"
+                              % (c.name, c.got))
+                elif got < due:
+                    self.fail("lost", b"%s got %d MSG lines of %d" % (c.name, got, due),
+                              due - got)
+                elif got > due:
+                    self.fail("duplicate-or-reordered", b"%s got %d MSG lines, %d were sent"
+                              % (c.name, got, due))
                 continue
             for name, count in expect.items():
                 if name in self.slow_names:
@@ -790,6 +844,112 @@ class Connect(Load):
         for c in self.clients:
             c.state = LEAVING
         return self.report({})
+
+
+class Ping(Load):
+    """Every client keeps one PING in flight; each PONG sends the next."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.pongs = 0
+        self.rtt = array.array("q")
+
+    def make_clients(self):
+        cfg = self.cfg
+        return [Client(i, b"%sp%d" % (cfg["prefix"], i))
+                for i in range(self.proc, cfg["clients"], cfg["procs"])]
+
+    def ping(self, c):
+        c.t0 = self.now                 # from now on: when its PING went
+        c.seq += 1
+        self.sent += 1
+        self.write(c, b"PING\n")
+
+    def on_lines(self, c, lines):
+        for line in lines:
+            if line != b"PONG":
+                self.unexpected(c, line)
+                continue
+            c.got += 1
+            if c.got > c.seq:
+                self.fail("duplicate-or-reordered", b"%s: PONG %d for %d PINGs"
+                          % (c.name, c.got, c.seq))
+            self.rtt.append(self.now - c.t0)
+            if self.running:
+                self.pongs += 1
+                self.ping(c)
+
+    def phase_run(self, t_start, t_end):
+        self.run_window(t_start, t_end, lambda: [self.ping(c) for c in self.clients
+                                                 if c.sock is not None])
+        return {"pongs": self.pongs, "t_stop": self.now}
+
+    def phase_finish(self, expect, deadline):
+        def drained():
+            return all(c.got >= c.seq for c in self.clients if c.sock is not None)
+
+        complete = self.pump_until(deadline, drained)
+        for c in self.clients:
+            if c.sock is not None and c.got < c.seq:
+                self.fail("lost", b"%s: %d PINGs unanswered" % (c.name, c.seq - c.got))
+        return self.report({"rtt": self.rtt.tobytes(), "complete": complete})
+
+
+class Handshake(Load):
+    """TLS only: ``--clients`` connections at a time, each a TCP connect, a
+    handshake, a PING answered, and a close; then the next one. Nobody logs
+    in: the PONG proves the server finished its side of the handshake."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.done = 0
+        self.lives = 0
+        self.rtt = array.array("q")
+
+    def make_clients(self):
+        return []                       # no set-up: each comes and goes in the run
+
+    def start_session(self, c):
+        self.write(c, b"PING\n")
+
+    def new_connection(self, slot):
+        self.lives += 1
+        c = Client(slot, b"%sh%d.%d" % (self.cfg["prefix"], slot, self.lives))
+        if self.open(c):
+            self.clients.append(c)
+
+    def on_eof(self, c):
+        super().on_eof(c)
+        self.clients.remove(c)
+        if self.running:
+            self.new_connection(c.idx)
+
+    def logged_in(self, c, answer):
+        """The first line: the PONG that ends one handshake's life."""
+        if answer != b"PONG":
+            self.unexpected(c, answer)
+        elif self.running:
+            self.done += 1
+            self.rtt.append(self.now - c.t0)
+        c.state = CLOSED
+        self.logins_pending -= 1
+        self.close(c)
+        self.clients.remove(c)
+        if self.running:
+            self.new_connection(c.idx)
+        return False
+
+    def phase_run(self, t_start, t_end):
+        slots = range(self.proc, self.cfg["clients"], self.cfg["procs"])
+        self.run_window(t_start, t_end, lambda: [self.new_connection(k) for k in slots])
+        return {"handshakes": self.done, "t_stop": self.now}
+
+    def phase_finish(self, expect, deadline):
+        complete = self.pump_until(deadline, lambda: not self.clients)
+        for c in list(self.clients):
+            self.fail("lost", b"%s: no PONG after its handshake" % c.name)
+            self.close(c)
+        return self.report({"rtt": self.rtt.tobytes(), "complete": complete})
 
 
 class Churn(Load):
@@ -921,7 +1081,8 @@ class Churn(Load):
                 self.fail("unknown-user", b"%s heard of %s" % (o.name, name))
 
 
-LOADS = {"fanout": Broadcast, "slow": Broadcast, "dm": Dm, "connect": Connect, "churn": Churn}
+LOADS = {"fanout": Broadcast, "slow": Broadcast, "dm": Dm, "connect": Connect, "churn": Churn,
+         "ping": Ping, "handshake": Handshake}
 
 
 class OverTls:
@@ -999,7 +1160,7 @@ def load_class(cfg):
 def load_main(cfg, proc, pipe, board, acks, flags):
     """Entry point of a stress process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # the coordinator decides
-    raise_nofile()
+    raise_nofile_limit()
     cls = load_class(cfg)
     load = cls(cfg, proc, pipe, board, acks, flags) if issubclass(cls, Broadcast) else \
         cls(cfg, proc, pipe, board)
@@ -1179,6 +1340,18 @@ def scenario_figures(args, runs, fins, window):
                    "round_trips_per_s": round(trips / window, 1)}
         figures.update(latency_figures("rtt", [f["rtt"] for f in fins]))
         return figures
+    if args.scenario == "ping":
+        pongs = sum(r["pongs"] for r in runs)
+        figures = {"duration_s": round(window, 3), "pongs": pongs,
+                   "pongs_per_s": round(pongs / window, 1)}
+        figures.update(latency_figures("rtt", [f["rtt"] for f in fins]))
+        return figures
+    if args.scenario == "handshake":
+        done = sum(r["handshakes"] for r in runs)
+        figures = {"duration_s": round(window, 3), "handshakes": done,
+                   "handshakes_per_s": round(done / window, 1)}
+        figures.update(latency_figures("handshake", [f["rtt"] for f in fins]))
+        return figures
     if args.scenario == "churn":
         lives = sum(len(r["lives"]) for r in runs)
         return {"duration_s": round(window, 3), "lives": lives,
@@ -1227,6 +1400,7 @@ def drive(args, cfg, fleet, monitor, redis=None):
     if at_start and at_stop:
         result["server_cpu_s"] = round(at_stop[0] - at_start[0], 2)
         result["server_cpu_pct"] = round(100 * (at_stop[0] - at_start[0]) / window, 1)
+        result.update(cpu_per_unit(result))
     if monitor.peak_rss:
         result["server_peak_rss_mb"] = round(monitor.peak_rss / 2 ** 20, 1)
     failures, examples = Counter(), {}
@@ -1235,6 +1409,21 @@ def drive(args, cfg, fleet, monitor, redis=None):
         for kind, texts in f["examples"].items():
             examples.setdefault(kind, []).extend(texts[:SAMPLES_PER_KIND - len(examples.get(kind, []))])
     return result, failures, examples
+
+
+def cpu_per_unit(result):
+    """Server CPU per unit of the scenario's work: the figure that scales
+    (the rate is bounded by the tool on the same cores, the cost is not)."""
+    cpu = result["server_cpu_s"]
+    duration = result.get("duration_s")
+    units = [("deliveries_per_s", "server_cpu_us_per_delivery", 1e6),
+             ("round_trips_per_s", "server_cpu_us_per_round_trip", 1e6),
+             ("pongs_per_s", "server_cpu_us_per_pong", 1e6),
+             ("handshakes_per_s", "server_cpu_ms_per_handshake", 1e3)]
+    for rate, name, scale in units:
+        if result.get(rate) and duration:
+            return {name: round(cpu / (result[rate] * duration) * scale, 4)}
+    return {}
 
 
 def redis_figures(start, end, lines_sent):
@@ -1286,6 +1475,7 @@ def config_for(args, targets, spread):
         cfg["slow_set"] = frozenset(rng.sample(range(args.senders, args.clients), args.slow))
     elif args.scenario == "fanout":
         cfg["slow_set"] = frozenset()
+    cfg.setdefault("check", "all")
     population = {"dm": 2 * getattr(args, "pairs", 0),
                   "churn": getattr(args, "observers", 0) + getattr(args, "clients", 0)}
     cfg["procs"] = max(1, min(args.procs, population.get(args.scenario) or args.clients))
@@ -1308,11 +1498,13 @@ def spawn(args, tls=None):
     if args.spawn_cluster:
         cluster = start_cluster(args.spawn_cluster, workers=args.workers,
                                 extra_args=spawn_args(args), name="stress",
-                                die_with_parent=True, tls=tls, tls_only=bool(tls))
+                                die_with_parent=True, tls=tls, tls_only=bool(tls),
+                                broker=args.broker)
         return cluster.nodes, cluster
     if args.spawn_server:
         return [Server(*spawn_args(args), host=args.host, workers=args.workers,
-                       die_with_parent=True, tls=tls, tls_only=bool(tls)).start()], None
+                       die_with_parent=True, tls=tls, tls_only=bool(tls),
+                       broker=args.broker).start()], None
     return [], None
 
 
@@ -1322,7 +1514,7 @@ def one_or_all(values):
 
 def run(args):
     """One scenario from start to end; (result dict, exit status)."""
-    raise_nofile()
+    raise_nofile_limit()
     result = {"scenario": args.scenario, "tls": args.tls}
     failures, examples = Counter(), {}
     servers, cluster, fleet, cert_dir = [], None, None, None
@@ -1422,6 +1614,12 @@ EXAMPLES = {
     "churn": "examples:\n"
              "  stress.py churn --spawn-server --clients 100 --duration 5\n"
              "  stress.py churn --port 4000 --clients 50 --observers 5 --msgs 5",
+    "ping": "examples:\n"
+            "  stress.py ping --spawn-server --workers 4 --clients 100 --duration 5\n"
+            "  stress.py ping --port 4000 --server-pid 1234 --clients 100",
+    "handshake": "examples:\n"
+                 "  stress.py handshake --spawn-server --workers 2 --clients 20 --duration 10\n"
+                 "  stress.py handshake --port 6697 --server-pid 1234 --clients 20",
     "slow": "examples:\n"
             "  stress.py slow --spawn-server --clients 50 --slow 5\n"
             "  stress.py slow --port 4000 --server-pid 1234 --clients 100 --slow 10",
@@ -1443,6 +1641,9 @@ def build_parser():
     g.add_argument("--spawn-cluster", type=int, default=0, metavar="N",
                    help="start a redis-server and N nodes sharing it on loopback for this "
                         "run, stop them at the end; reports Redis's commands and CPU")
+    g.add_argument("--broker", default=BROKER, metavar="PATH",
+                   help="the broker.py --spawn-* start (default: this tree's; another "
+                        "checkout's, e.g. a git worktree of an older commit, to compare)")
     g.add_argument("--workers", type=int, default=2,
                    help="--workers of the spawned server, or of each node (default %(default)s)")
     g.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -1494,6 +1695,10 @@ def build_parser():
                         "(default: %d KiB of lines per reader)" % (WINDOW_BYTES // 1024))
     f.add_argument("--sample", type=int, default=50,
                    help="every Nth message carries its send time (default %(default)s)")
+    f.add_argument("--check", choices=("all", "sample"), default="all",
+                   help="all: every receiver checks every line; sample: one in fifty "
+                        "does (and times messages), the others count their lines (for "
+                        "measuring a server faster than the checks; default %(default)s)")
 
     d = scenario("dm", "P pairs bounce a DM; round trips/s, RTT percentiles")
     d.add_argument("--pairs", type=int, default=50)
@@ -1504,6 +1709,15 @@ def build_parser():
     c.add_argument("--hold", type=float, default=1.0, help="seconds to stay connected")
     c.add_argument("--settle", type=float, default=1.0,
                    help="seconds after the last login before reading the server's RSS")
+
+    i = scenario("ping", "N clients, each with one PING in flight; PONGs/s, round trips")
+    i.add_argument("--clients", type=int, default=100)
+    i.add_argument("--duration", type=float, default=5.0)
+
+    k = scenario("handshake", "TLS (implies --tls): N at a time connect, shake hands, "
+                              "PING and close; handshakes/s, server CPU per handshake")
+    k.add_argument("--clients", type=int, default=20, help="connections at a time")
+    k.add_argument("--duration", type=float, default=5.0)
 
     h = scenario("churn", "clients connect, log in, chat and leave; every INFO accounted for")
     h.add_argument("--clients", type=int, default=100, help="clients churning at once")
@@ -1543,6 +1757,8 @@ def host_port(text):
 
 
 def check_args(parser, args):
+    if args.scenario == "handshake":
+        args.tls = True
     if args.spawn_server and args.spawn_cluster:
         parser.error("--spawn-server or --spawn-cluster, not both")
     if args.target and (args.spawn_server or args.spawn_cluster):

@@ -147,11 +147,14 @@ class StressScenarios(support.TestCase):
         self.assertEqual(r["server_exit"], 0)
         self.assertIn("server_cpu_s", r)
 
-    def test_fanout_at_a_fixed_rate(self):
-        status, r = stress("fanout", "--spawn-server", "--clients", 10, "--senders", 2,
-                           "--duration", 1, "--rate", 200, "--size", 100)
+    def test_fanout_at_a_fixed_rate_counting(self):
+        """--check sample: most receivers count bytes, and come out even."""
+        status, r = stress("fanout", "--spawn-server", "--clients", 60, "--senders", 2,
+                           "--duration", 1, "--rate", 200, "--size", 100, "--check", "sample")
         self.assertPassed(status, r)
         self.assertLess(abs(r["msgs_per_s"] - 200), 60, r)
+        self.assertGreater(r["deliveries_per_s"], 50 * r["msgs_per_s"], r)
+        self.assertGreater(r["latency_samples"], 0)
 
     def test_dm_against_a_running_server(self):
         s = self.server("--rate", "0")
@@ -162,6 +165,12 @@ class StressScenarios(support.TestCase):
         self.assertGreater(r["rtt_samples"], 0)
         self.assertIsNotNone(r["rtt_p999_ms"])
         self.assertGreater(r["server_cpu_s"], 0)
+        self.assertIn("server_cpu_us_per_round_trip", r)
+        status, r = stress("ping", "--port", s.port, "--server-pid", s.proc.pid,
+                           "--clients", 6, "--duration", 1)
+        self.assertPassed(status, r)
+        self.assertGreater(r["pongs_per_s"], 100)
+        self.assertLessEqual(r["rtt_p50_ms"], r["rtt_p99_ms"])
 
     def test_connect(self):
         status, r = stress("connect", "--spawn-server", "--clients", 300, "--hold", 0.2,
@@ -267,6 +276,12 @@ class OverTls(support.TestCase):
         self.assertTls(status, r)
         self.assertGreater(r["round_trips"], 0)
 
+    def test_handshakes(self):
+        status, r = stress("handshake", "--spawn-server", "--clients", 4, "--duration", 1)
+        self.assertTls(status, r)
+        self.assertGreater(r["handshakes"], 10)
+        self.assertGreater(r["server_cpu_ms_per_handshake"], 0)
+
     def test_churn_half_closes_with_close_notify(self):
         status, r = stress("churn", "--tls", "--spawn-server", "--clients", 9,
                            "--observers", 3, "--duration", 1)
@@ -343,17 +358,25 @@ class OracleCanFail(support.TestCase):
 
     timeout = 30
 
-    def run_against(self, fault, tls=None):
+    def run_against(self, fault, tls=None, *more):
         with FaultyServer(fault, tls) as server:
             return stress("fanout", "--port", server.port, "--clients", 6, "--senders", 2,
                           "--duration", 0.5, "--rate", 400, "--drain-timeout", 1,
-                          *(["--tls"] if tls else []))
+                          *(["--tls"] if tls else []), *more)
 
     def test_lost_messages_are_reported(self):
         status, r = self.run_against("drop")
         self.assertEqual(status, 1)
         self.assertFalse(r["ok"])
         self.assertGreater(r["failures"].get("lost", 0), 0, r["failures"])
+
+    def test_counting_receivers_see_losses_and_duplicates(self):
+        """--check sample: a counting receiver is owed a number of bytes."""
+        for fault, kind in (("drop", "lost"), ("duplicate", "duplicate-or-reordered")):
+            with self.subTest(fault=fault):
+                status, r = self.run_against(fault, None, "--clients", 60, "--check", "sample")
+                self.assertEqual(status, 1)
+                self.assertGreater(r["failures"].get(kind, 0), 0, r["failures"])
 
     def test_lost_messages_are_reported_over_tls(self):
         directory = tempfile.mkdtemp(prefix="chat-stress-test-")
@@ -412,7 +435,7 @@ class BulkCheck(unittest.TestCase):
         self.addCleanup(b.close)
         cfg = dict(targets=[("127.0.0.1", 1)], spread=False, prefix=b"t", senders=3,
                    clients=11, procs=1, size=40, sample=5, window=0, rate=0,
-                   slow_set=frozenset())
+                   slow_set=frozenset(), check="all")
         self.load = stress_tool.Broadcast(cfg, 0, a, [0] * stress_tool.BOARD_SLOTS,
                                           [0] * 3, [0] * 11)
         self.reader = self.load.clients[10]         # records latency
