@@ -8,6 +8,10 @@ including those a ``forkserver`` started; each names its role in its title.
 import os
 import resource
 
+# Fields of stat(pid), numbered from the state (proc(5) numbers them from
+# the pid: add 3).
+STATE, PPID, SID, UTIME, STIME, STARTTIME, RSS = 0, 1, 3, 11, 12, 19, 21
+
 
 def stat(pid):
     """The fields of ``/proc/PID/stat`` after the command (state first), or None."""
@@ -25,8 +29,8 @@ def _table():
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = stat(int(entry))
-            if fields and fields[0] != b"Z":
-                rows.append((int(entry), int(fields[1]), int(fields[3])))
+            if fields and fields[STATE] != b"Z":
+                rows.append((int(entry), int(fields[PPID]), int(fields[SID])))
     return rows
 
 
@@ -67,9 +71,31 @@ def usage(roots):
         for pid in process_tree(root):
             fields = stat(pid)
             if fields:
-                ticks += int(fields[11]) + int(fields[12])
-                rss_pages += int(fields[21])
+                ticks += int(fields[UTIME]) + int(fields[STIME])
+                rss_pages += int(fields[RSS])
     return ticks / os.sysconf("SC_CLK_TCK"), rss_pages * resource.getpagesize()
+
+
+def cpu_ticks(pid):
+    """User and system CPU ``pid`` has used, in clock ticks; None if it is gone."""
+    fields = stat(pid)
+    return int(fields[UTIME]) + int(fields[STIME]) if fields else None
+
+
+def state(pid):
+    """``pid``'s state letter (``R``, ``S``, ``T`` for stopped...), or None."""
+    fields = stat(pid)
+    return fields[STATE].decode() if fields else None
+
+
+def cpu_wait(pid="self"):
+    """Seconds ``pid`` has waited for a CPU while it could run (0.0 where
+    the kernel does not say)."""
+    try:
+        with open("/proc/%s/schedstat" % pid) as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def process_age(pid):
@@ -80,7 +106,7 @@ def process_age(pid):
             uptime = float(f.read().split()[0])
     except OSError:
         return 0.0
-    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+    return uptime - int(fields[STARTTIME]) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
 def process_role(pid):

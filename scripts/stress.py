@@ -59,7 +59,7 @@ if not __package__:     # run as a file, python3 scripts/stress.py: see __init__
 from chatlib.supervisor import raise_nofile_limit  # noqa: E402
 
 from .harness import BROKER, OPENSSL_HINT, Server, StartError, percentile, self_signed, start_cluster  # noqa: E402
-from .procfs import usage  # noqa: E402
+from .procfs import cpu_wait, usage  # noqa: E402
 from .tlsclient import TlsClient, client_context  # noqa: E402
 
 CHUNK = 256 * 1024          # bytes per recv: few syscalls, lines counted in bulk
@@ -89,15 +89,6 @@ def own_cpu():
     """CPU seconds this process has used (user + system)."""
     t = os.times()
     return t.user + t.system
-
-
-def cpu_wait():
-    """Seconds this process has waited for a CPU while it could run (Linux)."""
-    try:
-        with open("/proc/self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def source_address(index):
