@@ -1312,6 +1312,12 @@ def scenario_expectations(scenario, runs):
     return {}
 
 
+# Scenarios whose run phase counts one kind of event, each timed: the
+# run replies' count (also the figures' name) and the latency figures' prefix.
+TIMED_EVENTS = {"dm": ("round_trips", "rtt"), "ping": ("pongs", "rtt"),
+                "handshake": ("handshakes", "handshake")}
+
+
 def scenario_figures(args, runs, fins, window):
     """The scenario's own figures from the run and finish replies."""
     lines = sum(f["lines"] for f in fins)
@@ -1325,23 +1331,12 @@ def scenario_figures(args, runs, fins, window):
                    "drain_s": round(drain, 3), "drain_complete": all(f["complete"] for f in fins)}
         figures.update(latency_figures("latency", [f["lat"] for f in fins]))
         return figures
-    if args.scenario == "dm":
-        trips = sum(r["round_trips"] for r in runs)
-        figures = {"duration_s": round(window, 3), "round_trips": trips,
-                   "round_trips_per_s": round(trips / window, 1)}
-        figures.update(latency_figures("rtt", [f["rtt"] for f in fins]))
-        return figures
-    if args.scenario == "ping":
-        pongs = sum(r["pongs"] for r in runs)
-        figures = {"duration_s": round(window, 3), "pongs": pongs,
-                   "pongs_per_s": round(pongs / window, 1)}
-        figures.update(latency_figures("rtt", [f["rtt"] for f in fins]))
-        return figures
-    if args.scenario == "handshake":
-        done = sum(r["handshakes"] for r in runs)
-        figures = {"duration_s": round(window, 3), "handshakes": done,
-                   "handshakes_per_s": round(done / window, 1)}
-        figures.update(latency_figures("handshake", [f["rtt"] for f in fins]))
+    if args.scenario in TIMED_EVENTS:
+        event, prefix = TIMED_EVENTS[args.scenario]
+        count = sum(r[event] for r in runs)
+        figures = {"duration_s": round(window, 3), event: count,
+                   event + "_per_s": round(count / window, 1)}
+        figures.update(latency_figures(prefix, [f["rtt"] for f in fins]))
         return figures
     if args.scenario == "churn":
         lives = sum(len(r["lives"]) for r in runs)
