@@ -10,7 +10,7 @@ the median of every figure of each and the ratio B / A.
     compare.py fanout --clients 1000 --senders 10 --duration 5 --check sample
     compare.py dm --pairs 50 --duration 5 --runs 5
     compare.py fanout --clients 1000 --senders 10 --a "ours --workers 2" --b "cluster:2"
-    compare.py dm --pairs 50 --a ours:../old-tree --b ours          (a git worktree of an older commit)
+    compare.py dm --pairs 50 --a "ours:$OLD" --b ours     (OLD: a git worktree of an older commit)
     compare.py fanout --clients 1000 --senders 10 --a ours --b "ours --tls"
 
 A and B (``--a``, default ``reference``; ``--b``, default ``ours``) are

@@ -1,8 +1,8 @@
 """The stress tool (scripts/stress.py): every scenario at a small size, over
 several servers and across the nodes of a cluster, over TLS, and proof that
 its oracle fails against a server that loses, doubles, reorders or echoes
-messages (over TLS too). Also scripts/cluster.py, which starts a cluster by
-hand."""
+messages (over TLS too). Also scripts/compare.py against the reference
+server, and scripts/cluster.py, which starts a cluster by hand."""
 
 import asyncio
 import json
@@ -24,6 +24,7 @@ from scripts.procfs import children
 
 STRESS = os.path.join(support.ROOT, "scripts", "stress.py")
 CLUSTER = os.path.join(support.ROOT, "scripts", "cluster.py")
+COMPARE = os.path.join(support.ROOT, "scripts", "compare.py")
 
 
 def stress(*args, timeout=40, env=None):
@@ -318,6 +319,29 @@ class OverTls(support.TestCase):
         self.assertTls(status, r, server_exit=[0, 0])
         self.assertEqual(r["logged_in"], 20)
         self.assertGreater(r["redis_calls"], 0)
+
+
+class CompareScript(support.TestCase):
+    """compare.py: the reference server and ours, each once, one stress
+    scenario; the reference passes the oracle too."""
+
+    timeout = 60
+
+    def test_reference_then_ours(self):
+        proc = subprocess.run([sys.executable, COMPARE, "fanout", "--runs", "1", "--json",
+                               "--clients", "12", "--senders", "2", "--duration", "0.5",
+                               "--procs", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=50,
+                              start_new_session=True)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace"))
+        out = json.loads(proc.stdout)
+        self.assertEqual((out["a"], out["b"]), ("reference", "ours"))
+        for side in "ab":
+            (run,) = out["runs"][side]
+            self.assertTrue(run["ok"], run)
+            self.assertEqual(run["logged_in"], 12)
+            self.assertGreater(out["medians"][side]["deliveries_per_s"], 0)
+        self.assertEqual(out["runs"]["b"][0]["server_exit"], 0)
 
 
 @support.requires_redis
