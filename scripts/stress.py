@@ -401,6 +401,19 @@ class Load:
         self.pump_until(t_end, done)
         self.running = False
 
+    def finish_round_trips(self, timers, deadline, what):
+        """The finish phase of a scenario whose ``timers`` wait for answers
+        (``got`` catching up with ``seq``): those still waiting at the
+        deadline lost some; the reply carries the round trips (``rtt``)."""
+        def drained():
+            return all(c.got >= c.seq for c in timers if c.sock is not None)
+
+        complete = self.pump_until(deadline, drained)
+        for c in timers:
+            if c.sock is not None and c.got < c.seq:
+                self.fail("lost", b"%s: %d %s unanswered" % (c.name, c.seq - c.got, what))
+        return self.report({"rtt": self.rtt.tobytes(), "complete": complete})
+
     def report(self, extra):
         """The finish reply: failures, CPU and the scenario's figures."""
         extra.update(failures=dict(self.failures), examples=self.examples,
@@ -805,14 +818,7 @@ class Dm(Load):
         return {"round_trips": self.round_trips, "t_stop": self.now}
 
     def phase_finish(self, expect, deadline):
-        def drained():
-            return all(a.got >= a.seq for a in self.timers if a.sock is not None)
-
-        complete = self.pump_until(deadline, drained)
-        for a in self.timers:
-            if a.sock is not None and a.got < a.seq:
-                self.fail("lost", b"%s: DM %d never came back" % (a.name, a.seq - 1))
-        return self.report({"rtt": self.rtt.tobytes(), "complete": complete})
+        return self.finish_round_trips(self.timers, deadline, b"DMs")
 
 
 class Connect(Load):
@@ -876,14 +882,7 @@ class Ping(Load):
         return {"pongs": self.pongs, "t_stop": self.now}
 
     def phase_finish(self, expect, deadline):
-        def drained():
-            return all(c.got >= c.seq for c in self.clients if c.sock is not None)
-
-        complete = self.pump_until(deadline, drained)
-        for c in self.clients:
-            if c.sock is not None and c.got < c.seq:
-                self.fail("lost", b"%s: %d PINGs unanswered" % (c.name, c.seq - c.got))
-        return self.report({"rtt": self.rtt.tobytes(), "complete": complete})
+        return self.finish_round_trips(self.clients, deadline, b"PINGs")
 
 
 class Handshake(Load):

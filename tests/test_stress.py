@@ -394,13 +394,13 @@ class OracleCanFail(support.TestCase):
         self.assertFalse(r["ok"])
         self.assertGreater(r["failures"].get("lost", 0), 0, r["failures"])
 
-    def test_counting_receivers_see_losses_and_duplicates(self):
+    def test_counting_receivers_see_losses(self):
         """--check sample: a counting receiver is owed a number of bytes."""
-        for fault, kind in (("drop", "lost"), ("duplicate", "duplicate-or-reordered")):
-            with self.subTest(fault=fault):
-                status, r = self.run_against(fault, None, "--clients", 60, "--check", "sample")
-                self.assertEqual(status, 1)
-                self.assertGreater(r["failures"].get(kind, 0), 0, r["failures"])
+        status, r = self.run_against("drop", None, "--clients", 60, "--check", "sample")
+        self.assertEqual(status, 1)
+        # A tenth of every receiver's lines are lost: more than the two that
+        # check (one in fifty) could count, so the counting ones did too.
+        self.assertGreater(r["failures"].get("lost", 0), r["msgs_sent"], r["failures"])
 
     def test_lost_messages_are_reported_over_tls(self):
         directory = tempfile.mkdtemp(prefix="chat-stress-test-")
