@@ -1,9 +1,9 @@
-"""The bus records (chatlib.cluster.bus) and entry ids (chatlib.cluster), without Redis."""
+"""The bus records (chatlib.cluster.bus) and entry ids (chatlib.cluster.reader), without Redis."""
 
 import unittest
 
 from chatlib.cluster import bus
-from chatlib.cluster.node import entry_number
+from chatlib.cluster.reader import entry_number
 
 
 class TestRecords(unittest.TestCase):

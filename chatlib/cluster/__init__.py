@@ -10,5 +10,7 @@ the server imports this package. Its parts, from the wire up:
 * :mod:`.registry`: the cluster's keys in Redis and the Lua scripts that
   change them atomically (names, leases, the bus);
 * :mod:`.bus`: the records one node's stream entries carry to the others;
-* :mod:`.node`: the node's side of it all, beside the broker.
+* :mod:`.reader`: the connection that reads the others' entries;
+* :mod:`.node`: the node's side of it all, beside the broker (joining,
+  the lease, publishing, requests).
 """

@@ -51,23 +51,16 @@ from functools import partial
 
 from chatlib import protocol
 from chatlib.cluster import bus, registry
-from chatlib.cluster.redis_client import ConnectionLost, RedisClient, RedisError
+from chatlib.cluster.reader import BusReader
+from chatlib.cluster.redis_client import RedisClient
+from chatlib.cluster.resp import ConnectionLost, RedisError
 
 REQUEST_TIMEOUT = 5.0     # a LOGIN or WHO waiting longer gets ERR unavailable
 RETRY_DELAY = 0.25        # a claim refused for now (recovering) tries again after this
 ENTRY_BYTES = 1 << 20     # an entry gathering while another is in flight goes past this
-READ_COUNT = 1000         # bus entries per read
-READ_BLOCK = 1.0          # seconds a read waits for new entries
 BACKLOG_LIMIT = 64 << 20  # bytes waiting for Redis above which the broker stops reading
-READ_RETRY = 1.0          # seconds before reading again after Redis refused a read
 LEAVE_TIMEOUT = 1.5       # seconds a stopping node waits for its departures to be published
 IDENTITY_FIELDS = (b"run_id", b"master_replid")   # a Redis server, and its data's history
-
-
-def entry_number(entry_id):
-    """A bus entry id ``b"<ms>-<seq>"`` as one growing integer."""
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms) * 1000000 + int(seq or 0)
 
 
 class _Op:
@@ -142,8 +135,7 @@ class Cluster:
         self.commands = RedisClient(cfg.redis, sel, "redis", on_up=self.on_up,
                                     on_down=self.on_down, scripts=registry.SCRIPTS,
                                     log=self.log)
-        self.reader = RedisClient(cfg.redis, sel, "redis-bus", on_up=self.read,
-                                  log=self.log)
+        self.reader = BusReader(cfg.redis, sel, log, self.prefix, self.node, router)
         self.epoch = ""            # the registry's epoch, once joined
         self.identity = None       # IDENTITY_FIELDS of the Redis we last wrote to
         self.join_mode = None      # '' or 'lost' once Redis is identified; None before
@@ -157,12 +149,7 @@ class Cluster:
         self.lease_until = time.monotonic() + 2 * self.fence_margin
         self.next_heartbeat = 0.0
         self.heartbeat_sent = None  # when the heartbeat in flight was sent
-        self.mirror = set()        # lower-case names logged in on other nodes
-        self.cursor = None         # id of the last bus entry read
-        self.cursor_saved = None   # the cursor the next heartbeat saves in Redis
-        self.worker_cursors = []   # what a restarted broker's workers were given
-        self.reading = False
-        self.reader_started = False
+        self.cursor_saved = None   # the bus cursor the next heartbeat saves in Redis
         self.records = bus.Records()   # this turn's lines for other nodes
         self.releases = []         # this turn's (key, owner, announce)
         self.joins = []            # this turn's (key, owner) claimed
@@ -174,18 +161,15 @@ class Cluster:
         self.lost = []             # ops sent whose connection died unanswered, in order
         self.backlog_bytes = 0
         self.entries_out = 0       # bus entries Redis confirmed, since start
-        self.entries_in = 0        # bus entries read, ours included
         self.waiting = deque()     # _Request in the order made (= deadline order)
         self.later = []            # (when, op) claims to send again
         self.unconfirmed = deque()  # per entry in flight: the batches it covers
         self.confirmed = {}        # slot -> last batch whose lines Redis holds:
                                    # its batches up to there may be acknowledged
         self.dm_number = time.time_ns()
-        self.join_cursor = None    # where the registry says reading resumes
         self.leaving = None        # (deadline, callback) while stopping
         self.duplicate_seen = False  # our id was leased by another run at start
         self.rejoin_at = None      # when to look again
-        self.read_again_at = None  # after Redis refused a read
         self.leave_queued = False
 
     # -- life -----------------------------------------------------------------
@@ -197,8 +181,8 @@ class Cluster:
         """For the statistics line."""
         state = "fenced" if self.fenced else "up" if self.registered and self.commands.up \
             else "down"
-        return {"redis": state, "other_users": len(self.mirror),
-                "entries_out": self.entries_out, "entries_in": self.entries_in,
+        return {"redis": state, "other_users": len(self.reader.mirror),
+                "entries_out": self.entries_out, "entries_in": self.reader.entries_in,
                 "backlog": self.backlog_bytes + self.commands.buffered_bytes}
 
     def owner(self, slot, cid):
@@ -209,9 +193,7 @@ class Cluster:
         return self.backlog_bytes + self.commands.buffered_bytes > BACKLOG_LIMIT
 
     def note_cursor(self, cursor):
-        """A worker's SYNC: where this (restarted) broker's reading may resume."""
-        if cursor is not None:
-            self.worker_cursors.append(cursor)
+        self.reader.note_cursor(cursor)
 
     def next_wakeup(self):
         times = [self.next_heartbeat if self.registered else None,
@@ -219,8 +201,7 @@ class Cluster:
                  self.later[0][0] if self.later else None,
                  self.lease_until - self.fence_margin if self.router.local_users() and not self.fenced
                  else None,
-                 self.rejoin_at, self.read_again_at, self.commands.next_wakeup(),
-                 self.reader.next_wakeup()]
+                 self.rejoin_at, self.commands.next_wakeup(), self.reader.next_wakeup()]
         return min([t for t in times if t is not None], default=None)
 
     def tick(self, now):
@@ -240,9 +221,6 @@ class Cluster:
             self.heartbeat(now)
         if self.leaving and now >= self.leaving[0]:
             self.left(None)
-        if self.read_again_at is not None and now >= self.read_again_at:
-            self.read_again_at = None
-            self.read()
         if self.rejoin_at is not None and now >= self.rejoin_at:
             self.rejoin_at = None
             self.synced()
@@ -256,9 +234,7 @@ class Cluster:
         know which Redis this is. The bus reader starts once Redis first
         answered, so that a Redis unreachable at start is logged once, not
         once per connection."""
-        if not self.reader_started:
-            self.reader_started = True
-            self.reader.start()
+        self.reader.start()
         self.registered = self.joining = False
         self.join_mode = None
         answers = []
@@ -330,7 +306,6 @@ class Cluster:
         self.lease_value = lease_value
         self.join_mode = ""
         self.registered = True
-        self.join_cursor = last_id
         if lapsed and self.router.local_users() and not self.fenced:
             self.log.error("this node's cluster lease had run out (was it stopped, or cut "
                            "off?): closing its %d users' connections (ERR unavailable)",
@@ -339,17 +314,15 @@ class Cluster:
         elif conflicts:
             self.router.evict([k.decode() for k in conflicts])
         self.renewed(sent)
-        self.mirror = {k.decode() for k in keys} - set(self.router.local_users())
+        self.reader.mirror = {k.decode() for k in keys} - set(self.router.local_users())
         self.router.directory_changed()
-        self.serve()
+        self.serve(last_id)
         self.send()
 
-    def serve(self):
+    def serve(self, join_cursor):
         """Registered, so every worker had synced (a restarted broker has
         their cursors): start reading, and serving."""
-        if self.cursor is None:
-            self.cursor = min(self.worker_cursors + [self.join_cursor], key=entry_number)
-        self.read()
+        self.reader.resume(join_cursor)
         self.router.joined()
         if not self.ready:
             self.ready = True
@@ -394,7 +367,7 @@ class Cluster:
         """Renew the lease; save the cursor of one heartbeat ago, whose lines
         are surely with the workers, for a broker that replaces this one."""
         self.heartbeat_sent = now
-        saved, self.cursor_saved = self.cursor_saved, self.cursor
+        saved, self.cursor_saved = self.cursor_saved, self.reader.cursor
         self.commands.evalsha(self.on_heartbeat, registry.HEARTBEAT, (),
                               [self.prefix, self.node, self.lease_value, self.lease_ms,
                                self.epoch, registry.STREAM_MAXLEN, self.lease_ms * 3,
@@ -559,10 +532,10 @@ class Cluster:
         self.releases.append((key, self.owner(slot, cid), announce))
 
     def knows(self, key):
-        return key in self.mirror
+        return key in self.reader.mirror
 
     def others(self):
-        return self.mirror
+        return self.reader.mirror
 
     def acknowledgeable(self, received):
         """Worker slot -> the last batch whose lines Redis holds."""
@@ -645,71 +618,6 @@ class Cluster:
             answer = protocol.ERR_UNAVAILABLE
         self.router.answer(request.slot, request.cid, answer)
 
-    # -- reading the bus ------------------------------------------------------
-
-    def read(self):
-        if self.reading or self.cursor is None or not self.reader.up:
-            return
-        self.reading = True
-        self.reader.call(self.on_entries,
-                         *registry.read_command(self.prefix, self.cursor, READ_COUNT,
-                                                int(READ_BLOCK * 1000)),
-                         block=READ_BLOCK)
-        self.reader.flush()
-
-    def on_entries(self, reply):
-        self.reading = False
-        if isinstance(reply, ConnectionLost):
-            return                               # read() again when it is up
-        if isinstance(reply, RedisError):
-            self.log.error("cannot read the cluster's stream (trying again in %.0f s): %s",
-                           READ_RETRY, reply)
-            self.read_again_at = time.monotonic() + READ_RETRY
-            return
-        if reply:
-            for _, entries in reply:
-                for entry_id, fields in entries:
-                    try:
-                        self.route_entry(entry_id, fields)
-                    except (ValueError, TypeError, IndexError) as exc:
-                        self.log.error("skipping a malformed bus entry %r: %s", entry_id, exc)
-                    self.cursor = entry_id
-                    self.entries_in += 1
-            self.router.tell_cursor(self.cursor)
-        self.read()
-
-    def route_entry(self, entry_id, fields):
-        """Route one bus entry: lines to our users, changes to the directory.
-        Anything else may have written to Redis: what does not parse is a
-        ValueError, for the caller to skip the entry."""
-        entry = dict(zip(fields[::2], fields[1::2]))
-        if entry.get(b"o") == self.node_b:
-            return                               # our own
-        router = self.router
-        if b"d" in entry:
-            node = entry.get(b"o", b"?").decode()
-            origin = None
-            for record in bus.decode(entry[b"d"]):
-                if record[0] == bus.ORIGIN:
-                    _, slot, number = record
-                    origin = ((node, slot), number)
-                elif record[0] == bus.BROADCAST:
-                    router.remote_lines(origin, record[1])
-                else:
-                    _, key, line = record
-                    router.remote_dm(origin, key, line)
-        for key in _names(entry.get(b"j")):
-            self.mirror.add(key)
-            router.remote_joined(key)
-        for key in _names(entry.get(b"q")):
-            self.mirror.discard(key)
-            router.remote_left(key)
-        names = _names(entry.get(b"l"))
-        if names:
-            for name in names:
-                self.mirror.discard(name.lower())
-            router.remote_departures(names, entry_number(entry_id))
-
     # -- stopping ------------------------------------------------------------
 
     def leave(self, callback):
@@ -726,9 +634,6 @@ class Cluster:
         self.commands.close()
         self.reader.close()
 
-
-def _names(field):
-    return [n for n in (field or b"").decode().split("\n") if n]
 
 
 def _info_fields(text, fields):
