@@ -11,6 +11,7 @@ the server imports this package. Its parts, from the wire up:
   change them atomically (names, leases, the bus);
 * :mod:`.bus`: the records one node's stream entries carry to the others;
 * :mod:`.reader`: the connection that reads the others' entries;
+* :mod:`.requests`: clients waiting for Redis, each answered once, in time;
 * :mod:`.node`: the node's side of it all, beside the broker (joining,
-  the lease, publishing, requests).
+  the lease and its fencing, publishing).
 """

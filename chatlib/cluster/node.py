@@ -53,9 +53,9 @@ from chatlib import protocol
 from chatlib.cluster import bus, registry
 from chatlib.cluster.reader import BusReader
 from chatlib.cluster.redis_client import RedisClient
+from chatlib.cluster.requests import Requests
 from chatlib.cluster.resp import ConnectionLost, RedisError
 
-REQUEST_TIMEOUT = 5.0     # a LOGIN or WHO waiting longer gets ERR unavailable
 RETRY_DELAY = 0.25        # a claim refused for now (recovering) tries again after this
 ENTRY_BYTES = 1 << 20     # an entry gathering while another is in flight goes past this
 BACKLOG_LIMIT = 64 << 20  # bytes waiting for Redis above which the broker stops reading
@@ -106,16 +106,6 @@ class _Publish(_Op):
         return args
 
 
-class _Request:
-    """A client's LOGIN, WHO or DM waiting for Redis, bounded by REQUEST_TIMEOUT."""
-
-    def __init__(self, slot, cid, deadline):
-        self.slot = slot
-        self.cid = cid
-        self.deadline = deadline
-        self.done = False
-
-
 class Cluster:
     ready_at_start = False     # serving once joined (the supervisor waits)
     routes_at_once = False     # a restarted broker's users are checked by the first JOIN
@@ -161,7 +151,7 @@ class Cluster:
         self.lost = []             # ops sent whose connection died unanswered, in order
         self.backlog_bytes = 0
         self.entries_out = 0       # bus entries Redis confirmed, since start
-        self.waiting = deque()     # _Request in the order made (= deadline order)
+        self.pending = Requests()  # clients waiting for Redis's answer
         self.later = []            # (when, op) claims to send again
         self.unconfirmed = deque()  # per entry in flight: the batches it covers
         self.confirmed = {}        # slot -> last batch whose lines Redis holds:
@@ -197,7 +187,7 @@ class Cluster:
 
     def next_wakeup(self):
         times = [self.next_heartbeat if self.registered else None,
-                 self.waiting[0].deadline if self.waiting else None,
+                 self.pending.next_deadline(),
                  self.later[0][0] if self.later else None,
                  self.lease_until - self.fence_margin if self.router.local_users() and not self.fenced
                  else None,
@@ -207,11 +197,8 @@ class Cluster:
     def tick(self, now):
         self.commands.tick(now)
         self.reader.tick(now)
-        while self.waiting and (self.waiting[0].done or self.waiting[0].deadline <= now):
-            request = self.waiting.popleft()
-            if not request.done:
-                request.done = True
-                self.router.answer(request.slot, request.cid, protocol.ERR_UNAVAILABLE)
+        for request in self.pending.expired(now):
+            self.router.answer(request.slot, request.cid, protocol.ERR_UNAVAILABLE)
         if self.later and self.later[0][0] <= now:
             due = [op for when, op in self.later if when <= now]
             self.later = [(when, op) for when, op in self.later if when > now]
@@ -542,16 +529,10 @@ class Cluster:
         return self.confirmed
 
     def request(self, slot, cid):
-        request = _Request(slot, cid, time.monotonic() + REQUEST_TIMEOUT)
-        self.waiting.append(request)
-        return request
+        return self.pending.make(slot, cid, time.monotonic())
 
     def cancel(self, slot, cid=None):
-        """The client (``cid`` None: every client of worker ``slot``) is gone:
-        its answers must not go to whoever takes its place."""
-        for request in self.waiting:
-            if request.slot == slot and (cid is None or request.cid == cid):
-                request.done = True
+        self.pending.cancel(slot, cid)
 
     def claim(self, slot, cid, name):
         request = self.request(slot, cid)
