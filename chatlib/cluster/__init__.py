@@ -11,7 +11,8 @@ the server imports this package. Its parts, from the wire up:
   change them atomically (names, leases, the bus);
 * :mod:`.bus`: the records one node's stream entries carry to the others;
 * :mod:`.reader`: the connection that reads the others' entries;
+* :mod:`.lease`: the node's lease as it keeps time of it;
 * :mod:`.requests`: clients waiting for Redis, each answered once, in time;
 * :mod:`.node`: the node's side of it all, beside the broker (joining,
-  the lease and its fencing, publishing).
+  renewing and fencing, publishing).
 """

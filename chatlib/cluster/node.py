@@ -51,6 +51,7 @@ from functools import partial
 
 from chatlib import protocol
 from chatlib.cluster import bus, registry
+from chatlib.cluster.lease import Lease
 from chatlib.cluster.reader import BusReader
 from chatlib.cluster.redis_client import RedisClient
 from chatlib.cluster.requests import Requests
@@ -117,11 +118,7 @@ class Cluster:
         self.node = cfg.node_id
         self.node_b = cfg.node_id.encode()
         self.token = cfg.node_token  # this run's: the first part of each lease value
-        self.lease_value = None    # what the lease key holds since our last JOIN
-        self.lease = cfg.node_lease
-        self.lease_ms = int(self.lease * 1000)
-        self.heartbeat_every = min(1.0, self.lease / 4)
-        self.fence_margin = min(2.0, self.lease / 4)
+        self.lease = Lease(cfg.node_lease, time.monotonic())
         self.commands = RedisClient(cfg.redis, sel, "redis", on_up=self.on_up,
                                     on_down=self.on_down, scripts=registry.SCRIPTS,
                                     log=self.log)
@@ -132,13 +129,7 @@ class Cluster:
         self.joining = False       # a JOIN is in flight
         self.registered = False    # joined on the current connection
         self.ready = False         # told the supervisor once
-        self.fenced = False        # lease lost: no names given until renewed
         self.users_era = 0         # times the node gave up all its users
-        # Our lease surely holds until then. A restarted broker does not know
-        # when its predecessor last renewed: it has a moment to join.
-        self.lease_until = time.monotonic() + 2 * self.fence_margin
-        self.next_heartbeat = 0.0
-        self.heartbeat_sent = None  # when the heartbeat in flight was sent
         self.cursor_saved = None   # the bus cursor the next heartbeat saves in Redis
         self.records = bus.Records()   # this turn's lines for other nodes
         self.releases = []         # this turn's (key, owner, announce)
@@ -169,7 +160,7 @@ class Cluster:
 
     def figures(self):
         """For the statistics line."""
-        state = "fenced" if self.fenced else "up" if self.registered and self.commands.up \
+        state = "fenced" if self.lease.fenced else "up" if self.registered and self.commands.up \
             else "down"
         return {"redis": state, "other_users": len(self.reader.mirror),
                 "entries_out": self.entries_out, "entries_in": self.reader.entries_in,
@@ -186,10 +177,10 @@ class Cluster:
         self.reader.note_cursor(cursor)
 
     def next_wakeup(self):
-        times = [self.next_heartbeat if self.registered else None,
+        times = [self.lease.next_renewal if self.registered else None,
                  self.pending.next_deadline(),
                  self.later[0][0] if self.later else None,
-                 self.lease_until - self.fence_margin if self.router.local_users() and not self.fenced
+                 self.lease.vouched_until if self.router.local_users() and not self.lease.fenced
                  else None,
                  self.rejoin_at, self.commands.next_wakeup(), self.reader.next_wakeup()]
         return min([t for t in times if t is not None], default=None)
@@ -204,7 +195,7 @@ class Cluster:
             self.later = [(when, op) for when, op in self.later if when > now]
             self.queue(*due)
         self.check_lease(now)
-        if self.registered and now >= self.next_heartbeat and self.heartbeat_sent is None:
+        if self.registered and self.lease.renewal_due(now):
             self.heartbeat(now)
         if self.leaving and now >= self.leaving[0]:
             self.left(None)
@@ -245,7 +236,8 @@ class Cluster:
             self.log.warning("redis is not the server this node wrote to (restarted, or "
                              "failed over to a replica?): it may have missed the last "
                              "writes; registering this node's %d users again, and no new "
-                             "names for %.0f s", len(self.router.local_users()), self.lease)
+                             "names for %.0f s", len(self.router.local_users()),
+                             self.lease.seconds)
             self.join_mode = "lost"
         self.identity = identity or self.identity
         self.synced()
@@ -260,7 +252,7 @@ class Cluster:
 
     def join(self, mode):
         lease_value = "%s.%s" % (self.token, os.urandom(6).hex())
-        args = [self.prefix, self.node, lease_value, self.lease_ms, registry.STREAM_MAXLEN,
+        args = [self.prefix, self.node, lease_value, self.lease.ms, registry.STREAM_MAXLEN,
                 os.urandom(8).hex(), self.epoch, mode, "0" if self.epoch else "1"]
         for name, slot, cid, stamp in self.router.local_users().values():
             args += [name.lower(), self.owner(slot, cid), name, stamp]
@@ -290,10 +282,10 @@ class Cluster:
         if not self.epoch:
             self.log.info("joined cluster %r as node %s", self.prefix, self.node)
         self.epoch = epoch.decode()
-        self.lease_value = lease_value
+        self.lease.value = lease_value
         self.join_mode = ""
         self.registered = True
-        if lapsed and self.router.local_users() and not self.fenced:
+        if lapsed and self.router.local_users() and not self.lease.fenced:
             self.log.error("this node's cluster lease had run out (was it stopped, or cut "
                            "off?): closing its %d users' connections (ERR unavailable)",
                            len(self.router.local_users()))
@@ -334,38 +326,34 @@ class Cluster:
         first, after registering again."""
         self.registered = self.joining = False
         self.join_mode = None
-        self.heartbeat_sent = None
+        self.lease.renewal_sent = None
         self.backlog.extendleft(reversed(self.lost))
         self.lost = []
 
     def renewed(self, sent):
         """Redis renewed the lease at ``sent`` or later. The workers run our
         users' lines until we would fence."""
-        self.lease_until = sent + self.lease
-        self.next_heartbeat = sent + self.heartbeat_every
-        vouched_until = self.lease_until - self.fence_margin
-        if self.fenced and time.monotonic() < vouched_until:
-            self.fenced = False
+        if self.lease.renewed(sent, time.monotonic()):
             self.log.info("cluster lease renewed: serving logins again")
-        if not self.fenced:
-            self.router.vouch(vouched_until)
+        if not self.lease.fenced:
+            self.router.vouch(self.lease.vouched_until)
 
     def heartbeat(self, now):
         """Renew the lease; save the cursor of one heartbeat ago, whose lines
         are surely with the workers, for a broker that replaces this one."""
-        self.heartbeat_sent = now
+        self.lease.renewal_sent = now
         saved, self.cursor_saved = self.cursor_saved, self.reader.cursor
         self.commands.evalsha(self.on_heartbeat, registry.HEARTBEAT, (),
-                              [self.prefix, self.node, self.lease_value, self.lease_ms,
-                               self.epoch, registry.STREAM_MAXLEN, self.lease_ms * 3,
+                              [self.prefix, self.node, self.lease.value, self.lease.ms,
+                               self.epoch, registry.STREAM_MAXLEN, self.lease.ms * 3,
                                saved or ""])
 
     def on_heartbeat(self, reply):
-        sent, self.heartbeat_sent = self.heartbeat_sent, None
+        sent, self.lease.renewal_sent = self.lease.renewal_sent, None
         if isinstance(reply, (ConnectionLost, RedisError)) or sent is None:
             if isinstance(reply, RedisError):
                 self.log.error("cluster heartbeat failed: %s", reply)
-                self.next_heartbeat = time.monotonic() + self.heartbeat_every
+                self.lease.next_renewal = time.monotonic() + self.lease.renew_every
             return
         status = reply[0]
         if status == b"ok":
@@ -375,7 +363,7 @@ class Cluster:
                 self.log.warning("node %s missed its lease: %d users announced gone",
                                  node.decode(), count)
             return
-        if status != b"epoch" and not self.fenced:     # lapsed: gone, or taken for dead
+        if status != b"epoch" and not self.lease.fenced:     # lapsed: gone, or taken for dead
             self.log.error("this node's cluster lease ran out before it was renewed "
                            "(was it stopped, or cut off?); joining again")
             self.fence()
@@ -387,19 +375,19 @@ class Cluster:
         broker asks before it routes anything, so that a node that was not
         running (stopped, paused) closes its users before serving a line."""
         now = time.monotonic() if now is None else now
-        if not self.fenced and self.router.local_users() and now >= self.lease_until - self.fence_margin:
+        if self.router.local_users() and self.lease.must_fence(now):
             self.fence()
 
     def fence(self):
         """Our lease may run out before Redis hears from us: no names given
         until it is renewed, and our users given up (the others will
         announce them)."""
-        self.fenced = True
+        self.lease.fenced = True
         if self.router.local_users():
             self.log.error("cannot renew the cluster lease (last renewed %.1f s ago: redis "
                            "unreachable, or this process not running): closing %d users' "
                            "connections (ERR unavailable)",
-                           time.monotonic() - (self.lease_until - self.lease),
+                           self.lease.last_renewed(time.monotonic()),
                            len(self.router.local_users()))
             self.give_up_users()
 
@@ -431,7 +419,7 @@ class Cluster:
         held = deque()
         while self.backlog:
             op = self.backlog.popleft()
-            if self.fenced and op.script is registry.CLAIM:
+            if self.lease.fenced and op.script is registry.CLAIM:
                 held.append(op)
                 continue
             self.backlog_bytes -= op.size
@@ -442,7 +430,7 @@ class Cluster:
                 self.commands.call(callback, *op.arguments())
             else:
                 self.commands.evalsha(callback, op.script, (),
-                                      [self.prefix, self.node, self.lease_value,
+                                      [self.prefix, self.node, self.lease.value,
                                        *op.arguments()])
         self.backlog = held
         self.commands.flush()
