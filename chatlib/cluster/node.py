@@ -604,7 +604,6 @@ class Cluster:
         self.reader.close()
 
 
-
 def _info_fields(text, fields):
     """The values of ``fields`` in INFO replies, as a tuple (None if one is missing)."""
     found = dict(line.split(b":", 1) for line in text.split(b"\r\n") if b":" in line)
