@@ -1,5 +1,12 @@
-"""Test harness: the real server as a subprocess, and line-oriented clients
-(both from ``scripts/harness.py``, which the tools use too).
+"""What the tests share, in one place: the real server as a subprocess and
+line-oriented clients (both from ``scripts/harness.py``, which the tools use
+too, re-exported here), and the helpers of more than one test file.
+
+Every test file imports this module first: it is the one place that puts
+the repository (``chatlib``, ``broker``, ``worker``) and ``scripts/`` (the
+tools' ``harness``, ``procfs``, ``fuzz``...) on ``sys.path``. So the tests
+run from anywhere: ``python3 -m unittest discover -s tests`` at the top of a
+clone, or ``-s`` with the path of this folder from elsewhere.
 
 Every server runs in a fresh session (its own process group), so a test can
 find and kill the whole process tree it started, including processes a
@@ -14,11 +21,14 @@ import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_TIMEOUT = 60           # seconds any single test may take
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+for _path in (os.path.join(ROOT, "scripts"), ROOT):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
 # The server, the client and /proc: shared with the tools, re-exported to the tests.
 from procfs import process_role, session_pids, socket_inodes, tcp_sockets  # noqa: E402,F401
 from harness import (BROKER, IO_TIMEOUT, REDIS_HINT, Client, RedisServer,  # noqa: E402,F401
-                     Server, receive, redis_program, self_signed, start_cluster)
+                     Server, free_port, receive, redis_program, self_signed, start_cluster)
 
 START_METHODS = ["fork", "spawn", "forkserver"] if sys.platform != "win32" else ["spawn"]
 

@@ -2,20 +2,18 @@
 worker once every worker has synced (the directory, and the departures a
 worker that died with the old broker took along)."""
 
-import os
 import selectors
-import sys
 import unittest
 from multiprocessing import Pipe
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import TestCase
 
-from broker import Broker  # noqa: E402
-from chatlib import link  # noqa: E402
-from chatlib.channel import Channel  # noqa: E402
-from chatlib.config import parse_args  # noqa: E402
-from chatlib.directory import LocalDirectory  # noqa: E402
-from chatlib.delivery import Inbound  # noqa: E402
+from broker import Broker
+from chatlib import link
+from chatlib.channel import Channel
+from chatlib.config import parse_args
+from chatlib.directory import LocalDirectory
+from chatlib.delivery import Inbound
 
 STAMP = 1000
 
@@ -39,9 +37,10 @@ class ClaimsInFlight(LocalDirectory):
         self.pending.append((slot, cid, name))
 
 
-class RestartedBroker(unittest.TestCase):
+class RestartedBroker(TestCase):
 
     def setUp(self):
+        super().setUp()
         self.sel = selectors.DefaultSelector()
         self.addCleanup(self.sel.close)
         self.broker = Broker(parse_args(["--port", "0"]), (None, None), expected=(0, 1, 2))

@@ -2,11 +2,13 @@
 
 import unittest
 
+from support import TestCase
+
 from chatlib.cluster import bus
 from chatlib.cluster.reader import entry_number
 
 
-class TestRecords(unittest.TestCase):
+class TestRecords(TestCase):
     def test_a_turn_round_trips_with_one_origin_per_batch(self):
         r = bus.Records()
         self.assertFalse(r)
@@ -54,7 +56,7 @@ class TestRecords(unittest.TestCase):
         self.assertEqual(bus.decode(b""), [])
 
 
-class TestEntryNumber(unittest.TestCase):
+class TestEntryNumber(TestCase):
     def test_entry_ids_order_as_numbers(self):
         ids = [b"1-0", b"1-1", b"1-999999", b"2-0", b"1796153603546-0", b"1796153603546-7"]
         numbers = [entry_number(i) for i in ids]

@@ -1,20 +1,19 @@
 """Unit tests of chatlib/channel.py over a real socket pair: frames cut and
 joined in user space, batches of any size, backpressure and loss."""
 
-import os
 import selectors
-import sys
 import unittest
 from multiprocessing import Pipe
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import TestCase
 
-from chatlib.channel import RECV_SIZE, Channel  # noqa: E402
+from chatlib.channel import RECV_SIZE, Channel
 
 
-class Pair(unittest.TestCase):
+class Pair(TestCase):
 
     def setUp(self):
+        super().setUp()
         a, b = Pipe()
         self.sel = selectors.DefaultSelector()
         self.got, self.lost = [], []

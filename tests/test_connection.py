@@ -3,20 +3,19 @@ over a local socket pair: one system call per write, what a full socket
 leaves at the head of the output, the last words of a cut connection, and
 the selector interest."""
 
-import os
 import selectors
 import socket
-import sys
 import unittest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import TestCase
 
-from chatlib.connection import IOV_MAX, READ, WRITE, Client, drop_sent  # noqa: E402
+from chatlib.connection import IOV_MAX, READ, WRITE, Client, drop_sent
 
 
-class WritePath(unittest.TestCase):
+class WritePath(TestCase):
 
     def setUp(self):
+        super().setUp()
         self.ours, self.peer = socket.socketpair()
         self.ours.setblocking(False)
         self.peer.settimeout(5)

@@ -1,14 +1,12 @@
 """Unit tests of chatlib/delivery.py: numbering, acknowledging, replaying
 and deduplicating the batches between workers and broker."""
 
-import os
-import sys
 import unittest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import TestCase
 
-from chatlib import link  # noqa: E402
-from chatlib.delivery import Inbound, Outbound, resent  # noqa: E402
+from chatlib import link
+from chatlib.delivery import Inbound, Outbound, resent
 
 MSG = (link.BROADCAST, b"MSG a hi\n")
 BYE = (link.BYE, 3, "a", 17)
@@ -18,16 +16,17 @@ WHO = (link.WHO, 3)
 LOGIN = (link.LOGIN, 4, "c")
 
 
-class Resent(unittest.TestCase):
+class Resent(TestCase):
 
     def test_users_lines_and_departures_only(self):
         self.assertEqual([e for e in (MSG, BYE, DM_FIRE, DM_AWAITED, WHO, LOGIN) if resent(e)],
                          [MSG, BYE, DM_FIRE])
 
 
-class OutboundBatches(unittest.TestCase):
+class OutboundBatches(TestCase):
 
     def setUp(self):
+        super().setUp()
         self.out = Outbound()
 
     def test_numbers_grow_and_start_from_the_clock(self):
@@ -58,7 +57,7 @@ class OutboundBatches(unittest.TestCase):
         self.assertEqual(self.out.replay(), [(link.SEQ, n1), MSG])   # a second broker dies too
 
 
-class InboundBatches(unittest.TestCase):
+class InboundBatches(TestCase):
 
     def test_a_batch_seen_before_is_dropped_per_sending_worker(self):
         routed = Inbound()

@@ -3,14 +3,12 @@ throttled clients' wake-up times, and the grace before a flooder is cut.
 The clock is the test's own: the module never reads one."""
 
 import math
-import os
-import sys
 import unittest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import TestCase
 
-from chatlib.connection import Client  # noqa: E402
-from chatlib.flood import FLOOD_GRACE, FloodControl  # noqa: E402
+from chatlib.connection import Client
+from chatlib.flood import FLOOD_GRACE, FloodControl
 
 RATE, BURST = 10, 20
 
@@ -19,9 +17,10 @@ def client(cid=1, now=100.0):
     return Client(None, cid, "192.0.2.1", 4096, now, BURST)
 
 
-class Bucket(unittest.TestCase):
+class Bucket(TestCase):
 
     def setUp(self):
+        super().setUp()
         self.flood = FloodControl(RATE, BURST)
 
     def test_a_new_client_may_send_a_burst(self):

@@ -1,16 +1,14 @@
 """Unit tests of the notes vocabulary (chatlib/notes.py): what a worker
 encodes, the acceptor decodes, whatever the reads cut it into."""
 
-import os
-import sys
 import unittest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import TestCase
 
-from chatlib.notes import GONE, LOST, OPEN, NoteReader, note_gone, note_lost, note_open  # noqa: E402
+from chatlib.notes import GONE, LOST, OPEN, NoteReader, note_gone, note_lost, note_open
 
 
-class Notes(unittest.TestCase):
+class Notes(TestCase):
 
     def test_round_trip_in_one_read(self):
         data = note_open("10.0.0.1") + note_gone("::1") + note_lost(41)

@@ -20,13 +20,10 @@ import unittest
 
 from support import (ROOT, BROKER, IO_TIMEOUT, START_METHODS, Client, Server, TestCase,
                      chat_among, process_role)
-from procfs import stat as proc_stat  # noqa: E402
+from procfs import stat as proc_stat
 
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import chatlib  # noqa: E402
-from chatlib import systemd  # noqa: E402
+import chatlib
+from chatlib import systemd
 
 WAIT = 15.0        # generous: two cores, other suites running at once
 

@@ -39,8 +39,6 @@ def without_scm_rights():
 class Windows(unittest.TestCase):
 
     def test_main_stops_before_anything_else(self):
-        sys.path.insert(0, ROOT)
-        self.addCleanup(sys.path.remove, ROOT)
         import broker
         stderr = io.StringIO()
         blocked = {"resource": None, "chatlib.config": None, "chatlib.supervisor": None}

@@ -4,15 +4,13 @@ Everything here is a plain function call: no sockets, no processes, no
 clock. The black-box counterparts over TCP are in ``test_contract.py``.
 """
 
-import os
 import random
-import sys
 import unittest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import TestCase
 
-from chatlib import protocol                                    # noqa: E402
-from chatlib.protocol import (PING, QUIT, TOO_LONG, WHO, Dm, LineReader,  # noqa: E402
+from chatlib import protocol
+from chatlib.protocol import (PING, QUIT, TOO_LONG, WHO, Dm, LineReader,
                               Login, Msg, Reply, clean_text, parse_line,
                               valid_name)
 
@@ -41,7 +39,7 @@ SAFE = [0x09, 0x20, 0x21, 0x7E, 0xA0, 0xA1, 0xE9, 0x2029, 0x202F, 0x2065, 0x206A
         0x200E, 0x200F, 0xFEFF, 0x4E2D, 0x1F600, 0xFFFD]
 
 
-class ParseCommands(unittest.TestCase):
+class ParseCommands(TestCase):
     """What each command line turns into, logged in and not."""
 
     def test_commands_are_case_insensitive(self):
@@ -193,7 +191,7 @@ class ParseCommands(unittest.TestCase):
         self.assertEqual(parse_line(b"DM bob a\xc3(", True), Dm("bob", b"a" + FFFD + b"("))
 
 
-class CheckOrder(unittest.TestCase):
+class CheckOrder(TestCase):
     """already-logged-in and not-logged-in win over any argument problem."""
 
     def test_login_when_logged_in(self):
@@ -214,7 +212,7 @@ class CheckOrder(unittest.TestCase):
             self.assertEqual(parse_line(b"QUIT", logged_in), QUIT)
 
 
-class Names(unittest.TestCase):
+class Names(TestCase):
 
     def test_valid(self):
         for name in (b"a", b"Z", b"0", b"_", b"-", b".", b"Naman", b"a.b-c_d",
@@ -239,7 +237,7 @@ class Names(unittest.TestCase):
                 self.assertEqual(valid_name(bytes([byte])), byte in allowed)
 
 
-class CleanText(unittest.TestCase):
+class CleanText(TestCase):
 
     def test_plain_text_unchanged(self):
         for text in ("hi everyone!", "a\tb", "  spaced  ", "caf\u00e9", "\u4e2d\u6587",
@@ -298,7 +296,7 @@ class CleanText(unittest.TestCase):
         self.assertEqual(clean_text(b"a\t\tb"), b"a\t\tb")
 
 
-class Lines(unittest.TestCase):
+class Lines(TestCase):
     """The *_line helpers build exact wire lines ending in \\n."""
 
     def test_msg_line(self):
@@ -330,7 +328,7 @@ class Lines(unittest.TestCase):
         self.assertEqual(protocol.ERR_SERVER_SHUTDOWN, b"ERR server-shutdown\n")
 
 
-class MsgBlock(unittest.TestCase):
+class MsgBlock(TestCase):
     """msg_block, the flood's fast path, against parse_line and msg_line."""
 
     @staticmethod
@@ -396,7 +394,7 @@ def feed_all(reader, chunks):
     return out
 
 
-class LineReaderTests(unittest.TestCase):
+class LineReaderTests(TestCase):
 
     def test_splits_lines(self):
         r = LineReader(4096)

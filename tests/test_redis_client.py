@@ -11,19 +11,15 @@ import selectors
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 import unittest
 from unittest import mock
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import RedisServer, TestCase, free_port, requires_redis, self_signed
 
-from support import RedisServer, TestCase, requires_redis  # noqa: E402
-from harness import free_port, self_signed  # noqa: E402  (support puts scripts/ on the path)
-
-from chatlib.cluster.redis_client import RedisClient, Script, parse_url  # noqa: E402
-from chatlib.cluster.resp import ConnectionLost, RedisError  # noqa: E402
+from chatlib.cluster.redis_client import RedisClient, Script, parse_url
+from chatlib.cluster.resp import ConnectionLost, RedisError
 
 LOG = logging.getLogger("test_redis_client")
 LOG.addHandler(logging.NullHandler())          # quiet, but for assertLogs

@@ -6,16 +6,12 @@ node believes. These tests call the scripts as a stale node would, with
 nothing of the node's own logic in between.
 """
 
-import os
 import socket
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import RedisServer, TestCase, requires_redis
 
-from support import RedisServer, TestCase, requires_redis  # noqa: E402
-
-from chatlib.cluster import registry  # noqa: E402
-from chatlib.cluster.resp import Parser, encode  # noqa: E402
+from chatlib.cluster import registry
+from chatlib.cluster.resp import Parser, encode
 
 P = "t"
 MAXLEN = registry.STREAM_MAXLEN

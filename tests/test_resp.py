@@ -4,16 +4,12 @@ The replies are fed cut at every byte, and at every pair of bytes, since a
 socket may split them anywhere.
 """
 
-import os
-import sys
 import time
 import unittest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import TestCase
 
-from support import TestCase  # noqa: E402
-
-from chatlib.cluster.resp import Parser, ProtocolError, RedisError, encode  # noqa: E402
+from chatlib.cluster.resp import Parser, ProtocolError, RedisError, encode
 
 # One reply of every kind, and nested arrays with nulls inside.
 MIXED = (b"+OK\r\n"
