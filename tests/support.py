@@ -16,6 +16,7 @@ has a timeout, and :class:`TestCase` adds a per-test alarm on top.
 
 import os
 import signal
+import socket
 import sys
 import unittest
 
@@ -29,6 +30,7 @@ for _path in (os.path.join(ROOT, "scripts"), ROOT):
 from procfs import process_role, session_pids, socket_inodes, tcp_sockets  # noqa: E402,F401
 from harness import (BROKER, IO_TIMEOUT, REDIS_HINT, Client, RedisServer,  # noqa: E402,F401
                      Server, free_port, receive, redis_program, self_signed, start_cluster)
+from tlsclient import client_context  # noqa: E402
 
 START_METHODS = ["fork", "spawn", "forkserver"] if sys.platform != "win32" else ["spawn"]
 
@@ -83,6 +85,31 @@ class TestCase(unittest.TestCase):
         c = server.client(name)
         self.addCleanup(c.close)
         return c
+
+
+class SocketClient(Client):
+    """:class:`Client` over a socket connected some other way: see
+    :func:`bound_client` and :func:`tls_client`."""
+
+    def __init__(self, sock):
+        sock.settimeout(IO_TIMEOUT)
+        self.sock = sock
+        self.buf = b""
+        self.name = None
+
+
+def bound_client(port, source):
+    """A :class:`Client` connecting from source address ``source`` (127.0.0.x)."""
+    return SocketClient(socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT,
+                                                 source_address=(source, 0)))
+
+
+def tls_client(port, context=None):
+    """A :class:`Client` over TLS; the certificate is checked only if
+    ``context`` checks it."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    return SocketClient((context or client_context()).wrap_socket(
+        raw, server_hostname="localhost"))
 
 
 def example_session(naman, yudi, third):

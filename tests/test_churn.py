@@ -17,8 +17,7 @@ import signal
 import time
 import unittest
 
-from support import IO_TIMEOUT, TestCase
-from test_limits import BoundClient
+from support import IO_TIMEOUT, TestCase, bound_client
 
 HOLDING = r"acceptor\[\d+\] holding a connection from 127\.0\.0\.1"
 REFUSED = r"acceptor\[\d+\] refused a connection from 127\.0\.0\.1"
@@ -127,7 +126,7 @@ class OverTheLimit(ChurnCase):
         # While it waits, the others are served, and another address too.
         for c in conns:
             self.ponged(c)
-        elsewhere = BoundClient(s.port, "127.0.0.2")
+        elsewhere = bound_client(s.port, "127.0.0.2")
         self.addCleanup(elsewhere.close)
         self.ponged(elsewhere)
         # No close comes: refused (the line it sent meanwhile read, so that

@@ -8,13 +8,13 @@ socket pair has its own inode: a shared one is a leaked copy).
 """
 
 import os
+import shutil
 import sys
+import tempfile
 import unittest
 
-from support import (TestCase, per_start_method, process_role, socket_inodes,
-                     tcp_sockets)
-
-import test_tls
+from support import (TestCase, per_start_method, process_role, self_signed, socket_inodes,
+                     tcp_sockets, tls_client)
 
 
 def listening_inodes(ports):
@@ -54,16 +54,15 @@ class Descriptors(TestCase):
         self.check(s, {s.port})
 
     def test_plaintext_and_tls_after_restarts(self):
-        cert, key = test_tls.CERTS["a"]
-        s = self.server("--tls-cert", cert, "--tls-key", key, "--tls-port", 0,
-                        workers=2, start_method=self.start_method)
-        s.tls_port = int(s.wait_log(test_tls.TLS_LISTENING).group(1))
+        tmp = tempfile.mkdtemp(prefix="chat-descriptors-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        s = self.server(tls=self_signed(tmp), workers=2, start_method=self.start_method)
         # A child started later must not pick up what the earlier ones got.
         for title in ("chat-worker-0", "chat-acceptor", "chat-broker"):
             old = s.roles()[title]
             os.kill(old, 9)
             s.replacement(title, old, 5.0)
-        c = test_tls.TlsClient(s.tls_port)
+        c = tls_client(s.tls_port)
         self.addCleanup(c.close)
         c.login("t")
         self.client(s, "p")

@@ -22,21 +22,10 @@ import threading
 import time
 import unittest
 
-from support import IO_TIMEOUT, Client, TestCase
+from support import IO_TIMEOUT, TestCase, bound_client
 
 FLOOD_GRACE = 10.0       # chatlib.flood.FLOOD_GRACE: seconds over --rate before ERR flood
 HAVE_PRLIMIT = hasattr(resource, "prlimit") and sys.platform.startswith("linux")
-
-
-class BoundClient(Client):
-    """A :class:`Client` connecting from a chosen source address (127.0.0.x)."""
-
-    def __init__(self, port, source):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT,
-                                             source_address=(source, 0))
-        self.sock.settimeout(IO_TIMEOUT)
-        self.buf = b""
-        self.name = None
 
 
 def cpu_ticks(pid):
@@ -79,7 +68,7 @@ class LimitCase(TestCase):
             seen.append(line)
 
     def client_from(self, server, source):
-        c = BoundClient(server.port, source)
+        c = bound_client(server.port, source)
         self.addCleanup(c.close)
         return c
 
