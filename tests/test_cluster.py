@@ -18,8 +18,7 @@ import sys
 import tempfile
 import time
 
-from faultproxy import FaultProxy
-from support import (BROKER, ROOT, RedisServer, Server, TestCase, chat_among,
+from support import (BROKER, ROOT, FaultProxy, RedisServer, Server, TestCase, chat_among,
                      example_session, per_start_method, requires_redis, self_signed)
 
 LEASE = 3.0                 # seconds: short, so that faults play out quickly

@@ -17,8 +17,7 @@ import os
 import signal
 import time
 
-from faultproxy import FaultProxy
-from support import RedisServer, TestCase, requires_redis
+from support import FaultProxy, RedisServer, TestCase, requires_redis
 
 LEASE = 3.0                 # seconds: short, so that faults play out quickly
 HEARTBEAT_TIMEOUT = 2       # the supervisor's, so that a stopped broker is replaced soon
