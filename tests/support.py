@@ -89,6 +89,12 @@ class TestCase(unittest.TestCase):
         return c
 
 
+class UnitTestCase(TestCase):
+    """A unit test: code in this process alone, with no server, no Redis and
+    no network (a socket pair at most). ``python3 tests/unit.py`` runs these
+    alone, in seconds."""
+
+
 class SocketClient(Client):
     """:class:`Client` over a socket connected some other way: see
     :func:`bound_client` and :func:`tls_client`."""

@@ -6,7 +6,7 @@ import selectors
 import unittest
 from multiprocessing import Pipe
 
-from support import TestCase
+from support import UnitTestCase
 
 from broker import Broker
 from chatlib import link
@@ -37,7 +37,7 @@ class ClaimsInFlight(LocalDirectory):
         self.pending.append((slot, cid, name))
 
 
-class RestartedBroker(TestCase):
+class RestartedBroker(UnitTestCase):
 
     def setUp(self):
         super().setUp()

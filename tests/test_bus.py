@@ -2,13 +2,13 @@
 
 import unittest
 
-from support import TestCase
+from support import UnitTestCase
 
 from chatlib.cluster import bus
 from chatlib.cluster.reader import entry_number
 
 
-class TestRecords(TestCase):
+class TestRecords(UnitTestCase):
     def test_a_turn_round_trips_with_one_origin_per_batch(self):
         r = bus.Records()
         self.assertFalse(r)
@@ -56,7 +56,7 @@ class TestRecords(TestCase):
         self.assertEqual(bus.decode(b""), [])
 
 
-class TestEntryNumber(TestCase):
+class TestEntryNumber(UnitTestCase):
     def test_entry_ids_order_as_numbers(self):
         ids = [b"1-0", b"1-1", b"1-999999", b"2-0", b"1796153603546-0", b"1796153603546-7"]
         numbers = [entry_number(i) for i in ids]

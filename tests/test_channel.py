@@ -5,12 +5,12 @@ import selectors
 import unittest
 from multiprocessing import Pipe
 
-from support import TestCase
+from support import UnitTestCase
 
 from chatlib.channel import RECV_SIZE, Channel
 
 
-class Pair(TestCase):
+class Pair(UnitTestCase):
 
     def setUp(self):
         super().setUp()

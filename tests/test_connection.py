@@ -7,12 +7,12 @@ import selectors
 import socket
 import unittest
 
-from support import TestCase
+from support import UnitTestCase
 
 from chatlib.connection import IOV_MAX, READ, WRITE, Client, drop_sent
 
 
-class WritePath(TestCase):
+class WritePath(UnitTestCase):
 
     def setUp(self):
         super().setUp()

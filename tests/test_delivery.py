@@ -3,7 +3,7 @@ and deduplicating the batches between workers and broker."""
 
 import unittest
 
-from support import TestCase
+from support import UnitTestCase
 
 from chatlib import link
 from chatlib.delivery import Inbound, Outbound, resent
@@ -16,14 +16,14 @@ WHO = (link.WHO, 3)
 LOGIN = (link.LOGIN, 4, "c")
 
 
-class Resent(TestCase):
+class Resent(UnitTestCase):
 
     def test_users_lines_and_departures_only(self):
         self.assertEqual([e for e in (MSG, BYE, DM_FIRE, DM_AWAITED, WHO, LOGIN) if resent(e)],
                          [MSG, BYE, DM_FIRE])
 
 
-class OutboundBatches(TestCase):
+class OutboundBatches(UnitTestCase):
 
     def setUp(self):
         super().setUp()
@@ -57,7 +57,7 @@ class OutboundBatches(TestCase):
         self.assertEqual(self.out.replay(), [(link.SEQ, n1), MSG])   # a second broker dies too
 
 
-class InboundBatches(TestCase):
+class InboundBatches(UnitTestCase):
 
     def test_a_batch_seen_before_is_dropped_per_sending_worker(self):
         routed = Inbound()

@@ -5,7 +5,7 @@ The clock is the test's own: the module never reads one."""
 import math
 import unittest
 
-from support import TestCase
+from support import UnitTestCase
 
 from chatlib.connection import Client
 from chatlib.flood import FLOOD_GRACE, FloodControl
@@ -17,7 +17,7 @@ def client(cid=1, now=100.0):
     return Client(None, cid, "192.0.2.1", 4096, now, BURST)
 
 
-class Bucket(TestCase):
+class Bucket(UnitTestCase):
 
     def setUp(self):
         super().setUp()

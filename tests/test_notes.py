@@ -3,12 +3,12 @@ encodes, the acceptor decodes, whatever the reads cut it into."""
 
 import unittest
 
-from support import TestCase
+from support import UnitTestCase
 
 from chatlib.notes import GONE, LOST, OPEN, NoteReader, note_gone, note_lost, note_open
 
 
-class Notes(TestCase):
+class Notes(UnitTestCase):
 
     def test_round_trip_in_one_read(self):
         data = note_open("10.0.0.1") + note_gone("::1") + note_lost(41)

@@ -19,7 +19,7 @@ import time
 import unittest
 
 from support import (ROOT, BROKER, IO_TIMEOUT, START_METHODS, Client, Server, TestCase,
-                     chat_among, process_role)
+                     UnitTestCase, chat_among, process_role)
 from procfs import stat as proc_stat
 
 import chatlib
@@ -474,7 +474,7 @@ class CommandLineTest(TestCase):
         self.assertIn("## [%s]" % chatlib.__version__, changelog)
 
 
-class ReloadDocumentedTest(unittest.TestCase):
+class ReloadDocumentedTest(UnitTestCase):
     """SIGHUP (reopen the log, reload the certificate) has one way in for a
     service, ``systemctl reload chat-server``, which the unit backs with its
     ExecReload=, and one for a server run by hand, ``kill -HUP`` of the

@@ -7,7 +7,7 @@ clock. The black-box counterparts over TCP are in ``test_contract.py``.
 import random
 import unittest
 
-from support import TestCase
+from support import UnitTestCase
 
 from chatlib import protocol
 from chatlib.protocol import (PING, QUIT, TOO_LONG, WHO, Dm, LineReader,
@@ -39,7 +39,7 @@ SAFE = [0x09, 0x20, 0x21, 0x7E, 0xA0, 0xA1, 0xE9, 0x2029, 0x202F, 0x2065, 0x206A
         0x200E, 0x200F, 0xFEFF, 0x4E2D, 0x1F600, 0xFFFD]
 
 
-class ParseCommands(TestCase):
+class ParseCommands(UnitTestCase):
     """What each command line turns into, logged in and not."""
 
     def test_commands_are_case_insensitive(self):
@@ -191,7 +191,7 @@ class ParseCommands(TestCase):
         self.assertEqual(parse_line(b"DM bob a\xc3(", True), Dm("bob", b"a" + FFFD + b"("))
 
 
-class CheckOrder(TestCase):
+class CheckOrder(UnitTestCase):
     """already-logged-in and not-logged-in win over any argument problem."""
 
     def test_login_when_logged_in(self):
@@ -212,7 +212,7 @@ class CheckOrder(TestCase):
             self.assertEqual(parse_line(b"QUIT", logged_in), QUIT)
 
 
-class Names(TestCase):
+class Names(UnitTestCase):
 
     def test_valid(self):
         for name in (b"a", b"Z", b"0", b"_", b"-", b".", b"Naman", b"a.b-c_d",
@@ -237,7 +237,7 @@ class Names(TestCase):
                 self.assertEqual(valid_name(bytes([byte])), byte in allowed)
 
 
-class CleanText(TestCase):
+class CleanText(UnitTestCase):
 
     def test_plain_text_unchanged(self):
         for text in ("hi everyone!", "a\tb", "  spaced  ", "caf\u00e9", "\u4e2d\u6587",
@@ -296,7 +296,7 @@ class CleanText(TestCase):
         self.assertEqual(clean_text(b"a\t\tb"), b"a\t\tb")
 
 
-class Lines(TestCase):
+class Lines(UnitTestCase):
     """The *_line helpers build exact wire lines ending in \\n."""
 
     def test_msg_line(self):
@@ -328,7 +328,7 @@ class Lines(TestCase):
         self.assertEqual(protocol.ERR_SERVER_SHUTDOWN, b"ERR server-shutdown\n")
 
 
-class MsgBlock(TestCase):
+class MsgBlock(UnitTestCase):
     """msg_block, the flood's fast path, against parse_line and msg_line."""
 
     @staticmethod
@@ -394,7 +394,7 @@ def feed_all(reader, chunks):
     return out
 
 
-class LineReaderTests(TestCase):
+class LineReaderTests(UnitTestCase):
 
     def test_splits_lines(self):
         r = LineReader(4096)

@@ -16,7 +16,8 @@ import time
 import unittest
 from unittest import mock
 
-from support import RedisServer, TestCase, free_port, requires_redis, self_signed
+from support import (RedisServer, TestCase, UnitTestCase, free_port, requires_redis,
+                     self_signed)
 
 from chatlib.cluster.redis_client import RedisClient, Script, parse_url
 from chatlib.cluster.resp import ConnectionLost, RedisError
@@ -348,7 +349,7 @@ class Tls(Loop):
         self.assertEqual(self.run_command(client, "PING"), "PONG")
 
 
-class ParseUrl(TestCase):
+class ParseUrl(UnitTestCase):
 
     def test_defaults(self):
         self.assertEqual(parse_url("redis://localhost"),

@@ -7,7 +7,7 @@ socket may split them anywhere.
 import time
 import unittest
 
-from support import TestCase
+from support import UnitTestCase
 
 from chatlib.cluster.resp import Parser, ProtocolError, RedisError, encode
 
@@ -45,7 +45,7 @@ def parse(*pieces):
     return [plain(reply) for reply in replies]
 
 
-class Encode(TestCase):
+class Encode(UnitTestCase):
 
     def test_arguments_of_every_type(self):
         self.assertEqual(encode("SET", b"k\r\n", 5, 1.5, bytearray(b"x"), "é", b""),
@@ -61,7 +61,7 @@ class Encode(TestCase):
             encode("GET", None)
 
 
-class Parse(TestCase):
+class Parse(UnitTestCase):
 
     def test_every_kind_of_reply_in_one_piece(self):
         self.assertEqual(parse(MIXED), MIXED_REPLIES)
