@@ -53,8 +53,6 @@ class Service:
     # -- the process ----------------------------------------------------------
 
     def main(self):
-        if os.environ.get("CHAT_CRASH_AT_START") == self.role:
-            os._exit(3)      # fault injection, for the restart-storm test
         logs.setup(self.name, self.config.log_level, self.config.log_file)
         logs.set_process_title("chat-" + self.name)
         # Ctrl-C reaches the whole foreground process group; the supervisor

@@ -1,10 +1,14 @@
 """Recovery: SIGKILL (or SIGSTOP) any process and the server carries on."""
 
 import os
+import re
 import signal
+import subprocess
 import unittest
 
-from support import Server, TestCase
+from support import IO_TIMEOUT, Server, TestCase
+
+from chatlib.supervisor import MAX_QUICK_DEATHS
 
 RECOVERY_TIME = 1.0      # seconds within which a replacement must be running
 
@@ -204,12 +208,32 @@ class Recovery(TestCase):
         self.assert_told_once(lost, alive)
 
     def test_restart_storm_stops_the_server(self):
-        s = Server(workers=1, env={"CHAT_CRASH_AT_START": "worker"})
+        """A worker killed as soon as it starts, every time: after
+        MAX_QUICK_DEATHS deaths in a row the supervisor gives up, and the
+        server exits with status 1, instead of restarting it forever."""
+        s = Server(workers=1)
         self.addCleanup(s.kill)
         s.launch()
-        self.assertEqual(s.proc.wait(30), 1)
-        s.wait_log(r"worker-0 keeps dying at start-up; giving up")
-        self.assertNotIn("Traceback", s.log())
+        started = r"started worker-0 \(pid (\d+)\)"
+        start = 0
+        for _ in range(MAX_QUICK_DEATHS):
+            # The supervisor logs each new worker's pid as it starts it:
+            # killed at once, the worker dies well within the supervisor's
+            # RESTART_WINDOW, which makes it a death at start-up.
+            m = s.wait_log(started, start=start)
+            start = s.log_lines_from(0).index(m.string, start) + 1
+            os.kill(int(m.group(1)), signal.SIGKILL)
+        try:
+            code = s.proc.wait(IO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.fail("still running after %d deaths at start-up:\n%s"
+                      % (MAX_QUICK_DEATHS, s.log()))
+        self.assertEqual(code, 1)
+        self.assertTrue(s.wait_log_end())
+        log = s.log()
+        self.assertIn("worker-0 keeps dying at start-up; giving up", log)
+        self.assertEqual(len(re.findall(started, log)), MAX_QUICK_DEATHS, log)
+        self.assertNotIn("Traceback", log)
 
 
 if __name__ == "__main__":
