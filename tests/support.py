@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +119,33 @@ def tls_client(port, context=None):
     raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
     return SocketClient((context or client_context()).wrap_socket(
         raw, server_hostname="localhost"))
+
+
+def read_until_eof(client, limit=64 << 20, timeout=IO_TIMEOUT, reset_ok=True):
+    """All the bytes ``client`` gets until the server closes it, at most
+    ``limit`` (no giant assertion messages). A reset ends it as a close
+    does or, without ``reset_ok``, fails: a reset can cost a client the
+    lines before it (``nc`` shows none)."""
+    data = client.buf
+    client.buf = b""
+    deadline = time.monotonic() + timeout
+    while len(data) <= limit:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("connection not closed after %d bytes" % len(data))
+        client.sock.settimeout(left)
+        try:
+            chunk = client.sock.recv(1 << 20)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            if not reset_ok:
+                raise AssertionError("connection reset (after %r)" % data[-300:])
+            chunk = b""
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError("more than %d bytes and still open" % limit)
 
 
 def example_session(naman, yudi, third):

@@ -17,7 +17,7 @@ import signal
 import time
 import unittest
 
-from support import IO_TIMEOUT, TestCase, bound_client
+from support import IO_TIMEOUT, TestCase, bound_client, read_until_eof
 
 HOLDING = r"acceptor\[\d+\] holding a connection from 127\.0\.0\.1"
 REFUSED = r"acceptor\[\d+\] refused a connection from 127\.0\.0\.1"
@@ -33,20 +33,6 @@ def wait_stopped(pid):
         if time.monotonic() > deadline:
             raise AssertionError("process %d did not stop" % pid)
         time.sleep(0.001)
-
-
-def read_to_eof(c):
-    """The lines ``c`` gets before the server closes it; a reset fails (a
-    reset can cost a client the lines before it: ``nc`` shows none)."""
-    data = c.buf
-    while True:
-        try:
-            chunk = c.sock.recv(65536)
-        except ConnectionResetError:
-            raise AssertionError("connection reset (after %r)" % data)
-        if not chunk:
-            return data.decode().splitlines()
-        data += chunk
 
 
 class ChurnCase(TestCase):
@@ -131,7 +117,8 @@ class OverTheLimit(ChurnCase):
         self.ponged(elsewhere)
         # No close comes: refused (the line it sent meanwhile read, so that
         # the close does not reset the connection).
-        self.assertEqual(read_to_eof(extra), ["ERR too-many-connections"])
+        self.assertEqual(read_until_eof(extra, reset_ok=False).decode().splitlines(),
+                         ["ERR too-many-connections"])
         s.wait_log(REFUSED, start=start)
         for c in conns:
             self.ponged(c)

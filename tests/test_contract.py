@@ -16,8 +16,8 @@ import time
 import unittest
 
 from support import (BROKER, IO_TIMEOUT, ROOT, Server, TestCase,
-                     chat_among, per_start_method, process_role, socket_inodes,
-                     tcp_sockets)
+                     chat_among, per_start_method, process_role, read_until_eof,
+                     socket_inodes, tcp_sockets)
 
 FFFD = "\ufffd"
 OPTIONS = ["--port", "-p", "--host", "--workers", "-w", "--idle-timeout", "-t",
@@ -33,28 +33,6 @@ def worker_of(server, client):
         if inodes & socket_inodes(pid):
             return process_role(pid)
     return None
-
-
-def read_until_eof(client, limit=64 << 20, timeout=IO_TIMEOUT):
-    """All bytes until the server closes (no giant assertion messages)."""
-    data = client.buf
-    client.buf = b""
-    deadline = time.monotonic() + timeout
-    while len(data) <= limit:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError("connection not closed after %d bytes" % len(data))
-        client.sock.settimeout(left)
-        try:
-            chunk = client.sock.recv(1 << 20)
-        except socket.timeout:
-            continue
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            return data
-        data += chunk
-    raise AssertionError("more than %d bytes and still open" % limit)
 
 
 def run_broker(*args, env=None, timeout=10):
