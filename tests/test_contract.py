@@ -16,8 +16,8 @@ import time
 import unittest
 
 from support import (BROKER, IO_TIMEOUT, ROOT, Server, TestCase,
-                     chat_among, per_start_method, process_role, read_until_eof,
-                     socket_inodes, tcp_sockets)
+                     chat_among, free_port, per_start_method, process_role,
+                     read_until_eof, socket_inodes, tcp_sockets)
 
 FFFD = "\ufffd"
 OPTIONS = ["--port", "-p", "--host", "--workers", "-w", "--idle-timeout", "-t",
@@ -48,12 +48,6 @@ def run_broker(*args, env=None, timeout=10):
         proc.communicate()
         raise AssertionError("broker.py %s did not exit" % " ".join(args))
     return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ContractCase(TestCase):
