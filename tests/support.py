@@ -30,7 +30,8 @@ for _path in (os.path.join(ROOT, "scripts"), ROOT):
         sys.path.insert(0, _path)
 
 # The server, the client and /proc: shared with the tools, re-exported to the tests.
-from procfs import process_role, session_pids, socket_inodes, tcp_sockets  # noqa: E402,F401
+from procfs import (process_role, session_pids, socket_inodes, stat,  # noqa: E402,F401
+                    tcp_sockets, usage)
 from harness import (BROKER, IO_TIMEOUT, REDIS_HINT, Client, RedisServer,  # noqa: E402,F401
                      Server, free_port, receive, redis_program, self_signed, start_cluster)
 from tlsclient import client_context  # noqa: E402
@@ -119,6 +120,16 @@ def tls_client(port, context=None):
     raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
     return SocketClient((context or client_context()).wrap_socket(
         raw, server_hostname="localhost"))
+
+
+def wait_stopped(pids, within=IO_TIMEOUT):
+    """Wait until each process of ``pids`` is stopped (after a SIGSTOP: ``T``
+    in /proc) or gone."""
+    deadline = time.monotonic() + within
+    while not all((stat(pid) or [b"T"])[0] in (b"T", b"t") for pid in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError("not all stopped within %.0f s: %s" % (within, pids))
+        time.sleep(0.001)
 
 
 def read_until_eof(client, limit=64 << 20, timeout=IO_TIMEOUT, reset_ok=True):

@@ -14,25 +14,12 @@ between two of its own steps.
 import os
 import re
 import signal
-import time
 import unittest
 
-from support import IO_TIMEOUT, TestCase, bound_client, read_until_eof
+from support import TestCase, bound_client, read_until_eof, wait_stopped
 
 HOLDING = r"acceptor\[\d+\] holding a connection from 127\.0\.0\.1"
 REFUSED = r"acceptor\[\d+\] refused a connection from 127\.0\.0\.1"
-
-
-def wait_stopped(pid):
-    """Wait until ``pid`` is stopped (``T`` in /proc), after a SIGSTOP."""
-    deadline = time.monotonic() + IO_TIMEOUT
-    while True:
-        with open("/proc/%d/stat" % pid) as f:
-            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
-                return
-        if time.monotonic() > deadline:
-            raise AssertionError("process %d did not stop" % pid)
-        time.sleep(0.001)
 
 
 class ChurnCase(TestCase):
@@ -75,7 +62,7 @@ class Churn(ChurnCase):
         start = len(s.log_lines)
         os.kill(worker, signal.SIGSTOP)
         try:
-            wait_stopped(worker)
+            wait_stopped([worker])
             first.close()
             newcomer = self.client(s)
             newcomer.send("PING")

@@ -22,17 +22,10 @@ import threading
 import time
 import unittest
 
-from support import IO_TIMEOUT, TestCase, bound_client
+from support import IO_TIMEOUT, TestCase, bound_client, usage
 
 FLOOD_GRACE = 10.0       # chatlib.flood.FLOOD_GRACE: seconds over --rate before ERR flood
 HAVE_PRLIMIT = hasattr(resource, "prlimit") and sys.platform.startswith("linux")
-
-
-def cpu_ticks(pid):
-    """utime + stime of ``pid``, in clock ticks."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def lowest_free_fd(pid):
@@ -416,9 +409,9 @@ class OutOfDescriptors(LimitCase):
         s.wait_log(r"acceptor\[\d+\] accept failed \(Too many open files\); backing off")
         # Let the back-off run several rounds (it doubles to 1 s): the
         # acceptor must neither spin nor die nor log again meanwhile.
-        ticks = cpu_ticks(acceptor)
+        cpu_before = usage([acceptor])[0]             # CPU seconds so far
         time.sleep(3.0)
-        spent = (cpu_ticks(acceptor) - ticks) / os.sysconf("SC_CLK_TCK")
+        spent = usage([acceptor])[0] - cpu_before
         self.assertLess(spent, 0.5, "the acceptor spins while out of descriptors")
         self.assertEqual(len([l for l in s.log_lines if "backing off" in l]), 1, s.log())
         self.assertEqual(s.roles(), before)

@@ -19,8 +19,7 @@ import time
 import unittest
 
 from support import (ROOT, BROKER, IO_TIMEOUT, START_METHODS, Client, Server, TestCase,
-                     UnitTestCase, chat_among, process_role)
-from procfs import stat as proc_stat
+                     UnitTestCase, chat_among, process_role, wait_stopped)
 
 import chatlib
 from chatlib import systemd
@@ -206,10 +205,7 @@ class PauseTest(TestCase):
         all are stopped; their pids."""
         pids = sorted(s.pids())
         os.killpg(s.proc.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + WAIT
-        while not all((proc_stat(pid) or [b"T"])[0] in (b"T", b"t") for pid in pids):
-            self.assertLess(time.monotonic(), deadline, "the server did not stop")
-            time.sleep(0.01)
+        wait_stopped(pids, WAIT)
         return pids
 
     def resume_main_first(self, s):
