@@ -132,6 +132,18 @@ def wait_stopped(pids, within=IO_TIMEOUT):
         time.sleep(0.001)
 
 
+def wait_line(client, wanted, within):
+    """Read until the line ``wanted`` comes, within ``within`` seconds in
+    all; the lines before it."""
+    deadline = time.monotonic() + within
+    lines = []
+    while True:
+        line = client.read_line(max(0.01, deadline - time.monotonic()))
+        if line == wanted:
+            return lines
+        lines.append(line)
+
+
 def read_until_eof(client, limit=64 << 20, timeout=IO_TIMEOUT, reset_ok=True):
     """All the bytes ``client`` gets until the server closes it, at most
     ``limit`` (no giant assertion messages). A reset ends it as a close

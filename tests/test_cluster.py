@@ -19,7 +19,8 @@ import tempfile
 import time
 
 from support import (BROKER, ROOT, FaultProxy, RedisServer, Server, TestCase, chat_among,
-                     example_session, per_start_method, requires_redis, self_signed)
+                     example_session, per_start_method, requires_redis, self_signed,
+                     wait_line)
 
 LEASE = 3.0                 # seconds: short, so that faults play out quickly
 
@@ -53,17 +54,6 @@ class ClusterCase(TestCase):
         """The lines ``client`` gets before ``sender``'s ``MSG marker``."""
         sender.send("MSG marker")
         return client.lines_until("MSG %s marker" % sender.name)
-
-    @staticmethod
-    def wait_line(client, wanted, timeout):
-        """Read until ``wanted`` comes; the lines before it."""
-        deadline = time.monotonic() + timeout
-        lines = []
-        while True:
-            line = client.read_line(max(0.01, deadline - time.monotonic()))
-            if line == wanted:
-                return lines
-            lines.append(line)
 
 
 class TestTwoNodes(ClusterCase):
@@ -107,7 +97,7 @@ class TestTwoNodes(ClusterCase):
         watcher.send("WHO")
         watcher.expect("USER watcher", "USER joiner")
         joiner.send("QUIT")
-        self.wait_line(watcher, "INFO joiner disconnected", 5)
+        wait_line(watcher, "INFO joiner disconnected", 5)
         watcher.send("WHO")
         watcher.expect("USER watcher")
 
@@ -150,7 +140,7 @@ class TestTwoNodes(ClusterCase):
         x.send("DM fresh welcome")
         fresh.expect("DM x welcome")
         fresh.send("QUIT")
-        self.wait_line(x, "INFO fresh disconnected", 5)
+        wait_line(x, "INFO fresh disconnected", 5)
         x.send("DM fresh hello?")
         x.expect("ERR user-not-found")
 
@@ -183,7 +173,7 @@ class TestTwoNodes(ClusterCase):
         os.killpg(first.proc.pid, signal.SIGKILL)
         again = self.node("A", lease=2)             # the old run's lease still runs
         again.wait_log("waiting to see whether it is alive")
-        self.wait_line(watcher, "INFO old disconnected", 5)
+        wait_line(watcher, "INFO old disconnected", 5)
         self.user(again, "old")
 
     def test_a_node_that_stops_announces_its_users_at_once(self):
@@ -191,7 +181,7 @@ class TestTwoNodes(ClusterCase):
         self.user(a, "leaver")
         stay = self.user(b, "stay")
         self.assertEqual(a.stop(), 0)
-        self.wait_line(stay, "INFO leaver disconnected", 5)     # not after 30 s
+        wait_line(stay, "INFO leaver disconnected", 5)     # not after 30 s
         self.user(b, "leaver")
         self.assertEqual(self.before_marker(stay, self.user(b, "m")), [])
 
@@ -327,7 +317,7 @@ class TestFaults(ClusterCase):
         time.sleep(1.5)                            # the outage itself
         proxy.restore()
         a1.expect("USER a1", "USER a2", "USER b1")
-        self.wait_line(b1, "MSG a1 during", 8)
+        wait_line(b1, "MSG a1 during", 8)
         self.assertEqual(self.before_marker(b1, a1), [])       # once, and nothing else
         self.assertEqual(a2.lines_until("MSG a1 marker"), [])
 
@@ -352,7 +342,7 @@ class TestFaults(ClusterCase):
         cut_off, watcher = self.user(a, "cutoff"), self.user(b, "watcher")
         proxy.stall()
         self.assertEqual(cut_off.expect_closed(timeout=LEASE + 2), ["ERR unavailable"])
-        self.wait_line(watcher, "INFO cutoff disconnected", LEASE + 3)
+        wait_line(watcher, "INFO cutoff disconnected", LEASE + 3)
         # One clock for both logs: A gave its user up before B announced it.
         stamp = r"^(\S+ \S+) "
         closed = a.wait_log(stamp + r".*cutoff disconnected \(cluster unavailable\)").group(1)
@@ -376,7 +366,7 @@ class TestFaults(ClusterCase):
         x.send("WHO")
         x.expect("USER x", "USER y")
         x.send("MSG after")
-        self.wait_line(y, "MSG x after", 10)
+        wait_line(y, "MSG x after", 10)
         self.user(b, "newname")                    # once every node re-registered
 
     def test_redis_unreachable_at_start_delays_listening(self):

@@ -17,7 +17,7 @@ import os
 import signal
 import time
 
-from support import FaultProxy, RedisServer, TestCase, requires_redis
+from support import FaultProxy, RedisServer, TestCase, requires_redis, wait_line
 
 LEASE = 3.0                 # seconds: short, so that faults play out quickly
 HEARTBEAT_TIMEOUT = 2       # the supervisor's, so that a stopped broker is replaced soon
@@ -41,12 +41,6 @@ class FencingCase(TestCase):
         self.addCleanup(proxy.close)
         return proxy
 
-    @staticmethod
-    def wait_line(client, wanted, timeout):
-        deadline = time.monotonic() + timeout
-        while client.read_line(max(0.01, deadline - time.monotonic())) != wanted:
-            pass
-
 
 class TestFrozenNode(FencingCase):
     """A node frozen past its lease: ``frozen`` holds ``zz1`` when it stops;
@@ -63,7 +57,7 @@ class TestFrozenNode(FencingCase):
     def freeze(self):
         os.killpg(self.frozen.proc.pid, signal.SIGSTOP)
         self.addCleanup(_resume, self.frozen.proc.pid)
-        self.wait_line(self.watch, "INFO zz1 disconnected", LEASE + 4)
+        wait_line(self.watch, "INFO zz1 disconnected", LEASE + 4)
         self.taker = self.client(self.live, "ZZ1")
         # Waiting in the frozen node's socket buffers: the worst case.
         self.stale.send("MSG I am the real zz1", "PING")
@@ -138,6 +132,6 @@ class TestFailover(FencingCase):
         self.assertEqual(contender.read_line(timeout=LEASE + 10), "ERR username-taken")
         carol.send("MSG still here")
         for user in (alice, bob):
-            self.wait_line(user, "MSG carol still here", 10)
+            wait_line(user, "MSG carol still here", 10)
         alice.send("WHO")
         alice.expect("USER alice", "USER bob", "USER carol")
