@@ -132,6 +132,25 @@ def wait_stopped(pids, within=IO_TIMEOUT):
         time.sleep(0.001)
 
 
+def served_once_free(make, refusal, within=IO_TIMEOUT):
+    """A connection ``make()`` that the server serves (a PING answered), once
+    it no longer refuses one with the line ``refusal``. A close reaches the
+    acceptor a moment after the client closed (a note from its worker):
+    polled, with a deadline."""
+    deadline = time.monotonic() + within
+    while True:
+        c = make()
+        c.send("PING")
+        line = c.read_line()
+        if line == "PONG":
+            return c
+        if line != refusal:
+            raise AssertionError("%r: neither PONG nor %r" % (line, refusal))
+        if time.monotonic() > deadline:
+            raise AssertionError("still %r %.0f s after a client left" % (refusal, within))
+        time.sleep(0.05)
+
+
 def wait_line(client, wanted, within):
     """Read until the line ``wanted`` comes, within ``within`` seconds in
     all; the lines before it."""

@@ -15,9 +15,9 @@ import sys
 import time
 import unittest
 
-from support import (BROKER, IO_TIMEOUT, ROOT, Server, TestCase,
+from support import (BROKER, ROOT, Server, TestCase,
                      chat_among, free_port, per_start_method, process_role,
-                     read_until_eof, socket_inodes, tcp_sockets)
+                     read_until_eof, served_once_free, socket_inodes, tcp_sockets)
 
 FFFD = "\ufffd"
 OPTIONS = ["--port", "-p", "--host", "--workers", "-w", "--idle-timeout", "-t",
@@ -666,16 +666,7 @@ class ServerFull(ContractCase):
         a.expect("USER a")
         b.close()
         # The slot comes free once the server has noticed the close.
-        deadline = time.monotonic() + IO_TIMEOUT
-        while True:
-            c = self.client(self.s)
-            c.send("PING")
-            line = c.read_line()
-            if line == "PONG":
-                break
-            self.assertEqual(line, "ERR server-full")
-            self.assertLess(time.monotonic(), deadline, "no slot after a client left")
-            time.sleep(0.05)
+        c = served_once_free(lambda: self.client(self.s), "ERR server-full")
         c.login("c")
         a.send("WHO")
         a.expect("USER a", "USER c")

@@ -22,7 +22,7 @@ import threading
 import time
 import unittest
 
-from support import IO_TIMEOUT, TestCase, bound_client, usage
+from support import IO_TIMEOUT, TestCase, bound_client, served_once_free, usage
 
 FLOOD_GRACE = 10.0       # chatlib.flood.FLOOD_GRACE: seconds over --rate before ERR flood
 HAVE_PRLIMIT = hasattr(resource, "prlimit") and sys.platform.startswith("linux")
@@ -64,23 +64,6 @@ class LimitCase(TestCase):
         c = bound_client(server.port, source)
         self.addCleanup(c.close)
         return c
-
-    def wait_for_slot(self, server, make):
-        """A connection ``make()`` that the server serves, once a slot is free.
-
-        A close reaches the acceptor as a note from the worker, a moment
-        after the client closed: poll (with a deadline) as ServerFull does.
-        """
-        deadline = time.monotonic() + IO_TIMEOUT
-        while True:
-            c = make()
-            c.send("PING")
-            line = c.read_line()
-            if line == "PONG":
-                return c
-            self.assertEqual(line, "ERR too-many-connections")
-            self.assertLess(time.monotonic(), deadline, "no slot after a client left")
-            time.sleep(0.05)
 
 
 class Fakelag(LimitCase):
@@ -255,12 +238,12 @@ class MaxPerIp(LimitCase):
         first.expect("USER first", "USER elsewhere")
         # A close frees exactly one slot; the refused ones took none.
         others[0].close()
-        self.wait_for_slot(s, lambda: self.client(s))
+        served_once_free(lambda: self.client(s), "ERR too-many-connections")
         self.assertEqual(self.client(s).expect_closed(), ["ERR too-many-connections"])
         # A logged-in user's close frees one too, and is announced as usual.
         first.close()
         elsewhere[0].expect("INFO first disconnected")
-        again = self.wait_for_slot(s, lambda: self.client(s))
+        again = served_once_free(lambda: self.client(s), "ERR too-many-connections")
         again.login("again")
         elsewhere[0].expect_nothing_more()
 
@@ -466,7 +449,7 @@ class OutOfDescriptors(LimitCase):
         # fit again (each stays open: the test's cleanup holds it), and a
         # seventh must not.
         for _ in range(6):
-            self.wait_for_slot(s, lambda: self.client(s))
+            served_once_free(lambda: self.client(s), "ERR too-many-connections")
         self.assertEqual(self.client(s).expect_closed(), ["ERR too-many-connections"])
 
     def test_acceptor_with_one_descriptor_left_keeps_its_workers(self):
