@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -120,6 +121,23 @@ def tls_client(port, context=None):
     raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
     return SocketClient((context or client_context()).wrap_socket(
         raw, server_hostname="localhost"))
+
+
+def run_to_exit(*command, cwd=ROOT, env=None, timeout=15):
+    """Run ``command``, expected to exit by itself, in a session of its own:
+    ``(status, stdout, stderr)``, as text. ``env`` is added to this
+    process's environment (as for :class:`Server`). Past ``timeout`` its
+    whole session is killed, and the test fails."""
+    proc = subprocess.Popen(command, cwd=cwd, env=dict(os.environ, **(env or {})),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("%s did not exit within %.0f s" % (" ".join(command), timeout))
+    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
 def wait_stopped(pids, within=IO_TIMEOUT):

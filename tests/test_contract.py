@@ -10,14 +10,13 @@ import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 import unittest
 
-from support import (BROKER, ROOT, Server, TestCase,
-                     chat_among, free_port, per_start_method, process_role,
-                     read_until_eof, served_once_free, socket_inodes, tcp_sockets)
+from support import (BROKER, Server, TestCase, chat_among, free_port, per_start_method,
+                     process_role, read_until_eof, run_to_exit, served_once_free,
+                     socket_inodes, tcp_sockets)
 
 FFFD = "\ufffd"
 OPTIONS = ["--port", "-p", "--host", "--workers", "-w", "--idle-timeout", "-t",
@@ -35,19 +34,9 @@ def worker_of(server, client):
     return None
 
 
-def run_broker(*args, env=None, timeout=10):
+def run_broker(*args, env=None):
     """``python broker.py ARGS``, expected to exit by itself."""
-    proc = subprocess.Popen([sys.executable, BROKER] + list(args), cwd=ROOT,
-                            env=dict(os.environ, **(env or {})),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError("broker.py %s did not exit" % " ".join(args))
-    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    return run_to_exit(sys.executable, BROKER, *args, env=env, timeout=10)
 
 
 class ContractCase(TestCase):

@@ -19,7 +19,7 @@ import time
 import unittest
 
 from support import (ROOT, BROKER, IO_TIMEOUT, START_METHODS, Client, Server, TestCase,
-                     UnitTestCase, chat_among, process_role, wait_stopped)
+                     UnitTestCase, chat_among, process_role, run_to_exit, wait_stopped)
 
 import chatlib
 from chatlib import systemd
@@ -420,11 +420,6 @@ class LogFileTest(TestCase):
 
 
 class CommandLineTest(TestCase):
-    def run_command(self, *command, cwd=ROOT):
-        proc = subprocess.run(list(command), cwd=cwd, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=WAIT)
-        return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
-
     def test_version_names_the_product_however_started(self):
         """The project's name in pyproject.toml, not the program's file."""
         with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
@@ -433,7 +428,7 @@ class CommandLineTest(TestCase):
         self.assertRegex(chatlib.__version__, r"^\d+\.\d+\.\d+")
         for command in ([sys.executable, BROKER],):
             with self.subTest(command=command[1:]):
-                code, out, err = self.run_command(*command, "--version")
+                code, out, err = run_to_exit(*command, "--version", timeout=WAIT)
                 self.assertEqual((code, out, err),
                                  (0, "%s %s\n" % (product, chatlib.__version__), ""))
 
@@ -443,8 +438,8 @@ class CommandLineTest(TestCase):
         for path, reason in ((os.path.join(tmp, "missing", "chat.log"), "No such file"),
                              (tmp, "Is a directory")):
             with self.subTest(path=path):
-                code, out, err = self.run_command(sys.executable, BROKER, "--port", "0",
-                                                  "--log-file", path)
+                code, out, err = run_to_exit(sys.executable, BROKER, "--port", "0",
+                                             "--log-file", path, timeout=WAIT)
                 self.assertEqual(code, 2, err)
                 self.assertTrue(err.startswith("usage: broker.py "), err)
                 self.assertNotIn("Traceback", err)

@@ -9,12 +9,11 @@ not be reached (the supervisor), so that an import of one fails the test.
 import contextlib
 import io
 import socket
-import subprocess
 import sys
 import unittest
 from unittest import mock
 
-from support import BROKER, ROOT
+from support import BROKER, run_to_exit
 
 HINT = "chat-server runs on Linux and macOS; on Windows, use WSL\n"
 
@@ -52,9 +51,7 @@ class Windows(unittest.TestCase):
         """``python broker.py`` as a user runs it: no traceback, status 2."""
         code = AS_ON_WINDOWS + "import runpy\nsys.argv = [%r]\nrunpy.run_path(sys.argv[0], " \
             "run_name='__main__')" % BROKER
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=30)
-        self.assertEqual((proc.returncode, proc.stdout, proc.stderr), (2, "", HINT))
+        self.assertEqual(run_to_exit(sys.executable, "-c", code, timeout=30), (2, "", HINT))
 
     @unittest.skipUnless(sys.platform.startswith(("linux", "darwin")), "Linux or macOS")
     def test_linux_and_macos_pass_the_check(self):
