@@ -81,10 +81,13 @@ class TestCase(unittest.TestCase):
 
     def server(self, *args, **kwargs):
         """Start a server that is killed, tree and all, when the test ends."""
-        s = Server(*args, **kwargs)
-        self.addCleanup(s.kill)
-        s.start()
-        return s
+        return self.launched(Server(*args, **kwargs)).wait_ready()
+
+    def launched(self, server):
+        """``server`` (a :class:`Server` not started yet) launched, not yet
+        listening; killed, tree and all, when the test ends."""
+        self.addCleanup(server.kill)
+        return server.launch()
 
     def client(self, server, name=None):
         c = server.client(name)

@@ -157,10 +157,8 @@ class TestTwoNodes(ClusterCase):
 
     def test_a_second_live_node_with_the_same_id_is_refused(self):
         self.node("A")                              # renews its lease: alive
-        twin = Server("--redis", self.redis.url, "--node-id", "A",
-                      "--node-lease", LEASE, workers=1)
-        self.addCleanup(twin.kill)
-        twin.launch()
+        twin = self.launched(Server("--redis", self.redis.url, "--node-id", "A",
+                                    "--node-lease", LEASE, workers=1))
         self.assertEqual(twin.proc.wait(30), 2)
         twin.wait_log_end()
         self.assertIn("node id 'A' is in use by another live node", twin.log())
@@ -372,10 +370,8 @@ class TestFaults(ClusterCase):
     def test_redis_unreachable_at_start_delays_listening(self):
         proxy = self.proxy()
         proxy.cut()
-        node = Server("--redis", proxy.url, "--node-id", "A", "--node-lease", LEASE,
-                      workers=1)
-        self.addCleanup(node.kill)
-        node.launch()
+        node = self.launched(Server("--redis", proxy.url, "--node-id", "A",
+                                    "--node-lease", LEASE, workers=1))
         node.wait_log("unreachable", timeout=10)
         time.sleep(1.0)                            # retrying, and saying so only once
         self.assertNotIn("listening on", node.log())

@@ -757,8 +757,7 @@ class CommandLine(TestCase):
         s = Server(*args, workers=1, env=env)
         i = s.args.index("--port")
         del s.args[i:i + 2]
-        self.addCleanup(s.kill)
-        return s.start()
+        return self.launched(s).wait_ready()
 
     def test_port_environment_variable(self):
         port = free_port()

@@ -82,10 +82,8 @@ class AcknowledgedHandoff(TestCase):
         # Each new worker dies before it reads its orders: the supervisor's
         # wait for the acknowledgement ends in a reset, which must not stop
         # it from replacing the worker, then giving up.
-        s = Server(workers=1, start_method=self.start_method,
-                   env=self.env(WORKERS_DIE_AT_START))
-        self.addCleanup(s.kill)
-        s.launch()
+        s = self.launched(Server(workers=1, start_method=self.start_method,
+                                 env=self.env(WORKERS_DIE_AT_START)))
         self.assertEqual(s.proc.wait(30), 1)
         self.assertTrue(s.wait_log_end())
         log = s.log()

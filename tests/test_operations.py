@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 
@@ -62,15 +61,6 @@ class CommandServer(Server):
         super().__init__(*args, **kwargs)
         self.command = list(command)
         self.cwd = cwd
-
-    def launch(self):
-        self.proc = subprocess.Popen(
-            self.command + self.args, cwd=self.cwd, env=self.env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        self._log_reader = threading.Thread(target=self._read_log, daemon=True)
-        self._log_reader.start()
-        return self
 
 
 class StatsAndSignalsTest(TestCase):
@@ -282,9 +272,8 @@ class SchedulingTest(TestCase):
     def test_an_operators_policy_is_kept(self):
         if subprocess.run(["chrt", "--idle", "0", "true"], timeout=WAIT).returncode:
             self.skipTest("chrt cannot set SCHED_IDLE here")
-        s = CommandServer(["chrt", "--idle", "0", sys.executable, BROKER], workers=2)
-        self.addCleanup(s.kill)
-        s.start()
+        s = self.launched(CommandServer(["chrt", "--idle", "0", sys.executable, BROKER],
+                                        workers=2)).wait_ready()
         self.client(s, "ada")
         policies = self.policies(s)
         for role in ("chat-acceptor", "chat-broker", "chat-worker-0", "chat-worker-1"):
@@ -316,9 +305,8 @@ class NotifyTest(TestCase):
 
     def test_ready_status_and_stopping(self):
         sock, path = self.notify_socket()
-        s = Server("--stats-interval", "0.2", workers=2, env={"NOTIFY_SOCKET": path})
-        self.addCleanup(s.kill)
-        s.launch()
+        s = self.launched(Server("--stats-interval", "0.2", workers=2,
+                                 env={"NOTIFY_SOCKET": path}))
         first = self.receive(sock)
         # READY=1 comes only once every process is up: a login works at once.
         self.assertIn("READY=1", first.split("\n"))
@@ -348,9 +336,7 @@ class NotifyTest(TestCase):
         """With spawn (slow children) a login right after READY=1 succeeds,
         and READY=1 names the port the log announces."""
         sock, path = self.notify_socket()
-        s = Server(workers=2, start_method="spawn", env={"NOTIFY_SOCKET": path})
-        self.addCleanup(s.kill)
-        s.launch()
+        s = self.launched(Server(workers=2, start_method="spawn", env={"NOTIFY_SOCKET": path}))
         message = self.receive(sock)
         self.assertIn("READY=1", message.split("\n"))
         port = int(re.search(r"STATUS=listening on [^:]+:(\d+)", message).group(1))
@@ -374,9 +360,7 @@ class NotifyTest(TestCase):
 
 class LogFileTest(TestCase):
     def log_file_server(self, path, start_method=None):
-        s = Server("--log-file", path, workers=2, start_method=start_method)
-        self.addCleanup(s.kill)
-        s.launch()
+        s = self.launched(Server("--log-file", path, workers=2, start_method=start_method))
         port = int(wait_file_line(path, r"listening on [^ ]+:(\d+)").group(1))
         s.port = port
         return s
@@ -597,8 +581,7 @@ class InstallTest(TestCase):
                 s = CommandServer([os.path.join(bin_dir, "chat-server")], workers=2,
                                   start_method=method, cwd=run)
                 s.env = env
-                self.addCleanup(s.kill)
-                s.start(timeout=WAIT * 2)
+                self.launched(s).wait_ready(WAIT * 2)
                 login_ping(s.port)
                 with Client(s.port) as a, Client(s.port) as b:
                     a.login("ada")

@@ -211,9 +211,7 @@ class Recovery(TestCase):
         """A worker killed as soon as it starts, every time: after
         MAX_QUICK_DEATHS deaths in a row the supervisor gives up, and the
         server exits with status 1, instead of restarting it forever."""
-        s = Server(workers=1)
-        self.addCleanup(s.kill)
-        s.launch()
+        s = self.launched(Server(workers=1))
         started = r"started worker-0 \(pid (\d+)\)"
         start = 0
         for _ in range(MAX_QUICK_DEATHS):
