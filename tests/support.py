@@ -143,6 +143,16 @@ def run_to_exit(*command, cwd=ROOT, env=None, timeout=15):
     return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
+def kill_and_replace(server, roles, within):
+    """SIGKILL ``server``'s processes titled ``roles``, one right after the
+    other, and wait (``within`` seconds each) until each has a replacement;
+    the new pids."""
+    old = server.roles()
+    for role in roles:
+        os.kill(old[role], signal.SIGKILL)
+    return [server.replacement(role, old[role], within) for role in roles]
+
+
 def wait_stopped(pids, within=IO_TIMEOUT):
     """Wait until each process of ``pids`` is stopped (after a SIGSTOP: ``T``
     in /proc) or gone."""

@@ -7,14 +7,13 @@ held by two processes of the server at all besides those (each end of a
 socket pair has its own inode: a shared one is a leaked copy).
 """
 
-import os
 import shutil
 import sys
 import tempfile
 import unittest
 
-from support import (TestCase, per_start_method, process_role, self_signed, socket_inodes,
-                     tcp_sockets, tls_client)
+from support import (TestCase, kill_and_replace, per_start_method, process_role, self_signed,
+                     socket_inodes, tcp_sockets, tls_client)
 
 
 def listening_inodes(ports):
@@ -59,9 +58,7 @@ class Descriptors(TestCase):
         s = self.server(tls=self_signed(tmp), workers=2, start_method=self.start_method)
         # A child started later must not pick up what the earlier ones got.
         for title in ("chat-worker-0", "chat-acceptor", "chat-broker"):
-            old = s.roles()[title]
-            os.kill(old, 9)
-            s.replacement(title, old, 5.0)
+            kill_and_replace(s, [title], 5.0)
         c = tls_client(s.tls_port)
         self.addCleanup(c.close)
         c.login("t")

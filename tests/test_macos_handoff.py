@@ -12,10 +12,9 @@ their own, the server died at start-up like this.)
 
 import os
 import re
-import signal
 import tempfile
 
-from support import Server, TestCase, per_start_method
+from support import Server, TestCase, kill_and_replace, per_start_method
 
 from chatlib.supervisor import MAX_QUICK_DEATHS
 
@@ -71,9 +70,7 @@ class AcknowledgedHandoff(TestCase):
         self.check_chat(s, "a", "b", "c")
         # Each restart sends new pipes to the survivors, acknowledged.
         for role in ("chat-worker-0", "chat-broker", "chat-acceptor"):
-            old = s.roles()[role]
-            os.kill(old, signal.SIGKILL)
-            s.replacement(role, old, RECOVERY_TIME)
+            kill_and_replace(s, [role], RECOVERY_TIME)
             tag = role.rsplit("-", 1)[-1]
             self.check_chat(s, "x" + tag, "y" + tag)
         self.assertNotIn("Traceback", s.log())

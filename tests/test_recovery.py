@@ -6,7 +6,7 @@ import signal
 import subprocess
 import unittest
 
-from support import IO_TIMEOUT, Server, TestCase
+from support import IO_TIMEOUT, Server, TestCase, kill_and_replace
 
 from chatlib.supervisor import MAX_QUICK_DEATHS
 
@@ -17,15 +17,6 @@ class Recovery(TestCase):
 
     def logged_in(self, server, n):
         return [self.client(server, "user%d" % i) for i in range(n)]
-
-    def kill_together(self, server, roles):
-        """SIGKILL these processes one right after the other, and wait for
-        their replacements."""
-        old = server.roles()
-        for role in roles:
-            os.kill(old[role], signal.SIGKILL)
-        for role in roles:
-            server.replacement(role, old[role], RECOVERY_TIME)
 
     def split_by_survival(self, clients):
         """Clients whose connection the server closed, and the others with
@@ -50,9 +41,7 @@ class Recovery(TestCase):
     def test_worker_death(self):
         s = self.server(workers=2)
         clients = self.logged_in(s, 6)
-        old = s.roles()["chat-worker-0"]
-        os.kill(old, signal.SIGKILL)
-        s.replacement("chat-worker-0", old, RECOVERY_TIME)
+        kill_and_replace(s, ["chat-worker-0"], RECOVERY_TIME)
         lost, alive = self.split_by_survival(clients)
         self.assertEqual(len(lost), 3, "least-loaded hand-off puts 3 of 6 on each worker")
         self.assert_told_once(lost, alive)
@@ -80,7 +69,7 @@ class Recovery(TestCase):
         for c in clients:
             self.assertEqual(sorted(c.read_lines(5)), ["MSG %s hi from %s" % (o.name, o.name)
                                                        for o in clients if o is not c])
-        self.kill_together(s, roles)
+        kill_and_replace(s, roles, RECOVERY_TIME)
         lost, alive = self.split_by_survival(clients)
         self.assertEqual(len(lost), 3, "least-loaded hand-off puts 3 of 6 on each worker")
         self.assert_told_once(lost, alive)
@@ -109,7 +98,7 @@ class Recovery(TestCase):
         for c in clients:
             c.expect("MSG Late hi")
         worker = s.wait_log(r"(worker-\d+)\[\d+\] Late logged in").group(1)
-        self.kill_together(s, ("chat-broker", "chat-" + worker))
+        kill_and_replace(s, ("chat-broker", "chat-" + worker), RECOVERY_TIME)
         lost, alive = self.split_by_survival(clients + [late])
         self.assertIn(late, lost)
         self.assert_told_once(lost, alive)
@@ -117,9 +106,7 @@ class Recovery(TestCase):
     def test_broker_death(self):
         s = self.server(workers=2)
         clients = self.logged_in(s, 4)
-        old = s.roles()["chat-broker"]
-        os.kill(old, signal.SIGKILL)
-        s.replacement("chat-broker", old, RECOVERY_TIME)
+        kill_and_replace(s, ["chat-broker"], RECOVERY_TIME)
         # Connections survive; the new broker knows every user again.
         c0, c1, c2, c3 = clients
         c0.send("WHO")
