@@ -16,10 +16,12 @@ has a timeout, and :class:`TestCase` adds a per-test alarm on top.
 
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -93,6 +95,13 @@ class TestCase(unittest.TestCase):
         c = server.client(name)
         self.addCleanup(c.close)
         return c
+
+    def tmpdir(self, purpose="test"):
+        """A new directory, ``chat-PURPOSE-...``, removed with all in it when
+        the test ends."""
+        path = tempfile.mkdtemp(prefix="chat-%s-" % purpose)
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
 
 
 class UnitTestCase(TestCase):

@@ -11,11 +11,9 @@ is in, everything before it is too.
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 from support import (BROKER, ROOT, FaultProxy, RedisServer, Server, TestCase, chat_among,
@@ -199,9 +197,7 @@ class TestTwoNodes(ClusterCase):
             self.assertNotIn(secret, node.log())
 
     def test_nodes_reach_redis_over_tls_with_rediss(self):
-        certs = tempfile.mkdtemp(prefix="chat-rediss-")
-        self.addCleanup(shutil.rmtree, certs, True)
-        cert = self_signed(certs)
+        cert = self_signed(self.tmpdir("rediss"))
         secure = RedisServer(tls=cert).start()
         self.addCleanup(secure.stop)
         trust = {"SSL_CERT_FILE": cert[0]}

@@ -7,9 +7,7 @@ held by two processes of the server at all besides those (each end of a
 socket pair has its own inode: a shared one is a leaked copy).
 """
 
-import shutil
 import sys
-import tempfile
 import unittest
 
 from support import (TestCase, kill_and_replace, per_start_method, process_role, self_signed,
@@ -53,9 +51,8 @@ class Descriptors(TestCase):
         self.check(s, {s.port})
 
     def test_plaintext_and_tls_after_restarts(self):
-        tmp = tempfile.mkdtemp(prefix="chat-descriptors-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        s = self.server(tls=self_signed(tmp), workers=2, start_method=self.start_method)
+        s = self.server(tls=self_signed(self.tmpdir("descriptors")), workers=2,
+                        start_method=self.start_method)
         # A child started later must not pick up what the earlier ones got.
         for title in ("chat-worker-0", "chat-acceptor", "chat-broker"):
             kill_and_replace(s, [title], 5.0)

@@ -12,7 +12,6 @@ their own, the server died at start-up like this.)
 
 import os
 import re
-import tempfile
 
 from support import Server, TestCase, kill_and_replace, per_start_method
 
@@ -40,12 +39,11 @@ class AcknowledgedHandoff(TestCase):
     def env(self, fault=""):
         """Environment for a server whose processes all acknowledge
         descriptors (and run ``fault`` as they start)."""
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        with open(os.path.join(tmp.name, "sitecustomize.py"), "w") as f:
+        tmp = self.tmpdir("site")
+        with open(os.path.join(tmp, "sitecustomize.py"), "w") as f:
             f.write(SITECUSTOMIZE + fault)
         return {"PYTHONPATH": os.pathsep.join(
-            p for p in (tmp.name, os.environ.get("PYTHONPATH")) if p)}
+            p for p in (tmp, os.environ.get("PYTHONPATH")) if p)}
 
     def start(self):
         return self.server(workers=2, start_method=self.start_method, env=self.env())

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
@@ -290,8 +289,7 @@ class NotifyTest(TestCase):
             name = "chat-test-notify-%d-%d" % (os.getpid(), time.monotonic_ns())
             sock.bind("\0" + name)
             return sock, "@" + name
-        tmp = tempfile.mkdtemp(prefix="chat-notify-")
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = self.tmpdir("notify")
         path = os.path.join(tmp, "notify")
         sock.bind(path)
         return sock, path
@@ -366,8 +364,7 @@ class LogFileTest(TestCase):
         return s
 
     def check_reopen(self, start_method, whole_group):
-        tmp = tempfile.mkdtemp(prefix="chat-log-")
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = self.tmpdir("log")
         path = os.path.join(tmp, "chat.log")
         s = self.log_file_server(path, start_method)
         c = self.client(s, "before")
@@ -417,8 +414,7 @@ class CommandLineTest(TestCase):
                                  (0, "%s %s\n" % (product, chatlib.__version__), ""))
 
     def test_a_log_file_that_cannot_be_written_is_a_usage_error(self):
-        tmp = tempfile.mkdtemp(prefix="chat-log-")
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = self.tmpdir("log")
         for path, reason in ((os.path.join(tmp, "missing", "chat.log"), "No such file"),
                              (tmp, "Is a directory")):
             with self.subTest(path=path):
@@ -525,8 +521,7 @@ class InstallTest(TestCase):
         m = re.match(rb"pip (\d+)\.(\d+)", pip.stdout)
         if pip.returncode or not m or (int(m.group(1)), int(m.group(2))) < (22, 3):
             self.skipTest("needs pip 22.3 or newer (pip --python)")
-        tmp = tempfile.mkdtemp(prefix="chat-install-")
-        self.addCleanup(shutil.rmtree, tmp, True)
+        tmp = self.tmpdir("install")
         source = os.path.join(tmp, "src")
         os.mkdir(source)
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
