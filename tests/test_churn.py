@@ -1,4 +1,4 @@
-"""Black-box tests of ``--max-per-ip`` under churn (issue 14, item 9).
+"""Black-box tests of ``--max-per-ip`` under churn.
 
 The acceptor counts an address's connections from its workers' notes, which
 say a connection closed a moment after the client closed it. A client at the

@@ -1,4 +1,4 @@
-"""Black-box tests of the defences against abusive clients (issue 6).
+"""Black-box tests of the defences against abusive clients.
 
 Flood control (``--rate``, ``--burst``: fakelag, then ``ERR flood``),
 ``--max-per-ip``, ``--login-timeout``, HTTP detection and the back-off when

@@ -1,5 +1,5 @@
 """On a system without Unix-socket descriptor passing (Windows), the entry
-point stops at once with one line and exit status 2 (issue 14, item 10).
+point stops at once with one line and exit status 2.
 
 Windows is simulated: ``socket.SCM_RIGHTS``, which the check looks at, is
 taken away, and so are modules Windows lacks (``resource``), or that must
