@@ -28,10 +28,7 @@ import tempfile
 import threading
 import time
 
-try:
-    from .procfs import process_role, session_pids
-except ImportError:     # loaded by name, with scripts/ on sys.path (tests/support.py)
-    from procfs import process_role, session_pids
+from .procfs import process_role, session_pids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BROKER = os.path.join(ROOT, "broker.py")

@@ -3,8 +3,8 @@ line-oriented clients (both from ``scripts/harness.py``, which the tools use
 too, re-exported here), and the helpers of more than one test file.
 
 Every test file imports this module first: it is the one place that puts
-the repository (``chatlib``, ``broker``, ``worker``) and ``scripts/`` (the
-tools' ``harness``, ``procfs``, ``fuzz``...) on ``sys.path``. So the tests
+the repository on ``sys.path`` (``chatlib``, ``broker``, ``worker``, and the
+tools as the package ``scripts``: ``scripts.harness``, ``scripts.fuzz``...). So the tests
 run from anywhere: ``python3 -m unittest discover -s tests`` at the top of a
 clone, or ``-s`` with the path of this folder from elsewhere.
 
@@ -28,16 +28,15 @@ import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_TIMEOUT = 60           # seconds any single test may take
-for _path in (os.path.join(ROOT, "scripts"), ROOT):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 # The server, the client and /proc: shared with the tools, re-exported to the tests.
-from procfs import (process_role, session_pids, socket_inodes, stat,  # noqa: E402,F401
+from scripts.procfs import (process_role, session_pids, socket_inodes, stat,  # noqa: E402,F401
                     tcp_sockets, usage)
-from harness import (BROKER, IO_TIMEOUT, REDIS_HINT, Client, RedisServer,  # noqa: E402,F401
+from scripts.harness import (BROKER, IO_TIMEOUT, REDIS_HINT, Client, RedisServer,  # noqa: E402,F401
                      Server, free_port, receive, redis_program, self_signed, start_cluster)
-from tlsclient import client_context  # noqa: E402
+from scripts.tlsclient import client_context  # noqa: E402
 
 START_METHODS = ["fork", "spawn", "forkserver"] if sys.platform != "win32" else ["spawn"]
 

@@ -2,14 +2,13 @@
 (chatlib.cluster.lease), and its clients waiting for Redis
 (chatlib.cluster.requests), one answer each, in time."""
 
-import unittest
+from support import UnitTestCase
 
-import support  # noqa: F401  (the repository on the path)
 from chatlib.cluster.lease import Lease
 from chatlib.cluster.requests import REQUEST_TIMEOUT, Requests
 
 
-class RequestsTest(unittest.TestCase):
+class RequestsTest(UnitTestCase):
     def test_a_request_past_its_time_expires_once(self):
         pending = Requests()
         first, second = pending.make(0, 1, now=10.0), pending.make(0, 2, now=11.0)
@@ -32,7 +31,7 @@ class RequestsTest(unittest.TestCase):
         self.assertEqual(pending.expired(REQUEST_TIMEOUT), [c])
 
 
-class LeaseTest(unittest.TestCase):
+class LeaseTest(UnitTestCase):
     def test_users_are_served_until_a_margin_before_it_could_run_out(self):
         lease = Lease(10.0, now=0.0)
         self.assertEqual(lease.vouched_until, 2.0)       # a moment to join

@@ -129,7 +129,7 @@ if __name__ == "__main__":
     unittest.main()
 
 
-class DropSent(unittest.TestCase):
+class DropSent(UnitTestCase):
     """The partial-send trim that the client write path and the broker link share."""
 
     def test_every_cut(self):

@@ -18,7 +18,7 @@ import unittest
 
 from support import IO_TIMEOUT, ROOT, TestCase, receive, self_signed
 from test_tls import TlsClient
-from tlsclient import client_context as any_certificate        # scripts/
+from scripts.tlsclient import client_context as any_certificate
 
 sys.path.insert(0, ROOT)
 from chatlib import telnet                                      # noqa: E402
