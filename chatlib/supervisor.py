@@ -46,7 +46,6 @@ from chatlib.acceptor import Acceptor
 from chatlib.handoff import PLAIN, TLS
 from chatlib.service import run_service
 from chatlib.stats import StatsReport
-from chatlib.systemd import notify
 
 log = logging.getLogger("supervisor")
 
@@ -555,3 +554,21 @@ def inherited_by_fork(obj):
     util.register_after_fork(obj, Connection.close if isinstance(obj, Connection)
                              else socket.socket.close)
     return obj
+
+
+def notify(message):
+    """Tell systemd how we are doing (``READY=1``, ``STATUS=...``): the
+    ``sd_notify`` protocol, one datagram of ``KEY=value`` lines to
+    ``$NOTIFY_SOCKET`` when the unit is ``Type=notify``; without it,
+    nothing. No libsystemd needed. True if it was sent."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):               # Linux abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError:
+        return False
+    return True

@@ -20,7 +20,7 @@ from support import (ROOT, BROKER, IO_TIMEOUT, START_METHODS, Client, Server, Te
                      UnitTestCase, chat_among, process_role, run_to_exit, wait_stopped)
 
 import chatlib
-from chatlib import systemd
+from chatlib.supervisor import notify
 
 WAIT = 15.0        # generous: two cores, other suites running at once
 
@@ -350,10 +350,10 @@ class NotifyTest(TestCase):
         self.addCleanup(lambda: os.environ.__setitem__("NOTIFY_SOCKET", old)
                         if old is not None else os.environ.pop("NOTIFY_SOCKET", None))
         os.environ["NOTIFY_SOCKET"] = address
-        self.assertTrue(systemd.notify("STATUS=hello"))
+        self.assertTrue(notify("STATUS=hello"))
         self.assertEqual(self.receive(sock, IO_TIMEOUT), "STATUS=hello")
         del os.environ["NOTIFY_SOCKET"]
-        self.assertFalse(systemd.notify("READY=1"))
+        self.assertFalse(notify("READY=1"))
 
 
 class LogFileTest(TestCase):
