@@ -111,7 +111,6 @@ class LocalDirectory:
     ready_at_start = True      # nothing to join before serving
     routes_at_once = True      # nothing to check a restarted broker's users against
     congested = False          # nothing waits to go anywhere
-    confirmed = None
 
     def start(self):
         pass
