@@ -19,7 +19,7 @@ import time
 
 from support import FaultProxy, RedisServer, TestCase, requires_redis, wait_line
 
-LEASE = 3.0                 # seconds: short, so that faults play out quickly
+LEASE = 2.0                 # seconds: short, so that faults play out quickly
 HEARTBEAT_TIMEOUT = 2       # the supervisor's, so that a stopped broker is replaced soon
 
 
