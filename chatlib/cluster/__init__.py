@@ -10,9 +10,11 @@ the server imports this package. Its parts, from the wire up:
 * :mod:`.registry`: the cluster's keys in Redis and the Lua scripts that
   change them atomically (names, leases, the bus);
 * :mod:`.bus`: the records one node's stream entries carry to the others;
+* :mod:`.publisher`: what a node sends Redis, one entry per turn, in order,
+  sent again after a reconnect;
 * :mod:`.reader`: the connection that reads the others' entries;
 * :mod:`.lease`: the node's lease as it keeps time of it;
 * :mod:`.requests`: clients waiting for Redis, each answered once, in time;
 * :mod:`.node`: the node's side of it all, beside the broker (joining,
-  renewing and fencing, publishing).
+  renewing and fencing, what each request does).
 """

@@ -1,28 +1,22 @@
 """Cluster mode: one node's side of a chat shared through Redis.
 
 The broker keeps routing between its own workers exactly as on one host; a
-:class:`Cluster` beside it carries what other nodes must see, and brings back
-what they send. Two connections to Redis (:mod:`chatlib.cluster.redis_client`): one
-for commands, pipelined, and one blocked reading the bus stream.
+:class:`Cluster` beside it is its directory (:mod:`chatlib.directory`): it
+carries what other nodes must see, and brings back what they send. Two
+connections to Redis (:mod:`chatlib.cluster.redis_client`): one for
+commands, pipelined, and one blocked reading the bus stream. Its parts:
+the publisher (what goes to Redis, batched, in order, sent again after a
+reconnect: :mod:`chatlib.cluster.publisher`), the bus reader
+(:mod:`chatlib.cluster.reader`), the lease (:mod:`chatlib.cluster.lease`)
+and the clients waiting for answers (:mod:`chatlib.cluster.requests`).
+Here: joining, renewing and fencing, and what each request does.
 
 What it keeps true, and how:
 
 * **One name space, atomic LOGIN, linearizable WHO.** Names are claimed and
-  released by Lua scripts (:mod:`chatlib.cluster.registry`); ``WHO`` reads Redis.
-  Commands go out on one connection in the order they were made, so a
-  release queued before a ``WHO`` is done before it.
-* **Batching.** All a turn's lines for other nodes, and its departures,
-  travel as one script call that appends one bus entry; requests
-  (``LOGIN``, ``WHO``) follow it in the same write.
-* **Nothing lost, nothing twice, across a reconnect.** Commands whose reply
-  never came are sent again after reconnecting, in their order; a worker
-  drops lines of a batch it had before (the entry's records name their
-  origin batch, as the broker's FROM does between local workers), and the
-  scripts are idempotent (a claim sent twice is recognised, a name is
-  released once). Worker batches are acknowledged only once Redis confirmed
-  the entry that carries them, so a broker that dies loses none either.
-  Reading resumes after the last entry read; a restarted broker resumes
-  after the oldest entry its workers say they were given.
+  released by Lua scripts (:mod:`chatlib.cluster.registry`); ``WHO`` reads
+  Redis. Commands go out on one connection in the order they were made, so
+  a release queued before a ``WHO`` is done before it.
 * **Leases.** A node renews its lease every HEARTBEAT seconds and reaps the
   nodes whose lease ran out (announcing their users gone). A node that could
   not renew closes its users' connections with ``ERR unavailable`` before
@@ -46,65 +40,21 @@ What it keeps true, and how:
 
 import os
 import time
-from collections import deque
 from functools import partial
 
 from chatlib import protocol
 from chatlib.cluster import bus, registry
 from chatlib.cluster.lease import Lease
+from chatlib.cluster.publisher import Op, Publisher
 from chatlib.cluster.reader import BusReader
 from chatlib.cluster.redis_client import RedisClient
 from chatlib.cluster.requests import Requests
 from chatlib.cluster.resp import ConnectionLost, RedisError
 
 RETRY_DELAY = 0.25        # a claim refused for now (recovering) tries again after this
-ENTRY_BYTES = 1 << 20     # an entry gathering while another is in flight goes past this
 BACKLOG_LIMIT = 64 << 20  # bytes waiting for Redis above which the broker stops reading
 LEAVE_TIMEOUT = 1.5       # seconds a stopping node waits for its departures to be published
 IDENTITY_FIELDS = (b"run_id", b"master_replid")   # a Redis server, and its data's history
-
-
-class _Op:
-    """One command for Redis that must be sent, and sent again after a
-    reconnect until its reply comes: ``script`` run with ``args`` (after
-    ``P node lease``, which are added when it is sent, so that it carries
-    the lease of the moment), or the plain command ``args`` if ``script`` is
-    None; ``on_reply`` takes the reply."""
-
-    def __init__(self, script, args, on_reply, size=0):
-        self.script = script
-        self.args = args
-        self.on_reply = on_reply
-        self.size = size
-
-    def arguments(self):
-        return self.args
-
-
-class _Publish(_Op):
-    """A PUBLISH: one bus entry with a turn's records (``data``), the
-    departures to release (key, owner, announce) and the claims to list."""
-
-    def __init__(self, data, releases, joins, on_reply, users_era):
-        super().__init__(registry.PUBLISH, None, on_reply, len(data))
-        self.users_era = users_era    # the node's users when it was made (see give_up_users)
-        self.data = data
-        self.releases = releases
-        self.joins = joins
-
-    def drop_lines(self):
-        """Only the departures still go: the users whose lines these were are closed."""
-        self.data = b""
-        self.joins = []
-        self.size = 0
-
-    def arguments(self):
-        args = [registry.STREAM_MAXLEN, self.data, len(self.releases)]
-        for key, owner, announce in self.releases:
-            args += [key, owner, "1" if announce else "0"]
-        for key, owner in self.joins:
-            args += [key, owner]
-        return args
 
 
 class Cluster:
@@ -129,24 +79,9 @@ class Cluster:
         self.joining = False       # a JOIN is in flight
         self.registered = False    # joined on the current connection
         self.ready = False         # told the supervisor once
-        self.users_era = 0         # times the node gave up all its users
         self.cursor_saved = None   # the bus cursor the next heartbeat saves in Redis
-        self.records = bus.Records()   # this turn's lines for other nodes
-        self.releases = []         # this turn's (key, owner, announce)
-        self.joins = []            # this turn's (key, owner) claimed
-        self.requests = []         # this turn's requests, sent after its entry
-        self.covered = None        # the batches the entry being gathered covers
-        self.gathered = []         # requests waiting behind that entry
-        self.publishing = 0        # entries sent, unanswered
-        self.backlog = deque()     # ops not sent yet, in order
-        self.lost = []             # ops sent whose connection died unanswered, in order
-        self.backlog_bytes = 0
-        self.entries_out = 0       # bus entries Redis confirmed, since start
+        self.publisher = Publisher(self.commands, log, self.fencing_args)
         self.pending = Requests()  # clients waiting for Redis's answer
-        self.later = []            # (when, op) claims to send again
-        self.unconfirmed = deque()  # per entry in flight: the batches it covers
-        self.confirmed = {}        # slot -> last batch whose lines Redis holds:
-                                   # its batches up to there may be acknowledged
         self.dm_number = time.time_ns()
         self.leaving = None        # (deadline, callback) while stopping
         self.duplicate_seen = False  # our id was leased by another run at start
@@ -163,15 +98,16 @@ class Cluster:
         state = "fenced" if self.lease.fenced else "up" if self.registered and self.commands.up \
             else "down"
         return {"redis": state, "other_users": len(self.reader.mirror),
-                "entries_out": self.entries_out, "entries_in": self.reader.entries_in,
-                "backlog": self.backlog_bytes + self.commands.buffered_bytes}
+                "entries_out": self.publisher.entries_out,
+                "entries_in": self.reader.entries_in,
+                "backlog": self.publisher.waiting_bytes()}
 
     def owner(self, slot, cid):
         return "%s %d %d" % (self.node, slot, cid)
 
     @property
     def congested(self):
-        return self.backlog_bytes + self.commands.buffered_bytes > BACKLOG_LIMIT
+        return self.publisher.waiting_bytes() > BACKLOG_LIMIT
 
     def note_cursor(self, cursor):
         self.reader.note_cursor(cursor)
@@ -179,7 +115,7 @@ class Cluster:
     def next_wakeup(self):
         times = [self.lease.next_renewal if self.registered else None,
                  self.pending.next_deadline(),
-                 self.later[0][0] if self.later else None,
+                 self.publisher.next_retry(),
                  self.lease.vouched_until if self.router.local_users() and not self.lease.fenced
                  else None,
                  self.rejoin_at, self.commands.next_wakeup(), self.reader.next_wakeup()]
@@ -190,10 +126,7 @@ class Cluster:
         self.reader.tick(now)
         for request in self.pending.expired(now):
             self.router.answer(request.slot, request.cid, protocol.ERR_UNAVAILABLE)
-        if self.later and self.later[0][0] <= now:
-            due = [op for when, op in self.later if when <= now]
-            self.later = [(when, op) for when, op in self.later if when > now]
-            self.queue(*due)
+        self.publisher.retries_due(now)
         self.check_lease(now)
         if self.registered and self.lease.renewal_due(now):
             self.heartbeat(now)
@@ -327,8 +260,7 @@ class Cluster:
         self.registered = self.joining = False
         self.join_mode = None
         self.lease.renewal_sent = None
-        self.backlog.extendleft(reversed(self.lost))
-        self.lost = []
+        self.publisher.resend_lost()
 
     def renewed(self, sent):
         """Redis renewed the lease at ``sent`` or later. The workers run our
@@ -395,116 +327,38 @@ class Cluster:
         """Close every user's connection, dropping what they said that Redis
         has not got. Their departures stay queued: a release whose name is
         still ours announces it, exactly once."""
-        self.users_era += 1                     # and those in flight, if sent again
-        for op in self.backlog:
-            if isinstance(op, _Publish):
-                self.backlog_bytes -= op.size
-                op.drop_lines()
-        self.records = bus.Records()
-        self.joins = []
+        self.publisher.drop_lines()
         self.router.evict(drop_lines=True)
 
-    # -- queueing and sending -------------------------------------------------
+    # -- sending ---------------------------------------------------------------
 
-    def queue(self, *ops):
-        for op in ops:
-            self.backlog.append(op)
-            self.backlog_bytes += op.size
+    def fencing_args(self):
+        """What every script but JOIN starts with: the lease of the moment."""
+        return [self.prefix, self.node, self.lease.value]
 
     def send(self):
-        """Send what waits, in order, once registered. A fenced node gives
-        no names until its lease is renewed: its claims wait."""
-        if not (self.registered and self.commands.up and self.backlog):
-            return
-        held = deque()
-        while self.backlog:
-            op = self.backlog.popleft()
-            if self.lease.fenced and op.script is registry.CLAIM:
-                held.append(op)
-                continue
-            self.backlog_bytes -= op.size
-            if op.script is registry.PUBLISH:
-                self.publishing += 1
-            callback = partial(self.on_reply, op)
-            if op.script is None:
-                self.commands.call(callback, *op.arguments())
-            else:
-                self.commands.evalsha(callback, op.script, (),
-                                      [self.prefix, self.node, self.lease.value,
-                                       *op.arguments()])
-        self.backlog = held
-        self.commands.flush()
-
-    def on_reply(self, op, reply):
-        if op.script is registry.PUBLISH:
-            self.publishing -= 1
-        if isinstance(reply, ConnectionLost):
-            if isinstance(op, _Publish) and op.users_era != self.users_era:
-                op.drop_lines()                 # its users were given up meanwhile
-            self.lost.append(op)
-            return
-        if isinstance(reply, RedisError):
-            self.log.error("redis refused a cluster command: %s", reply)
-        op.on_reply(reply)
+        """Send what waits once registered. A fenced node gives no names
+        until its lease is renewed: its claims wait."""
+        if self.registered and self.commands.up:
+            self.publisher.send(hold_claims=self.lease.fenced)
 
     def end_turn(self, received):
-        """What the turn has for Redis: one bus entry, then the requests.
-
-        One entry is in flight at a time: while Redis has not answered the
-        last, the turns that follow gather into the next (with their requests,
-        which must not overtake it), up to ENTRY_BYTES. Under load that makes
-        each command carry many turns' lines; a lone message finds nothing in
-        flight and goes at once.
-        """
-        if self.records or self.releases or self.joins or self.covered is not None:
-            self.covered = dict(received)
-        elif not self.unconfirmed:
-            self.confirmed = dict(received)
-        if self.publishing and (self.covered is not None or self.gathered) \
-                and self.records.size < ENTRY_BYTES and not self.leaving:
-            self.gathered.extend(self.requests)
-            self.requests = []
-            return
-        self.seal()
-
-    def seal(self):
-        if self.covered is not None:
-            covered, self.covered = self.covered, None
-            self.unconfirmed.append(covered)
-            self.queue(_Publish(self.records.encode(), self.releases, self.joins,
-                                partial(self.on_published, covered), self.users_era))
-            self.records = bus.Records()
-            self.releases = []
-            self.joins = []
-        if self.gathered or self.requests:
-            self.queue(*self.gathered, *self.requests)
-            self.gathered = []
-            self.requests = []
-        if self.leaving and not self.leave_queued:
-            self.leave_queued = True
-            self.queue(_Op(registry.LEAVE, [registry.STREAM_MAXLEN], self.left))
-        self.send()
-
-    def on_published(self, covered, reply):
-        self.entries_out += 1
-        if reply == b"lapsed":
-            self.log.error("redis refused this node's lines: its lease had run out")
-        if self.unconfirmed and self.unconfirmed[0] is covered:
-            self.unconfirmed.popleft()
-        self.confirmed = covered
+        if self.publisher.end_turn(received, self.leaving is not None):
+            if self.leaving and not self.leave_queued:
+                self.leave_queued = True
+                self.publisher.queue(Op(registry.LEAVE, [registry.STREAM_MAXLEN], self.left))
+            self.send()
 
     # -- what the broker hands over ------------------------------------------
 
     def publish(self, slot, number, blob):
-        self.records.from_batch(slot, number)
-        self.records.broadcast(blob)
+        self.publisher.broadcast(slot, number, blob)
 
     def forward_dm(self, slot, number, key, line):
-        self.records.from_batch(slot, number)
-        self.records.dm(key, line)
+        self.publisher.dm(slot, number, key, line)
 
     def release(self, key, slot, cid, announce=True):
-        self.releases.append((key, self.owner(slot, cid), announce))
+        self.publisher.release(key, self.owner(slot, cid), announce)
 
     def knows(self, key):
         return key in self.reader.mirror
@@ -514,7 +368,7 @@ class Cluster:
 
     def acknowledgeable(self, received):
         """Worker slot -> the last batch whose lines Redis holds."""
-        return self.confirmed
+        return self.publisher.confirmed
 
     def request(self, slot, cid):
         return self.pending.make(slot, cid, time.monotonic())
@@ -526,20 +380,20 @@ class Cluster:
         request = self.request(slot, cid)
         key = name.lower()
         owner = self.owner(slot, cid)
-        op = _Op(registry.CLAIM, [key, name, owner], None)
+        op = Op(registry.CLAIM, [key, name, owner], None)
         op.on_reply = partial(self.on_claim, request, op, name, owner)
-        self.requests.append(op)
+        self.publisher.request(op)
 
     def on_claim(self, request, op, name, owner, reply):
         key = name.lower()
         stamp = None if isinstance(reply, RedisError) else reply
         if stamp == -1:
             if not request.done:
-                self.later.append((time.monotonic() + RETRY_DELAY, op))
+                self.publisher.retry(op, time.monotonic() + RETRY_DELAY)
             return
         if request.done:                       # answered ERR unavailable meanwhile
             if stamp:
-                self.releases.append((key, owner, False))
+                self.publisher.release(key, owner, False)
             return
         request.done = True
         if stamp is None:
@@ -547,13 +401,13 @@ class Cluster:
         elif stamp == 0:
             self.router.answer(request.slot, request.cid, protocol.ERR_USERNAME_TAKEN)
         else:
-            self.joins.append((key, owner))
+            self.publisher.claimed(key, owner)
             self.router.grant(request.slot, request.cid, name, stamp)
 
     def who(self, slot, cid):
         request = self.request(slot, cid)
-        self.requests.append(_Op(None, registry.who_command(self.prefix),
-                                 partial(self.on_who, request)))
+        self.publisher.request(Op(None, registry.who_command(self.prefix),
+                                  partial(self.on_who, request)))
 
     def on_who(self, request, reply):
         if request.done:
@@ -572,8 +426,8 @@ class Cluster:
         records = bus.Records()
         records.from_batch("dm", self.dm_number)
         records.dm(key, line)
-        self.requests.append(_Op(registry.DM, [registry.STREAM_MAXLEN, key, records.encode()],
-                                 partial(self.on_dm, request)))
+        self.publisher.request(Op(registry.DM, [registry.STREAM_MAXLEN, key, records.encode()],
+                                  partial(self.on_dm, request)))
 
     def on_dm(self, request, reply):
         if request.done:
