@@ -201,9 +201,7 @@ class Worker(Service):
             self.end_turn()
         if self.stalled and not self.congested():
             waiting, self.stalled = self.stalled, set()
-            for c in waiting:
-                if c.sock is not None and c.held:
-                    self.pump(c)
+            self.resume(waiting)
             self.end_turn()
         if self.flood is not None and self.flood.next_due() <= now:
             for cid in self.flood.due(now):
@@ -544,9 +542,13 @@ class Worker(Service):
         self.now = time.monotonic()
         if self.unvouched and self.now < until:
             waiting, self.unvouched = self.unvouched, set()
-            for c in waiting:
-                if c.sock is not None and c.held:
-                    self.pump(c)
+            self.resume(waiting)
+
+    def resume(self, clients):
+        """Run the held lines of ``clients`` that are still connected."""
+        for c in clients:
+            if c.sock is not None and c.held:
+                self.pump(c)
 
     def answered(self, c):
         c.last_line = self.now       # the idle clock restarts (see pump)

@@ -7,6 +7,7 @@ real too: redis killed and restarted, never started, or stopped (SIGSTOP).
 
 import logging
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -243,7 +244,10 @@ class Outages(Loop):
         got = []
         client.call(got.append, "PING")
         client.flush()
-        time.sleep(0.5)                            # the owner's loop does not run
+        # The owner's loop does not run: the reply waits in the socket while
+        # the reply timeout passes.
+        self.assertTrue(select.select([client.sock], [], [], 5)[0], "no reply at all")
+        time.sleep(0.5)
         client.tick(time.monotonic())
         self.assertEqual(got, ["PONG"])
         self.assertTrue(client.up)
