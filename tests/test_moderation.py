@@ -1,17 +1,21 @@
-"""Unit tests of bans and mutes (chatlib/moderation.py). The clock is the
-test's own: the module never reads one."""
+"""Unit tests of bans and mutes (chatlib/moderation.py) and of the files
+that keep them (chatlib/statefile.py). The clock is the test's own: the
+module never reads one."""
 
 import ipaddress
 import json
 import os
 import pickle
 import random
+import stat
 import unittest
+from unittest import mock
 
 from support import UnitTestCase
 
 from chatlib.moderation import (MAX_OP_BYTES, MAX_REASON, Ban, Moderation, Mute, decode_op,
                                 encode_op, looks_like_duration, parse_duration, parse_target)
+from chatlib.statefile import StateFileError, default_state_dir, load_json, save_json
 
 NOW = 1_700_000_000.0
 HOUR = 3600.0
@@ -346,6 +350,108 @@ class AddressMatching(UnitTestCase):
         address = ipaddress.ip_address(client)
         address = getattr(address, "ipv4_mapped", None) or address
         return any(address in ipaddress.ip_network(ban.target) for ban in m.bans_listing(NOW))
+
+
+class StateFiles(UnitTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.dir = os.path.join(self.tmpdir("state"), "chat")
+        self.path = os.path.join(self.dir, "moderation.json")
+
+    def test_save_and_load_round_trip(self):
+        self.assertIsNone(load_json(self.path))
+        save_json(self.path, sample().to_json())
+        self.assertEqual(Moderation.from_json(load_json(self.path)).to_json(),
+                         sample().to_json())
+        save_json(self.path, {"version": 1, "bans": [], "mutes": []})
+        self.assertEqual(Moderation.from_json(load_json(self.path)).ops(), [])
+        self.assertEqual(os.listdir(self.dir), ["moderation.json"])     # no temporary left
+
+    def test_the_directory_and_the_file_are_private(self):
+        save_json(self.path, {})
+        self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+    def test_the_temporary_file_is_private_from_its_creation(self):
+        real_open = os.open
+        modes = []
+
+        def spying_open(path, flags, mode=0o777, **kwargs):
+            if path.endswith(".tmp"):
+                modes.append((flags & (os.O_CREAT | os.O_EXCL), mode))
+            return real_open(path, flags, mode, **kwargs)
+        with mock.patch("os.open", spying_open):
+            save_json(self.path, {})
+        self.assertEqual(modes, [(os.O_CREAT | os.O_EXCL, 0o600)])
+
+    def test_a_temporary_file_left_by_a_crash_is_ignored(self):
+        save_json(self.path, {"kept": True})
+        with open(os.path.join(self.dir, ".moderation.json.0123456789ab.tmp"), "w") as f:
+            f.write('{"half": ')
+        self.assertEqual(load_json(self.path), {"kept": True})
+        save_json(self.path, {"kept": False})
+        self.assertEqual(load_json(self.path), {"kept": False})
+
+    def test_a_failed_save_keeps_the_previous_content(self):
+        save_json(self.path, {"kept": True})
+        with self.assertRaises(TypeError):
+            save_json(self.path, {"kept": object()})
+        with self.assertRaises(ValueError):
+            save_json(self.path, {"kept": float("nan")})
+        with mock.patch("os.replace", side_effect=OSError(28, "No space left on device")):
+            with self.assertRaises(OSError):
+                save_json(self.path, {"kept": False})
+        self.assertEqual(load_json(self.path), {"kept": True})
+        self.assertEqual(os.listdir(self.dir), ["moderation.json"])     # its temporary removed
+
+    def test_garbage_is_refused_naming_the_file_and_the_line(self):
+        os.makedirs(self.dir)
+        with open(self.path, "w") as f:
+            f.write('{"version": 1,\n "bans": [}\n')
+        with self.assertRaises(StateFileError) as caught:
+            load_json(self.path)
+        self.assertIsInstance(caught.exception, ValueError)
+        self.assertRegex(str(caught.exception), "^%s: not JSON, at line 2 " % self.path)
+        with open(self.path, "wb") as f:
+            f.write(b"\xff\xfe")
+        with self.assertRaisesRegex(StateFileError, "^%s: not UTF-8" % self.path):
+            load_json(self.path)
+
+    def test_an_unreadable_file_is_refused_naming_the_file(self):
+        os.makedirs(self.path)
+        with self.assertRaisesRegex(StateFileError, "^%s: unreadable: is a directory" % self.path):
+            load_json(self.path)
+
+    @unittest.skipIf(os.geteuid() == 0, "root reads any file")
+    def test_a_file_without_permission_is_refused(self):
+        save_json(self.path, {})
+        os.chmod(self.path, 0)
+        with self.assertRaisesRegex(StateFileError,
+                                    "^%s: unreadable: permission denied" % self.path):
+            load_json(self.path)
+
+
+class DefaultStateDir(UnitTestCase):
+
+    def where(self, **environ):
+        with mock.patch.dict(os.environ, environ):
+            for name in ("STATE_DIRECTORY", "XDG_STATE_HOME"):
+                if name not in environ:
+                    os.environ.pop(name, None)
+            return default_state_dir(4000)
+
+    def test_systemd_first(self):
+        self.assertEqual(self.where(STATE_DIRECTORY="/var/lib/chat", XDG_STATE_HOME="/x"),
+                         "/var/lib/chat")
+        self.assertEqual(self.where(STATE_DIRECTORY="/var/lib/a:/var/lib/b"), "/var/lib/a")
+
+    def test_then_xdg_then_home_with_the_port(self):
+        self.assertEqual(self.where(XDG_STATE_HOME="/st"), "/st/chat-server/4000")
+        home = os.path.expanduser("~")
+        self.assertEqual(self.where(), os.path.join(home, ".local/state/chat-server/4000"))
+        self.assertEqual(self.where(XDG_STATE_HOME="relative", STATE_DIRECTORY=""),
+                         os.path.join(home, ".local/state/chat-server/4000"))
 
 
 if __name__ == "__main__":
