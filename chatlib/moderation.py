@@ -29,10 +29,12 @@ import math
 import re
 from typing import NamedTuple, Optional
 
+from chatlib.protocol import valid_name
+
+BANS_FILE = "bans.json"     # in the state directory (--state-dir)
 MAX_REASON = 200            # characters of a ban's reason kept
 MAX_OP_BYTES = 1024         # an encoded operation is never longer (a reason is at most 800 bytes)
 
-_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}\Z")
 # ASCII: under re.IGNORECASE alone, "ſ" (long s) would match "s".
 _DURATION = re.compile(r"([0-9]{1,15})([smhdw])\Z", re.IGNORECASE | re.ASCII)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -90,7 +92,7 @@ def _target(text):
                 return "address", canonical, canonical
             except ValueError:
                 pass
-            if _NAME.match(text):
+            if text.isascii() and valid_name(text.encode()):
                 key = text.lower()
                 return "name", key, key
     raise ValueError("not a name, an address or a CIDR block: %r" % (text,))
@@ -115,7 +117,7 @@ def _network(text):
 
 
 def _name_key(text):
-    if not isinstance(text, str) or _NAME.match(text) is None:
+    if not isinstance(text, str) or not text.isascii() or not valid_name(text.encode()):
         raise ValueError("bad name %r" % (text,))
     return text.lower()
 
