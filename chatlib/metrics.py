@@ -1,6 +1,6 @@
-"""Metrics in the Prometheus text format (0.0.4).
+"""Metrics in the Prometheus text format (0.0.4), and the one HTTP endpoint.
 
-Two parts, each usable alone:
+Three parts, each usable alone:
 
 * :class:`Histogram`: fixed buckets, cheap enough to time every broadcast.
   Each process keeps its own and sends :meth:`Histogram.state` with its
@@ -8,11 +8,20 @@ Two parts, each usable alone:
 * :func:`render`: one snapshot dict (the shape is in its docstring) to the
   text that the operator command prints and ``GET /metrics`` serves. Which
   figure becomes which family is the table :data:`FAMILIES`, one row each.
+* :class:`MetricsEndpoint`: ``--metrics HOST:PORT``, the one place the
+  server speaks HTTP, driven by the supervisor's loop (non-blocking sockets,
+  never a thread). What a request head means is decided without I/O by a
+  :class:`RequestReader`, and :func:`response` makes the bytes of the answer.
 """
 
+import email.utils
 import math
+import re
+import socket
+import time
 from bisect import bisect_left
 from dataclasses import dataclass
+from multiprocessing import util
 from typing import NamedTuple, Optional, Tuple
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -222,3 +231,313 @@ def escape_label_value(text):
 
 def _escape_help(text):
     return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+# -- HTTP, without I/O ---------------------------------------------------------
+#
+# The rules a request head is held to, in the order they are applied:
+#
+# 1. A head (request line, header lines, the empty line) longer than
+#    MAX_HEAD bytes: 431, whatever it holds.
+# 2. A request line other than ``METHOD SP TARGET SP HTTP/1.0|1.1``, a
+#    header line that is not ``name: value``, or HTTP/1.1 without Host
+#    (RFC 9112 says MUST), or a target neither a path nor an absolute
+#    http(s) URL: 400. A line may end in LF alone, as RFC 9112 allows.
+# 3. A path other than /metrics (the query string is ignored): 404.
+# 4. A method other than GET and HEAD: 405, with Allow.
+# 5. Otherwise 200: the metrics (HEAD: the same head, no body).
+#
+# Every answer closes the connection: one request each, nothing to keep.
+
+MAX_HEAD = 8192
+
+OK, BAD_REQUEST, NOT_FOUND, NOT_ALLOWED, HEAD_TOO_LARGE, SERVER_ERROR = \
+    200, 400, 404, 405, 431, 500
+REASONS = {OK: "OK", BAD_REQUEST: "Bad Request", NOT_FOUND: "Not Found",
+           NOT_ALLOWED: "Method Not Allowed",
+           HEAD_TOO_LARGE: "Request Header Fields Too Large",
+           SERVER_ERROR: "Internal Server Error"}
+ALLOWED_METHODS = ("GET", "HEAD")
+METRICS_PATH = "/metrics"
+
+_TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(r"(%s) ([\x21-\x7e]+) HTTP/1\.([01])\Z" % _TOKEN)
+_HEADER_LINE = re.compile(r"(%s):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\Z" % _TOKEN)
+_ABSOLUTE_FORM = re.compile(r"https?://[^/?#]*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to answer a request: its status, and whether the body is left
+    out (HEAD)."""
+    status: int
+    head_only: bool = False
+
+
+class RequestReader:
+    """Bytes of one connection in, cut anywhere; an :class:`Answer` out as
+    soon as the request head is complete, or too long already."""
+
+    def __init__(self, max_head=MAX_HEAD):
+        self.max_head = max_head
+        self.buffer = bytearray()
+        self.scanned = 0         # where an end of the head may start that was not looked for
+        self.answer = None
+
+    def receive_data(self, data):
+        """Add received bytes; the answer once there is one, else None.
+        After the answer, bytes are ignored."""
+        if self.answer is not None:
+            return None
+        self.buffer += data
+        end = self._head_end()
+        if end is None:
+            if len(self.buffer) > self.max_head:
+                self.answer = Answer(HEAD_TOO_LARGE)
+            return self.answer
+        if end > self.max_head:
+            self.answer = Answer(HEAD_TOO_LARGE)
+        else:
+            self.answer = decide(bytes(self.buffer[:end]))
+        return self.answer
+
+    def _head_end(self):
+        """Where the head ends, past its empty line, if it has ended."""
+        buffer = self.buffer
+        ends = [at + len(blank) for blank in (b"\n\r\n", b"\n\n")
+                for at in (buffer.find(blank, self.scanned),) if at >= 0]
+        if ends:
+            return min(ends)
+        self.scanned = max(0, len(buffer) - 2)    # an end may begin in the last two
+        return None
+
+
+def decide(head):
+    """The answer to a complete request head (``bytes``, its empty line
+    included), by rules 2 to 5."""
+    lines = head.decode("latin-1").split("\n")[:-2]      # the empty line, and after it
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    request = _REQUEST_LINE.match(lines[0])
+    if request is None:
+        return Answer(BAD_REQUEST)
+    method, target, minor = request.groups()
+    head_only = method == "HEAD"
+    names = set()
+    for line in lines[1:]:
+        header = _HEADER_LINE.match(line)
+        if header is None:
+            return Answer(BAD_REQUEST, head_only)
+        names.add(header.group(1).lower())
+    if minor == "1" and "host" not in names:
+        return Answer(BAD_REQUEST, head_only)
+    absolute = _ABSOLUTE_FORM.match(target)
+    path = (target[absolute.end():] or "/") if absolute else target
+    if not path.startswith("/"):
+        return Answer(BAD_REQUEST, head_only)
+    if path.split("?", 1)[0] != METRICS_PATH:
+        return Answer(NOT_FOUND, head_only)
+    if method not in ALLOWED_METHODS:
+        return Answer(NOT_ALLOWED, head_only)
+    return Answer(OK, head_only)
+
+
+def response(answer, metrics_text=None, date=None):
+    """The bytes of ``answer``: for a 200, with ``metrics_text`` as its
+    body; otherwise a one-line plain body. ``date``: the Date header's
+    value (an origin server with a clock sends one), left out if None."""
+    if answer.status == OK:
+        body, content_type = metrics_text.encode("utf-8"), CONTENT_TYPE
+    else:
+        body = ("%d %s\n" % (answer.status, REASONS[answer.status])).encode("ascii")
+        content_type = "text/plain; charset=utf-8"
+    head = ["HTTP/1.1 %d %s" % (answer.status, REASONS[answer.status])]
+    if date is not None:
+        head.append("Date: " + date)
+    head += ["Content-Type: " + content_type, "Content-Length: %d" % len(body)]
+    if answer.status == NOT_ALLOWED:
+        head.append("Allow: " + ", ".join(ALLOWED_METHODS))
+    head += ["Connection: close", "", ""]
+    return "\r\n".join(head).encode("ascii") + (b"" if answer.head_only else body)
+
+
+# -- HTTP, the sockets ---------------------------------------------------------
+
+REQUEST_TIMEOUT = 5.0       # seconds a connection may live, from accept to close
+MAX_CONNECTIONS = 64        # at once; one more is closed as soon as accepted
+RECV_SIZE = 4096
+
+READING, WRITING, DRAINING = "reading", "writing", "draining"
+
+
+class _Exchange:
+    """One HTTP connection: its request, its answer, and when it must end.
+
+    READING the request, WRITING the answer, then DRAINING: the write side
+    is shut and what the client still sends is read and dropped until it
+    closes. Closing a socket with unread bytes in it sends a reset, which
+    can cost the client the answer it has not read yet (a 431 to a head
+    still arriving, a request with a body)."""
+
+    __slots__ = ("sock", "deadline", "reader", "state", "pending_output")
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.deadline = deadline
+        self.reader = RequestReader()
+        self.state = READING
+        self.pending_output = memoryview(b"")
+
+
+class MetricsEndpoint:
+    """``GET /metrics`` over HTTP, driven by the caller's loop:
+
+        endpoint.open()                   # OSError: the caller reports it
+        while ...:
+            ours = endpoint.waitables()
+            for obj in wait(others + ours, 0.01 if endpoint.writing else LOOP_TIMEOUT):
+                if obj in ours:
+                    endpoint.on_ready(obj)
+            endpoint.flush()
+            endpoint.tick(time.monotonic())
+        endpoint.close()
+
+    ``wait`` only waits to read: while an answer is being written (a slow
+    or stalled reader), ``writing`` is True and the caller comes back
+    soon to ``flush``. No call ever blocks: a client that sends nothing,
+    or reads nothing, costs a slot until its ``timeout`` runs out.
+    """
+
+    def __init__(self, host, port, render_now, log, timeout=REQUEST_TIMEOUT,
+                 max_connections=MAX_CONNECTIONS):
+        self.host = host
+        self.port = port
+        self.render_now = render_now
+        self.log = log
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.listener = None
+        self.exchanges = {}       # socket -> _Exchange
+
+    def open(self):
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.create_server((self.host, self.port), family=family)
+        listener.setblocking(False)
+        self.listener = closed_in_fork(listener)
+
+    @property
+    def address(self):
+        """``(host, port)`` as bound."""
+        return self.listener.getsockname()[:2]
+
+    def waitables(self):
+        """The sockets to wait on for reading."""
+        return [self.listener] + [sock for sock, exchange in self.exchanges.items()
+                                  if exchange.state != WRITING]
+
+    @property
+    def writing(self):
+        return any(exchange.state == WRITING for exchange in self.exchanges.values())
+
+    def on_ready(self, sock):
+        """``sock``, one of :meth:`waitables`, is ready to read."""
+        if sock is self.listener:
+            self._accept()
+            return
+        exchange = self.exchanges.get(sock)
+        if exchange is None:
+            return
+        try:
+            data = sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(exchange)
+        elif exchange.state == READING:
+            answer = exchange.reader.receive_data(data)
+            if answer is not None:
+                self._answer(exchange, answer)
+
+    def flush(self):
+        """Write what the answers being written can take now."""
+        for exchange in list(self.exchanges.values()):
+            if exchange.state == WRITING:
+                self._send(exchange)
+
+    def tick(self, now):
+        """Close the connections past their time; ``now`` on the clock of
+        ``time.monotonic()``."""
+        for exchange in list(self.exchanges.values()):
+            if now >= exchange.deadline:
+                self.log.debug("metrics: closing a connection after %.1f s (%s)",
+                               self.timeout, exchange.state)
+                self._close(exchange)
+
+    def close(self):
+        for exchange in list(self.exchanges.values()):
+            self._close(exchange)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def _accept(self):
+        for _ in range(self.max_connections):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:        # out of descriptors, a connection aborted
+                self.log.warning("metrics: accept failed: %s", exc)
+                return
+            if len(self.exchanges) >= self.max_connections:
+                self.log.debug("metrics: %d connections open, one more closed",
+                               len(self.exchanges))
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self.exchanges[closed_in_fork(sock)] = _Exchange(
+                sock, time.monotonic() + self.timeout)
+
+    def _answer(self, exchange, answer):
+        text = None
+        if answer.status == OK:
+            try:
+                text = self.render_now()
+            except Exception:             # a bug in the figures must not stop the server
+                self.log.exception("metrics: rendering failed")
+                answer = Answer(SERVER_ERROR, answer.head_only)
+        output = response(answer, text, email.utils.formatdate(usegmt=True))
+        exchange.pending_output = memoryview(output)
+        exchange.state = WRITING
+        self._send(exchange)
+
+    def _send(self, exchange):
+        try:
+            while exchange.pending_output:
+                sent = exchange.sock.send(exchange.pending_output)
+                exchange.pending_output = exchange.pending_output[sent:]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(exchange)
+            return
+        try:
+            exchange.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(exchange)
+            return
+        exchange.state = DRAINING
+
+    def _close(self, exchange):
+        del self.exchanges[exchange.sock]
+        exchange.sock.close()
+
+
+def closed_in_fork(sock):
+    """Have a child forked from now on close ``sock`` at once (as the
+    supervisor's ``inherited_by_fork`` does for its own): a worker must not
+    hold the metrics port, nor keep a scrape's connection open after the
+    supervisor closed it. Return ``sock``."""
+    util.register_after_fork(sock, socket.socket.close)
+    return sock

@@ -1,16 +1,26 @@
-"""Tests of the metrics (chatlib/metrics.py): the histogram and the text
-format, read back by a strict parser of the format, written here and not in
-the product, so that the product cannot agree with itself by mistake."""
+"""Tests of the metrics (chatlib/metrics.py): the histogram, the text
+format (read back by a strict parser of the format, written here and not in
+the product, so that the product cannot agree with itself by mistake),
+the HTTP request parser without sockets, and the endpoint on real sockets."""
 
+import logging
 import math
 import pickle
 import re
+import socket
+import threading
+import time
 import unittest
+import urllib.error
+import urllib.request
+from multiprocessing.connection import wait
 
-from support import UnitTestCase
+from support import IO_TIMEOUT, SocketClient, TestCase, UnitTestCase, read_until_eof
 
 from chatlib import metrics
-from chatlib.metrics import BROADCAST_BOUNDS, Histogram, HistogramState, render
+from chatlib.metrics import (BROADCAST_BOUNDS, CONTENT_TYPE, Answer, Histogram,
+                             HistogramState, MetricsEndpoint, RequestReader, render,
+                             response)
 
 # -- a strict reader of the text format (0.0.4) --------------------------------
 
@@ -414,6 +424,306 @@ class RenderTest(UnitTestCase):
             self.assertEqual(family.name.endswith("_total"), family.type == "counter",
                              family.name)
             self.assertEqual(family.bounds is not None, family.type == "histogram")
+
+
+class RequestReaderTest(UnitTestCase):
+
+    def answer(self, data, pieces=1):
+        """The answer to ``data`` fed in pieces of ``len(data) // pieces``
+        bytes (at least one); None if there is none."""
+        reader = RequestReader()
+        size = max(1, len(data) // pieces)
+        answers = [reader.receive_data(data[i:i + size]) for i in range(0, len(data), size)]
+        given = [a for a in answers if a is not None]
+        self.assertLessEqual(len(given), 1)
+        return given[0] if given else None
+
+    def test_get_metrics(self):
+        for request in (b"GET /metrics HTTP/1.1\r\nHost: localhost:9464\r\n"
+                        b"User-Agent: Prometheus/2.42\r\nAccept: */*\r\n\r\n",
+                        b"GET /metrics HTTP/1.0\r\n\r\n",
+                        b"GET /metrics?name[]=chat_users HTTP/1.0\r\n\r\n",
+                        b"GET http://example.org:9464/metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"GET /metrics HTTP/1.0\n\n",
+                        b"GET /metrics HTTP/1.0\r\nX-Empty:\r\nX-Tab:\tv \r\n\r\n"):
+            self.assertEqual(self.answer(request), Answer(200), request)
+
+    def test_head_metrics(self):
+        self.assertEqual(self.answer(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+                         Answer(200, head_only=True))
+
+    def test_another_path_is_not_found(self):
+        for path in (b"/", b"/metrics/", b"/Metrics", b"/metricsx", b"/other?/metrics",
+                     b"http://x/"):
+            self.assertEqual(self.answer(b"GET %s HTTP/1.0\r\n\r\n" % path), Answer(404), path)
+        self.assertEqual(self.answer(b"HEAD /other HTTP/1.0\r\n\r\n"), Answer(404, True))
+
+    def test_another_method_is_not_allowed(self):
+        for method in (b"POST", b"PUT", b"DELETE", b"OPTIONS", b"get"):
+            self.assertEqual(self.answer(b"%s /metrics HTTP/1.0\r\n\r\n" % method),
+                             Answer(405), method)
+
+    def test_a_malformed_request_is_bad(self):
+        for request in (b"GET /metrics\r\n\r\n",                        # HTTP/0.9
+                        b"GET /metrics HTTP/2.0\r\n\r\n",
+                        b"GET /metrics HTTP/1.1\r\n\r\n",               # 1.1 without Host
+                        b"GET  /metrics HTTP/1.0\r\n\r\n",
+                        b"GET /metrics HTTP/1.0 \r\n\r\n",
+                        b"GET /me trics HTTP/1.0\r\n\r\n",
+                        b"GET metrics HTTP/1.0\r\n\r\n",
+                        b"GET /metrics\x00 HTTP/1.0\r\n\r\n",
+                        b"G(T /metrics HTTP/1.0\r\n\r\n",
+                        b"GET /metrics HTTP/1.0\r\nNo colon\r\n\r\n",
+                        b"GET /metrics HTTP/1.0\r\nSpace : before\r\n\r\n",
+                        b"GET /metrics HTTP/1.0\r\nA: b\r\n folded\r\n\r\n",
+                        b"GET /metrics HTTP/1.0\r\nA: b\rc\r\n\r\n",
+                        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\n\n",   # TLS
+                        b"\r\n\r\n",
+                        b"\n\n"):
+            self.assertEqual(self.answer(request).status, 400, request)
+
+    def test_a_head_over_8_kib_is_too_large(self):
+        line = b"GET /metrics HTTP/1.0\r\n"
+        filler = b"X-Filler: " + b"a" * (8192 - len(line) - 10 - 4) + b"\r\n"
+        self.assertEqual(len(line + filler + b"\r\n"), 8192)
+        self.assertEqual(self.answer(line + filler + b"\r\n"), Answer(200))   # 8 KiB: fine
+        too_long = line + b"X-Filler: a" + filler[10:] + b"\r\n"
+        self.assertEqual(self.answer(too_long), Answer(431))
+        reader = RequestReader()          # no end in sight: answered as soon as it is over
+        self.assertIsNone(reader.receive_data(line + b"X: " + b"a" * (8192 - len(line) - 3)))
+        self.assertEqual(reader.receive_data(b"a"), Answer(431))
+
+    def test_byte_by_byte_is_the_same_as_at_once(self):
+        for request in (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"GET /metrics HTTP/1.0\n\n", b"GET /metrics HTTP/1.0\r\n\n",
+                        b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+                        b"GET /x HTTP/1.0\r\n\r\n", b"nonsense\n\r\n"):
+            at_once = self.answer(request)
+            self.assertIsNotNone(at_once, request)
+            for pieces in (len(request), 7, 3):
+                self.assertEqual(self.answer(request, pieces), at_once, (request, pieces))
+
+    def test_nothing_until_the_head_has_ended(self):
+        reader = RequestReader()
+        for piece in (b"GET /metrics HTTP/1.1\r\n", b"Host: x\r\n", b"\r"):
+            self.assertIsNone(reader.receive_data(piece))
+        self.assertEqual(reader.receive_data(b"\n"), Answer(200))
+
+    def test_the_first_answer_is_the_only_one(self):
+        reader = RequestReader()
+        self.assertEqual(reader.receive_data(b"GET /x HTTP/1.0\r\n\r\nGET /metrics HTTP/1.0"
+                                             b"\r\n\r\n"), Answer(404))
+        self.assertIsNone(reader.receive_data(b"GET /metrics HTTP/1.0\r\n\r\n"))
+
+
+class ResponseTest(UnitTestCase):
+
+    def head_and_body(self, data):
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("ascii").split("\r\n")
+        return lines[0], dict(line.split(": ", 1) for line in lines[1:]), body
+
+    def test_the_metrics(self):
+        status, headers, body = self.head_and_body(
+            response(Answer(200), "chat_users 1\n", "Sun, 06 Nov 1994 08:49:37 GMT"))
+        self.assertEqual(status, "HTTP/1.1 200 OK")
+        self.assertEqual(headers, {"Date": "Sun, 06 Nov 1994 08:49:37 GMT",
+                                   "Content-Type": CONTENT_TYPE, "Content-Length": "13",
+                                   "Connection": "close"})
+        self.assertEqual(body, b"chat_users 1\n")
+        self.assertEqual(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+
+    def test_head_has_the_length_of_the_body_it_leaves_out(self):
+        status, headers, body = self.head_and_body(response(Answer(200, True), "é\n"))
+        self.assertEqual((headers["Content-Length"], body), ("3", b""))
+        self.assertNotIn("Date", headers)
+
+    def test_errors_have_a_short_plain_body(self):
+        for status, reason in ((400, "Bad Request"), (404, "Not Found"),
+                               (405, "Method Not Allowed"),
+                               (431, "Request Header Fields Too Large")):
+            line, headers, body = self.head_and_body(response(Answer(status)))
+            self.assertEqual(line, "HTTP/1.1 %d %s" % (status, reason))
+            self.assertEqual(body, b"%d %s\n" % (status, reason.encode()))
+            self.assertEqual(headers["Content-Length"], str(len(body)))
+            self.assertEqual(headers["Content-Type"], "text/plain; charset=utf-8")
+            self.assertEqual(headers["Connection"], "close")
+            self.assertEqual(headers.get("Allow"), "GET, HEAD" if status == 405 else None)
+
+
+# -- the endpoint on real sockets ----------------------------------------------
+
+class Loop:
+    """The caller's loop, in a thread, as the supervisor runs it: wait
+    (shorter while writing), on_ready, flush, tick."""
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+        self.stopping = threading.Event()
+        self.failure = None
+        self.writing_seen = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="metrics-loop", daemon=True)
+
+    def run(self):
+        endpoint = self.endpoint
+        try:
+            while not self.stopping.is_set():
+                if endpoint.writing:
+                    self.writing_seen.set()
+                ours = endpoint.waitables()
+                for obj in wait(ours, 0.002 if endpoint.writing else 0.05):
+                    endpoint.on_ready(obj)
+                endpoint.flush()
+                endpoint.tick(time.monotonic())
+        except BaseException as exc:       # reported by stop(), in the test's thread
+            self.failure = exc
+        finally:
+            endpoint.close()
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(IO_TIMEOUT)
+        if self.thread.is_alive():
+            raise AssertionError("the endpoint's loop did not stop")
+        if self.failure is not None:
+            raise AssertionError("the endpoint's loop failed") from self.failure
+
+
+class EndpointTest(TestCase):
+
+    def endpoint(self, render_now=None, **options):
+        """An open endpoint on 127.0.0.1 (a port of its own), run by a
+        :class:`Loop` stopped when the test ends; its port."""
+        endpoint = MetricsEndpoint("127.0.0.1", 0,
+                                   render_now or (lambda: render(full_snapshot())),
+                                   metrics_log(), **options)
+        endpoint.open()
+        loop = Loop(endpoint)
+        loop.thread.start()
+        self.addCleanup(loop.stop)
+        self.loop = loop
+        host, port = endpoint.address
+        self.assertEqual(host, "127.0.0.1")
+        self.assertNotEqual(port, 0)
+        return port
+
+    def raw(self, port):
+        """A plain socket client, closed when the test ends."""
+        client = SocketClient(socket.create_connection(("127.0.0.1", port),
+                                                       timeout=IO_TIMEOUT))
+        self.addCleanup(client.close)
+        return client
+
+    def exchange(self, port, request):
+        client = self.raw(port)
+        client.sock.sendall(request)
+        return read_until_eof(client, reset_ok=False)
+
+    def test_get_metrics_with_urllib(self):
+        port = self.endpoint()
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics?x=1" % port,
+                                    timeout=IO_TIMEOUT) as reply:
+            self.assertEqual(reply.status, 200)
+            self.assertEqual(reply.headers["Content-Type"], CONTENT_TYPE)
+            body = reply.read()
+        families = parse_exposition(body.decode("utf-8"))
+        self.assertEqual(values_of(families, "chat_workers"), {(): 4})
+
+    def test_head_metrics(self):
+        port = self.endpoint()
+        request = urllib.request.Request("http://127.0.0.1:%d/metrics" % port, method="HEAD")
+        with urllib.request.urlopen(request, timeout=IO_TIMEOUT) as reply:
+            self.assertEqual(reply.status, 200)
+            self.assertEqual(int(reply.headers["Content-Length"]),
+                             len(render(full_snapshot()).encode()))
+            self.assertEqual(reply.read(), b"")
+
+    def test_not_found_and_not_allowed(self):
+        port = self.endpoint()
+        reply = self.exchange(port, b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 404 Not Found\r\n"), reply)
+        self.assertTrue(reply.endswith(b"\r\n\r\n404 Not Found\n"), reply)
+        reply = self.exchange(port, b"POST /metrics HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Length: 5\r\n\r\nhello")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), reply)
+        self.assertIn(b"\r\nAllow: GET, HEAD\r\n", reply)
+
+    def test_a_head_too_large_is_answered_while_it_is_still_coming(self):
+        port = self.endpoint()
+        client = self.raw(port)
+        client.sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000)
+        reply = read_until_eof(client, reset_ok=False)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 431 "), reply)
+
+    def test_a_request_byte_by_byte(self):
+        port = self.endpoint()
+        client = self.raw(port)
+        for byte in b"GET /metrics HTTP/1.0\r\n\r\n":
+            client.sock.send(bytes([byte]))
+            time.sleep(0.001)
+        reply = read_until_eof(client, reset_ok=False)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply[:100])
+
+    def test_a_client_that_sends_nothing_is_closed_after_the_timeout(self):
+        timeout = 0.3
+        port = self.endpoint(timeout=timeout)
+        client = self.raw(port)
+        started = time.monotonic()
+        self.assertEqual(read_until_eof(client), b"")
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, timeout * 0.8)
+        self.assertLess(elapsed, timeout + 2.0)
+
+    def test_connections_over_the_limit_are_closed_at_once(self):
+        port = self.endpoint(max_connections=2)
+        silent = [self.raw(port) for _ in range(2)]
+        for client in silent:               # both accepted, and kept
+            client.sock.settimeout(0.2)
+            with self.assertRaises(socket.timeout):
+                client.sock.recv(1)
+        self.assertEqual(read_until_eof(self.raw(port)), b"")
+
+    def test_a_client_that_never_reads_does_not_stop_another(self):
+        big = "# HELP chat_x X.\n# TYPE chat_x gauge\n" + "".join(
+            "chat_x{n=\"%d\"} %d\n" % (n, n) for n in range(800000))     # ~20 MB
+        self.assertGreater(len(big), 16 << 20)     # more than loopback buffers hold
+        port = self.endpoint(lambda: big)
+        stalled = self.raw(port)
+        stalled.sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        self.assertTrue(self.loop.writing_seen.wait(IO_TIMEOUT))
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port,
+                                    timeout=IO_TIMEOUT) as reply:
+            self.assertEqual(len(reply.read()), len(big))
+        self.assertEqual(self.exchange(port, b"GET /x HTTP/1.0\r\n\r\n")[:12], b"HTTP/1.1 404")
+
+    def test_a_failing_render_is_a_500_and_the_endpoint_goes_on(self):
+        calls = []
+
+        def render_now():
+            calls.append(None)
+            if len(calls) == 1:
+                raise KeyError("workers")
+            return "chat_ok 1\n"
+        port = self.endpoint(render_now)
+        with self.assertLogs("metrics-test", "ERROR"):
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=IO_TIMEOUT)
+        caught.exception.close()
+        self.assertEqual(caught.exception.code, 500)
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port,
+                                    timeout=IO_TIMEOUT) as reply:
+            self.assertEqual(reply.read(), b"chat_ok 1\n")
+
+    def test_a_port_in_use_raises_oserror(self):
+        port = self.endpoint()
+        other = MetricsEndpoint("127.0.0.1", port, str, metrics_log())
+        with self.assertRaises(OSError):
+            other.open()
+        other.close()
+
+
+def metrics_log():
+    return logging.getLogger("metrics-test")
 
 
 if __name__ == "__main__":
