@@ -15,6 +15,7 @@ Three parts, each usable alone:
 """
 
 import email.utils
+import ipaddress
 import math
 import re
 import socket
@@ -541,3 +542,37 @@ def closed_in_fork(sock):
     supervisor closed it. Return ``sock``."""
     util.register_after_fork(sock, socket.socket.close)
     return sock
+
+
+# -- the option ----------------------------------------------------------------
+
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+
+
+def parse_listen(text, default_host="127.0.0.1"):
+    """``--metrics``'s value to ``(host, port)``: ``PORT`` (on
+    ``default_host``), ``HOST:PORT``, or ``[IPv6]:PORT``; ValueError
+    saying what is wrong otherwise."""
+    if text.startswith("["):
+        host, bracket, port = text[1:].partition("]:")
+        if not bracket:
+            raise ValueError("%r: an IPv6 address is written [ADDRESS]:PORT" % text)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("%r: not an IPv6 address between the brackets" % text) from None
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon:
+            host = default_host
+        elif ":" in host:
+            raise ValueError("%r: an IPv6 address goes between brackets, as in [::1]:9464"
+                             % text)
+        elif not host:
+            raise ValueError("%r: no host before the colon; write PORT alone for %s, "
+                             "or 0.0.0.0:PORT for every interface" % (text, default_host))
+        elif any(c.isspace() or c in "[]" for c in host):
+            raise ValueError("%r: not a host name or address" % text)
+    if not _PORT.match(port) or int(port) > 65535:
+        raise ValueError("%r: the port must be a number from 0 to 65535" % text)
+    return host, int(port)

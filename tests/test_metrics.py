@@ -1,7 +1,8 @@
 """Tests of the metrics (chatlib/metrics.py): the histogram, the text
 format (read back by a strict parser of the format, written here and not in
 the product, so that the product cannot agree with itself by mistake),
-the HTTP request parser without sockets, and the endpoint on real sockets."""
+the HTTP request parser without sockets, ``--metrics``'s value, and the
+endpoint on real sockets."""
 
 import logging
 import math
@@ -19,8 +20,8 @@ from support import IO_TIMEOUT, SocketClient, TestCase, UnitTestCase, read_until
 
 from chatlib import metrics
 from chatlib.metrics import (BROADCAST_BOUNDS, CONTENT_TYPE, Answer, Histogram,
-                             HistogramState, MetricsEndpoint, RequestReader, render,
-                             response)
+                             HistogramState, MetricsEndpoint, RequestReader, parse_listen,
+                             render, response)
 
 # -- a strict reader of the text format (0.0.4) --------------------------------
 
@@ -549,6 +550,34 @@ class ResponseTest(UnitTestCase):
             self.assertEqual(headers["Content-Type"], "text/plain; charset=utf-8")
             self.assertEqual(headers["Connection"], "close")
             self.assertEqual(headers.get("Allow"), "GET, HEAD" if status == 405 else None)
+
+
+class ParseListenTest(UnitTestCase):
+
+    def test_accepted(self):
+        for text, expected in (("9464", ("127.0.0.1", 9464)),
+                               ("0", ("127.0.0.1", 0)),
+                               ("0.0.0.0:9464", ("0.0.0.0", 9464)),
+                               ("localhost:65535", ("localhost", 65535)),
+                               ("metrics.example.org:80", ("metrics.example.org", 80)),
+                               ("[::1]:9464", ("::1", 9464)),
+                               ("[::]:9464", ("::", 9464)),
+                               ("[fe80::1%eth0]:1", ("fe80::1%eth0", 1))):
+            self.assertEqual(parse_listen(text), expected, text)
+        self.assertEqual(parse_listen("9464", default_host="::1"), ("::1", 9464))
+
+    def test_refused_with_a_reason(self):
+        for text, reason in (("", "port"), ("http", "port"), ("65536", "port"),
+                             ("-1", "port"), ("+80", "port"), (" 80", "port"),
+                             ("١٢٣", "port"), ("host:", "port"), ("host:80x", "port"),
+                             (":9464", "no host"), ("::1:9464", "brackets"),
+                             ("::1", "brackets"), ("[::1]", r"\[ADDRESS\]:PORT"),
+                             ("[::1]9464", r"\[ADDRESS\]:PORT"),
+                             ("[example.org]:80", "not an IPv6"),
+                             ("[1.2.3.4]:80", "not an IPv6"),
+                             ("a b:80", "not a host"), ("a]:80", "not a host")):
+            with self.assertRaisesRegex(ValueError, reason, msg=text):
+                parse_listen(text)
 
 
 # -- the endpoint on real sockets ----------------------------------------------
