@@ -1,14 +1,17 @@
 """Tests of the metrics (chatlib/metrics.py): the histogram, the text
 format (read back by a strict parser of the format, written here and not in
 the product, so that the product cannot agree with itself by mistake),
-the HTTP request parser without sockets, ``--metrics``'s value, and the
-endpoint on real sockets."""
+the HTTP request parser without sockets, ``--metrics``'s value, the
+endpoint on real sockets, and ``promtool check metrics`` where it is
+installed."""
 
 import logging
 import math
 import pickle
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import unittest
@@ -22,6 +25,7 @@ from chatlib import metrics
 from chatlib.metrics import (BROADCAST_BOUNDS, CONTENT_TYPE, Answer, Histogram,
                              HistogramState, MetricsEndpoint, RequestReader, parse_listen,
                              render, response)
+
 
 # -- a strict reader of the text format (0.0.4) --------------------------------
 
@@ -753,6 +757,34 @@ class EndpointTest(TestCase):
 
 def metrics_log():
     return logging.getLogger("metrics-test")
+
+
+# -- promtool --------------------------------------------------------------------
+
+PROMTOOL = shutil.which("promtool")
+
+
+@unittest.skipIf(PROMTOOL is None, "promtool not on PATH (Debian and Ubuntu: apt-get "
+                                   "install prometheus; or a release from prometheus.io)")
+class PromtoolTest(TestCase):
+    """Prometheus's own linter on the text: the reference, where installed."""
+
+    def check(self, text):
+        result = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                timeout=30)
+        self.assertEqual(result.returncode, 0, result.stdout.decode(errors="replace"))
+        self.assertEqual(result.stdout.strip(), b"")
+
+    def test_a_full_snapshot(self):
+        self.check(render(full_snapshot()))
+
+    def test_a_minimal_snapshot(self):
+        self.check(render(minimal_snapshot()))
+
+    def test_promtool_is_not_lenient(self):
+        with self.assertRaises(AssertionError):
+            self.check("# HELP chat_x X.\n# TYPE chat_x counter\nchat_x 1\n")
 
 
 if __name__ == "__main__":
