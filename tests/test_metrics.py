@@ -708,13 +708,13 @@ class EndpointTest(TestCase):
         self.assertLess(elapsed, timeout + 2.0)
 
     def test_connections_over_the_limit_are_closed_at_once(self):
-        port = self.endpoint(max_connections=2)
+        port = self.endpoint(max_connections=2, timeout=60)   # not closed by the timeout
         silent = [self.raw(port) for _ in range(2)]
         for client in silent:               # both accepted, and kept
             client.sock.settimeout(0.2)
             with self.assertRaises(socket.timeout):
                 client.sock.recv(1)
-        self.assertEqual(read_until_eof(self.raw(port)), b"")
+        self.assertEqual(read_until_eof(self.raw(port), timeout=2.0), b"")
 
     def test_a_client_that_never_reads_does_not_stop_another(self):
         big = "# HELP chat_x X.\n# TYPE chat_x gauge\n" + "".join(
