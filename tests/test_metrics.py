@@ -7,6 +7,8 @@ installed."""
 
 import logging
 import math
+import multiprocessing
+import os
 import pickle
 import re
 import shutil
@@ -747,6 +749,29 @@ class EndpointTest(TestCase):
                                     timeout=IO_TIMEOUT) as reply:
             self.assertEqual(reply.read(), b"chat_ok 1\n")
 
+    @unittest.skipUnless("fork" in multiprocessing.get_all_start_methods(), "no fork here")
+    def test_a_forked_child_holds_none_of_its_sockets(self):
+        """The supervisor forks children: none may keep the metrics port,
+        nor a scrape's connection open after the supervisor closed it."""
+        endpoint = MetricsEndpoint("127.0.0.1", 0, str, metrics_log())
+        endpoint.open()
+        self.addCleanup(endpoint.close)
+        self.raw(endpoint.address[1])
+        for obj in wait(endpoint.waitables(), IO_TIMEOUT):
+            endpoint.on_ready(obj)
+        sockets = endpoint.waitables()
+        self.assertEqual(len(sockets), 2)           # the listener, the one accepted
+        descriptors = [(sock.fileno(), os.fstat(sock.fileno()).st_ino) for sock in sockets]
+        ctx = multiprocessing.get_context("fork")
+        reports, report = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=report_held, args=(descriptors, report))
+        child.start()
+        report.close()
+        self.assertTrue(reports.poll(IO_TIMEOUT))
+        self.assertEqual(reports.recv(), [False, False])
+        child.join(IO_TIMEOUT)
+        reports.close()
+
     def test_a_port_in_use_raises_oserror(self):
         port = self.endpoint()
         other = MetricsEndpoint("127.0.0.1", port, str, metrics_log())
@@ -757,6 +782,19 @@ class EndpointTest(TestCase):
 
 def metrics_log():
     return logging.getLogger("metrics-test")
+
+
+def report_held(descriptors, report):
+    """In a forked child: for each ``(fd, inode)``, whether this process
+    still holds that socket."""
+    held = []
+    for fd, inode in descriptors:
+        try:
+            held.append(os.fstat(fd).st_ino == inode)
+        except OSError:
+            held.append(False)
+    report.send(held)
+    report.close()
 
 
 # -- promtool --------------------------------------------------------------------
