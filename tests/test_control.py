@@ -1,6 +1,6 @@
 """The control socket (chatlib/control): the sans-IO session's framing, the
 command table, and a real ControlServer in a subprocess running a small loop
-like the supervisor's, talked to by raw sockets.
+like the supervisor's, talked to by raw sockets and by ``ctl``.
 
 The server under test runs :data:`ECHO_SERVER`, whose commands exist for the
 tests: ``echo TEXT``, ``fail REASON``, ``lines COUNT SIZE``, ``later TEXT``
@@ -8,6 +8,8 @@ tests: ``echo TEXT``, ``fail REASON``, ``lines COUNT SIZE``, ``later TEXT``
 answered). It stops when its stdin closes, as the tests' cleanup does.
 """
 
+import contextlib
+import io
 import json
 import os
 import pwd
@@ -16,12 +18,14 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import unittest
 from unittest import mock
 
-from support import ROOT, IO_TIMEOUT, SocketClient, TestCase, UnitTestCase, read_until_eof
+from support import ROOT, IO_TIMEOUT, SocketClient, TestCase, UnitTestCase, read_until_eof, \
+    run_to_exit
 
-from chatlib.control import commands
+from chatlib.control import client, commands
 from chatlib.control.server import (MAX_LINE, ControlError, ControlServer, ControlSession,
                                     candidate_paths, default_socket_path, peer_credentials)
 
@@ -73,6 +77,11 @@ while True:
     server.flush()
 server.close()
 """
+
+# ctl as its own process, as `python3 broker.py ctl` runs it.
+CTL = [sys.executable, "-c", "import sys; from chatlib.control.client import main; "
+                             "sys.exit(main())"]
+
 
 def session_with(*chunks):
     session = ControlSession()
@@ -535,6 +544,125 @@ class Serving(TestCase):
         self.assertEqual((os.waitpid(pid, 0)[1], answer), (0, b"ERR permission-denied\n"))
         self.assertIn("control connection refused: uid %d pid %d is neither"
                       % (nobody.pw_uid, pid), server.log_text())
+
+
+class Ctl(TestCase):
+    """``ctl``: client.main in this process, its output captured, and once
+    as a process of its own."""
+
+    timeout = 30
+
+    def setUp(self):
+        super().setUp()
+        self.base = self.tmpdir("ctl")
+        self.echo = EchoServer(self, os.path.join(self.base, "run", "4000.sock"))
+        self.assertEqual(self.echo.first_line, "ready")
+
+    def ctl(self, *argv, stdin=None):
+        out, err = io.StringIO(), io.StringIO()
+        patched = mock.patch.object(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin or b"")))
+        with patched, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = client.main(list(argv))
+        return status, out.getvalue(), err.getvalue()
+
+    def test_ok_prints_the_answer_and_exits_0(self):
+        self.assertEqual(self.ctl("--control", self.echo.path, "echo", "hello", "there"),
+                         (0, "hello there\n", ""))
+
+    def test_err_goes_to_stderr_and_exits_1(self):
+        self.assertEqual(self.ctl("--control", self.echo.path, "fail", "no-such-user", "bob"),
+                         (1, "", "ERR no-such-user bob\n"))
+
+    def test_arguments_not_utf8_go_as_they_are(self):
+        self.assertEqual(self.ctl("--control", self.echo.path, "echo", "\udcff"),
+                         (1, "", "ERR bad-encoding\n"))
+
+    def test_no_server_exits_2_naming_the_path(self):
+        path = os.path.join(self.base, "none.sock")
+        status, out, err = self.ctl("--control", path, "users")
+        self.assertEqual((status, out), (2, ""))
+        self.assertIn("no server answers on its control socket: %s: no such socket\n" % path, err)
+        self.assertEqual(len(err.splitlines()), 1)
+
+    def test_a_stale_socket_exits_2(self):
+        path = os.path.join(self.base, "stale.sock")
+        with socket.socket(socket.AF_UNIX) as old:
+            old.bind(path)
+        status, out, err = self.ctl("--control", path, "users")
+        self.assertEqual(status, 2)
+        self.assertIn(path + ": connection refused", err)
+
+    def test_the_socket_is_found_from_the_port(self):
+        env = {"RUNTIME_DIRECTORY": os.path.join(self.base, "elsewhere"),
+               "XDG_RUNTIME_DIR": self.base}
+        os.rename(os.path.join(self.base, "run"), os.path.join(self.base, "chat-server"))
+        with mock.patch.dict(os.environ, env):
+            self.assertEqual(self.ctl("--port", "4000", "echo", "found"), (0, "found\n", ""))
+            with mock.patch.dict(os.environ, {"PORT": "4000"}):
+                self.assertEqual(self.ctl("echo", "found"), (0, "found\n", ""))
+            status, out, err = self.ctl("--port", "4001", "users")
+        self.assertEqual(status, 2)
+        for path in candidate_paths(4001):
+            self.assertIn(path, err)
+        self.assertIn(os.path.join(self.base, "elsewhere", "4001.sock"), err)
+
+    def test_commands_from_stdin(self):
+        script = b"echo one\n\nfail nope\r\necho two\n"
+        self.assertEqual(self.ctl("--control", self.echo.path, stdin=script),
+                         (1, "one\ntwo\n", "ERR nope\n"))
+        self.assertEqual(self.ctl("--control", self.echo.path, "-", stdin=b"echo 1\necho 2\n"),
+                         (0, "1\n2\n", ""))
+
+    def test_no_answer_in_time_exits_2(self):
+        status, out, err = self.ctl("--control", self.echo.path, "--timeout", "0.2", "hang")
+        self.assertEqual(status, 2)
+        self.assertIn("no answer to 'hang'", err)
+
+    def test_a_server_that_closes_early_exits_2(self):
+        path = os.path.join(self.base, "rude.sock")
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(1)
+
+        def hang_up():
+            conn, _ = listener.accept()
+            conn.close()
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        status, out, err = self.ctl("--control", path, "users")
+        thread.join(IO_TIMEOUT)
+        self.assertEqual(status, 2)
+        self.assertIn("closed the connection before answering 'users'", err)
+
+    def test_usage_errors_exit_2_without_a_traceback(self):
+        for argv in (["--port", "nope", "users"], ["--timeout", "0", "users"],
+                     ["-", "users"], ["--control", self.echo.path, "announce", "a\nb"]):
+            status, out, err = self.ctl(*argv)
+            self.assertEqual(status, 2, argv)
+            self.assertIn("error:", err)
+            self.assertNotIn("Traceback", err)
+        with mock.patch.dict(os.environ, {"PORT": "99999"}):
+            status, out, err = self.ctl("users")
+        self.assertEqual(status, 2)
+        self.assertIn("PORT environment variable", err)
+
+    def test_help_explains_itself(self):
+        status, out, err = self.ctl("--help")
+        self.assertEqual(status, 0)
+        for text in ("exit status:", "kick NAME [REASON]", "/run/chat-server/PORT.sock",
+                     "$XDG_RUNTIME_DIR/chat-server/PORT.sock", "socat"):
+            self.assertIn(text, out)
+
+    def test_as_a_process(self):
+        status, out, err = run_to_exit(*CTL, "--control", self.echo.path, "echo", "hi")
+        self.assertEqual((status, out, err), (0, "hi\n", ""))
+        status, out, err = run_to_exit(*CTL, "--control", self.echo.path, "fail", "nope")
+        self.assertEqual((status, out, err), (1, "", "ERR nope\n"))
+        path = os.path.join(self.base, "none.sock")
+        status, out, err = run_to_exit(*CTL, "--control", path, "users")
+        self.assertEqual(status, 2)
+        self.assertRegex(err, r"\A[^\n]*%s: no such socket[^\n]*\n\Z" % path)
 
 
 if __name__ == "__main__":
