@@ -6,11 +6,15 @@ descriptor (``SCM_RIGHTS``, and on macOS a byte of acknowledgement back,
 read from the module's ``ACKNOWLEDGE`` flag at every call as they do), with
 the one byte of payload saying *plaintext* or *TLS* instead of a count. So a
 hand-off costs the same one ``sendmsg`` whichever port the client used.
+
+And the other way a descriptor reaches a child, unwanted: ``fork``
+(:func:`inherited_by_fork`).
 """
 
 import array
 import socket
-from multiprocessing import reduction
+from multiprocessing import reduction, util
+from multiprocessing.connection import Connection
 
 PLAIN = b"P"
 TLS = b"T"
@@ -45,3 +49,12 @@ def recv_socket(pipe):
             for fd in fds:
                 socket.close(fd)
     raise RuntimeError("received %d items of ancdata" % len(ancdata))
+
+
+def inherited_by_fork(obj):
+    """Have a child forked from now on close ``obj`` (a socket or a
+    ``Connection`` of the supervisor's) at once; return ``obj``. Under
+    ``spawn`` and ``forkserver`` a child inherits nothing anyway."""
+    util.register_after_fork(obj, Connection.close if isinstance(obj, Connection)
+                             else socket.socket.close)
+    return obj

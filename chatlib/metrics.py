@@ -22,8 +22,9 @@ import socket
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
-from multiprocessing import util
 from typing import NamedTuple, Optional, Tuple
+
+from chatlib.handoff import inherited_by_fork
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -423,7 +424,7 @@ class MetricsEndpoint:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         listener = socket.create_server((self.host, self.port), family=family)
         listener.setblocking(False)
-        self.listener = closed_in_fork(listener)
+        self.listener = inherited_by_fork(listener)
 
     @property
     def address(self):
@@ -497,7 +498,7 @@ class MetricsEndpoint:
                 sock.close()
                 continue
             sock.setblocking(False)
-            self.exchanges[closed_in_fork(sock)] = _Exchange(
+            self.exchanges[inherited_by_fork(sock)] = _Exchange(
                 sock, time.monotonic() + self.timeout)
 
     def _answer(self, exchange, answer):
@@ -533,15 +534,6 @@ class MetricsEndpoint:
     def _close(self, exchange):
         del self.exchanges[exchange.sock]
         exchange.sock.close()
-
-
-def closed_in_fork(sock):
-    """Have a child forked from now on close ``sock`` at once (as the
-    supervisor's ``inherited_by_fork`` does for its own): a worker must not
-    hold the metrics port, nor keep a scrape's connection open after the
-    supervisor closed it. Return ``sock``."""
-    util.register_after_fork(sock, socket.socket.close)
-    return sock
 
 
 # -- the option ----------------------------------------------------------------

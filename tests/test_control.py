@@ -22,7 +22,7 @@ import threading
 import unittest
 from unittest import mock
 
-from support import ROOT, IO_TIMEOUT, SocketClient, TestCase, UnitTestCase, read_until_eof, \
+from support import BROKER, ROOT, IO_TIMEOUT, SocketClient, TestCase, UnitTestCase, read_until_eof, \
     run_to_exit
 
 from chatlib.control import client, commands
@@ -79,8 +79,7 @@ server.close()
 """
 
 # ctl as its own process, as `python3 broker.py ctl` runs it.
-CTL = [sys.executable, "-c", "import sys; from chatlib.control.client import main; "
-                             "sys.exit(main())"]
+CTL = [sys.executable, BROKER, "ctl"]
 
 
 def session_with(*chunks):

@@ -29,7 +29,8 @@ import stat
 import struct
 import sys
 import time
-from multiprocessing import util
+
+from chatlib.handoff import inherited_by_fork
 
 MAX_LINE = 64 << 10           # bytes in a command line, its LF included
 MAX_OUTPUT = 32 << 20         # unsent bytes a connection may owe before it is dropped
@@ -375,7 +376,7 @@ class ControlServer:
             raise ControlError("cannot listen on the control socket %s: %s"
                                % (self.path, _reason(exc)))
         self.identity = (st.st_dev, st.st_ino)
-        self.listener = _not_inherited(sock)
+        self.listener = inherited_by_fork(sock)
 
     def close(self):
         """Close every connection and the socket, and remove its file (if it
@@ -473,7 +474,7 @@ class ControlServer:
             _tell(sock, "too-many-connections")
             sock.close()
             return
-        self.connections[sock] = _Connection(_not_inherited(sock), who, time.monotonic(),
+        self.connections[sock] = _Connection(inherited_by_fork(sock), who, time.monotonic(),
                                              self.max_output)
         self.log.debug("control connection accepted (%s)", who)
 
@@ -528,11 +529,3 @@ class ControlServer:
         del self.connections[conn.sock]
         conn.sock.close()
         self.log.debug("control connection closed (%s): %s", conn.who, why)
-
-
-def _not_inherited(sock):
-    """``sock``, which a child forked from now on closes at once: a child
-    holding the listening socket would make it look live to the next
-    server, and one holding a connection would keep its client waiting."""
-    util.register_after_fork(sock, socket.socket.close)
-    return sock
