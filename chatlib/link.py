@@ -10,7 +10,9 @@ Worker -> broker
                                 batch number ``n`` (numbers only grow, across
                                 restarts of the worker too)
     (BROADCAST, blob)           ready-made ``MSG`` lines, to every other worker
-    (LOGIN, cid, name)          claim a name; answered by GRANTED or ANSWER
+    (LOGIN, cid, name, peer)    claim a name; answered by GRANTED or ANSWER.
+                                ``peer``: (address, port, TLS or not), which
+                                a cluster keeps for the operator's ``users``
     (WHO, cid)                  answered by ANSWER with the ``USER`` lines
     (DM, cid, key, line, awaited)
                                 deliver ``line`` to user ``key`` (lower-case
@@ -61,8 +63,14 @@ Broker -> worker
     (CURSOR, entry_id)          cluster mode: the stream entries up to this
                                 one are routed; a restarted broker resumes
                                 reading after the oldest cursor of its workers
-    (EVICT, line, cids)         cluster mode: the node lost its lease; cut
-                                these logged-in users (None: all) with ``line``
+    (EVICT, line, cids, reason) cut these logged-in users (None: all) with
+                                ``line``; ``reason`` is for the log and the
+                                metrics: ``unavailable`` (cluster mode: the
+                                node lost its lease), ``kicked`` (the operator)
+    (MODERATION, moderation)    the chat's bans and mutes
+                                (:class:`chatlib.moderation.Moderation`), whole,
+                                after a change and on a new link: cut whoever
+                                a ban matches, refuse what it forbids
     (LEASE, until)              cluster mode: the node's lease holds until
                                 ``until`` (``time.monotonic()``, one clock for
                                 every process of a host): run no logged-in
@@ -105,3 +113,4 @@ FROM = "F"
 CURSOR = "C"
 EVICT = "E"
 LEASE = "T"
+MODERATION = "O"

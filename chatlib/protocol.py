@@ -49,6 +49,8 @@ ERR_LOGIN_TIMEOUT = b"ERR login-timeout\n"
 ERR_TOO_MANY_CONNECTIONS = b"ERR too-many-connections\n"
 ERR_NOT_A_CHAT_CLIENT = b"ERR not-a-chat-client\n"
 ERR_UNAVAILABLE = b"ERR unavailable\n"      # cluster mode: Redis cannot be reached
+ERR_BANNED = b"ERR banned\n"
+ERR_MUTED = b"ERR muted\n"
 
 
 def msg_line(sender, text):
@@ -67,6 +69,18 @@ def user_lines(names):
 
 def info_disconnected(name):
     return b"INFO %s disconnected\n" % name.encode()
+
+
+def err_kicked(reason=""):
+    """``ERR kicked``, then `` REASON`` when the operator gave one (str)."""
+    if not reason:
+        return b"ERR kicked\n"
+    return b"ERR kicked %s\n" % clean_text(reason.encode())
+
+
+def notice_line(text):
+    """An operator's announcement (str), cleaned like any text."""
+    return b"NOTICE %s\n" % clean_text(text.encode())
 
 
 # --- Names and text ----------------------------------------------------------
