@@ -30,16 +30,21 @@ order of its commands; a client with held lines is not read any further, so a
 worker holds at most one read's worth of unprocessed input per client.
 """
 
+import socket
 import time
+from collections import Counter
 from multiprocessing.connection import Connection
 
 from chatlib import link, protocol
 from chatlib.channel import Channel
 from chatlib.connection import READ, WRITE, Client
+from chatlib.control.users import UserRow
 from chatlib.delivery import BrokerLink
 from chatlib.flood import FloodControl
 from chatlib.handoff import TLS
 from chatlib.intake import Intake
+from chatlib.metrics import BROADCAST_BOUNDS, Histogram
+from chatlib.moderation import Moderation
 from chatlib.protocol import (TOO_LONG, Dm, Hangup, Login, Msg, Ping, Quit,
                               Reply, Who, parse_line)
 from chatlib.service import Service
@@ -55,6 +60,16 @@ QUIT_REASON = "quit"
 HANGUP_REASON = "not a chat client"
 INTERRUPT_REASON = "interrupt (telnet's Ctrl-C)"
 ENDED_BY_CLIENT = (QUIT_REASON, HANGUP_REASON, INTERRUPT_REASON)   # lines after: not run
+KICKED_REASON = "kicked"
+BANNED_REASON = "banned"
+# Why a connection ended, as the log says it -> as the metrics count it
+# (chat_disconnections_total); anything else is a connection error.
+DISCONNECT_LABELS = {
+    QUIT_REASON: "quit", "closed by client": "closed", HANGUP_REASON: "not-a-chat-client",
+    INTERRUPT_REASON: "interrupt", "idle timeout": "idle-timeout",
+    "login timeout": "login-timeout", "slow consumer": "slow-consumer", "flood": "flood",
+    "server shutdown": "shutdown", "unavailable": "unavailable",
+    KICKED_REASON: "kicked", BANNED_REASON: "banned"}
 
 
 class Worker(Service):
@@ -82,6 +97,11 @@ class Worker(Service):
         self.stalled = set()       # clients holding lines until the link drains
         self.flood = FloodControl(config.rate, config.burst) if config.rate else None  # --rate 0: none
         self.counters = dict.fromkeys(COUNTERS, 0)   # for --stats-interval
+        self.logins = Counter()    # by result, and disconnections by reason
+        self.disconnects = Counter()   # (DISCONNECT_LABELS): for the metrics
+        self.broadcast_seconds = Histogram(BROADCAST_BOUNDS)
+        self.first_unwritten = None    # when the oldest MSG not yet written was read
+        self.moderation = Moderation()  # the chat's bans and mutes (link.MODERATION)
         self.next_cid = 1
         self.now = time.monotonic()
         self.next_sweep = self.now
@@ -143,6 +163,8 @@ class Worker(Service):
             if self.tls is not None:
                 ips += [hs.ip for hs in self.tls.pending]       # handshakes too
             self.intake.attach(handoff, notes, ips)
+        elif order[0] == "users":         # the operator's `users`
+            self._report(("answer", order[1], self.user_rows()))
         elif order[0] == "tls-reload":    # SIGHUP: the certificate may be new
             if self.tls is not None and self.tls.reload():
                 self.log.debug("TLS certificate reloaded")
@@ -153,7 +175,9 @@ class Worker(Service):
         info = dict(self.counters)
         if self.broker.channel is not None:
             info["batches"] = self.broker.channel.frames_out
-        info.update(clients=len(self.clients), users=len(self.users))
+        info.update(clients=len(self.clients), users=len(self.users),
+                    logins=dict(self.logins), disconnects=dict(self.disconnects),
+                    broadcast_seconds=self.broadcast_seconds.state())
         if self.tls is not None:
             info.update(self.tls.figures())
         return info
@@ -230,15 +254,19 @@ class Worker(Service):
         """
         if self.local:
             self.fan_out_local()
+        written = None                 # since when the MSG lines written now wait
         if self.broadcast_due and self.now >= self.next_broadcast:
             self.broadcast_due = False
             self.next_broadcast = self.now + BROADCAST_EVERY
             self.dirty.update(self.users.values())
+            written, self.first_unwritten = self.first_unwritten, None
         while self.dirty:
             dirty, self.dirty = self.dirty, set()
             for c in dirty:
                 if c.sock is not None:
                     self.flush(c, False)
+        if written is not None:
+            self.broadcast_seconds.observe(time.monotonic() - written)
         if self.msg_run:
             self.close_msg_run()
         self.counters["events"] += self.broker.flush()
@@ -299,6 +327,7 @@ class Worker(Service):
         try:
             data = c.sock.recv(RECV_SIZE)
             self.counters["bytes_in"] += len(data)
+            c.bytes_in += len(data)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -375,7 +404,9 @@ class Worker(Service):
 
     def run_lines(self, c, lines):
         """Run lines in order until one needs the broker; return the rest."""
-        if c.name is not None and len(lines) > 1:
+        muted = c.name is not None and self.moderation and self.moderation.muted(
+            c.name.lower(), time.time())
+        if c.name is not None and len(lines) > 1 and not muted:
             block = protocol.msg_block(lines, c.name_b)
             if block is not None:          # the flood's fast path: all MSGs
                 self.queue_msgs(c, block, len(lines))
@@ -391,9 +422,13 @@ class Worker(Service):
             else:
                 cmd = line             # telnet's, from the reader (chatlib.telnet)
             kind = type(cmd)
-            if kind is Msg:
+            if muted and (kind is Msg or kind is Dm):
+                self.owe(c, protocol.ERR_MUTED)    # reaches nobody
+            elif kind is Msg:
                 self.queue_msgs(c, protocol.msg_line(c.name_b, cmd.text), 1)
             elif kind is Reply:
+                if cmd.data is protocol.ERR_INVALID_USERNAME:
+                    self.logins["invalid-username"] += 1
                 self.owe(c, cmd.data)
             elif kind is Ping:
                 self.owe(c, protocol.PONG)
@@ -405,6 +440,13 @@ class Worker(Service):
                 return None            # lines after QUIT are not run
             elif kind is Dm and self.send_dm(c, cmd):
                 continue
+            elif kind is Login and self.moderation and self.moderation.banned_name(
+                    cmd.name.lower(), time.time()):
+                self.logins["banned"] += 1
+                self.owe(c, protocol.ERR_BANNED)
+                c.closing = BANNED_REASON
+                self.dirty.add(c)
+                return None
             elif kind is Answer:
                 self.owe(c, cmd.data)
             elif kind is Interrupt:
@@ -427,6 +469,8 @@ class Worker(Service):
         self.local.append((c, lines))
         self.msg_run.append(lines)
         self.counters["msgs"] += count
+        if self.first_unwritten is None:
+            self.first_unwritten = self.now
 
     def send_dm(self, c, cmd):
         """The DM fast path; False when the broker must be asked and waited for.
@@ -453,7 +497,7 @@ class Worker(Service):
     def ask_broker(self, c, cmd):
         kind = type(cmd)
         if kind is Login:
-            request = (link.LOGIN, c.cid, cmd.name)
+            request = (link.LOGIN, c.cid, cmd.name, self.peer(c))
         elif kind is Who:
             request = (link.WHO, c.cid)
         elif kind is Dm:
@@ -497,6 +541,11 @@ class Worker(Service):
                     _, cid, data = event
                     c = self.clients.get(cid)
                     if c is not None and c.waiting:
+                        if c.request[0] == link.LOGIN:
+                            self.logins[data[4:-1].decode()] += 1   # "ERR <result>\n"
+                            if data == protocol.ERR_BANNED:         # then closed
+                                c.closing = BANNED_REASON
+                                c.held = None
                         if data:
                             self.owe(c, data)
                         self.answered(c)
@@ -514,11 +563,13 @@ class Worker(Service):
                 elif tag == link.LEASE:
                     self.vouched(event[1])
                 elif tag == link.EVICT:
-                    _, line, cids = event
+                    _, line, cids, reason = event
                     for cid in list(self.users) if cids is None else cids:
                         c = self.users.get(cid)
                         if c is not None:
-                            self.cut(c, line, "cluster unavailable")
+                            self.cut(c, line, reason)
+                elif tag == link.MODERATION:
+                    self.moderate(event[1])
                 elif tag == link.GRANTED:
                     _, cid, name, stamp = event
                     c = self.clients.get(cid)
@@ -529,11 +580,40 @@ class Worker(Service):
         c.name = name
         c.name_b = name.encode()
         c.login_stamp = stamp
+        c.logged_in_at = time.time()
+        self.logins["ok"] += 1
         self.users[c.cid] = c
         self.local_names[name.lower()] = c
         self.owe(c, protocol.OK)
         self.log.info("%s logged in from %s", name, c.ip)
         self.answered(c)
+
+    def moderate(self, moderation):
+        """The chat's bans and mutes changed: whoever a ban now matches goes,
+        logged in or not."""
+        self.moderation = moderation
+        now = time.time()
+        for c in list(self.clients.values()):
+            if (c.name is not None and moderation.banned_name(c.name.lower(), now)) \
+                    or moderation.banned_address(c.ip, now):
+                self.cut(c, protocol.ERR_BANNED, BANNED_REASON)
+
+    def user_rows(self):
+        """This worker's users, for the operator's ``users``."""
+        return [UserRow(c.login_stamp, c.name, None, *self.peer(c), c.logged_in_at,
+                        self.now - c.last_line, c.bytes_in, c.bytes_out, c.out_bytes)
+                for c in self.users.values()]
+
+    @staticmethod
+    def peer(c):
+        """(address, port, TLS or not), for the operator; the port costs a
+        system call, made only when asked (a LOGIN, the operator's ``users``)."""
+        tls = not isinstance(c.sock, socket.socket)     # a chatlib.tls.TlsStream
+        try:
+            port = (c.sock.sock if tls else c.sock).getpeername()[1]
+        except OSError:
+            port = 0
+        return c.ip, port, tls
 
     def vouched(self, until):
         """Cluster mode: the node's lease holds until ``until``; users'
@@ -605,6 +685,7 @@ class Worker(Service):
             return
         if sent:
             self.counters["bytes_out"] += sent
+            c.bytes_out += sent
         if c.out_bytes > self.config.max_pending:
             self.counters["slow_cuts"] += 1
             self.cut(c, protocol.ERR_SLOW_CONSUMER, "slow consumer")
@@ -652,6 +733,7 @@ class Worker(Service):
                 self.to_broker((link.BYE, c.cid, c.name, c.login_stamp))
         c.waiting = False
         self.intake.gone(c.ip)
+        self.disconnects[DISCONNECT_LABELS.get(reason, "error")] += 1
         if c.name is not None:
             self.log.info("%s disconnected (%s)", c.name, reason)
         else:

@@ -20,6 +20,10 @@ and each address has open, which gives:
 * ``--max-clients`` (``ERR server-full``) and ``--max-per-ip``
   (``ERR too-many-connections``) without asking anyone.
 
+It also refuses, before a worker sees them, connections from the addresses
+the operator banned (``ERR banned``): the supervisor sends it the chat's
+bans whenever they change (:mod:`chatlib.moderation`).
+
 Those counts run a moment behind the clients: a close is counted when the
 worker's note comes, not when the client closed. ``--max-per-ip`` allows for
 that (see :meth:`Acceptor.dispatch`), so that a client that closes and at
@@ -35,6 +39,7 @@ from selectors import EVENT_READ
 
 from chatlib import protocol
 from chatlib.handoff import PLAIN, TLS, send_socket
+from chatlib.moderation import Moderation
 from chatlib.notes import LOST, OPEN, NoteReader
 from chatlib.service import Service
 
@@ -72,8 +77,11 @@ class WorkerPipe:
 class Acceptor(Service):
     role = "acceptor"
 
-    def __init__(self, config, pipes, listeners, expected=0):
+    def __init__(self, config, pipes, listeners, expected=0, moderation=None):
         super().__init__(config, pipes)
+        self.moderation = moderation or Moderation()   # whose addresses are banned
+        self.accepted = 0                   # connections handed on, for the metrics
+        self.refused = Counter()            # by the ERR line's reason
         self.listeners = listeners          # [(socket, PLAIN or TLS)]
         # Wait for the workers running when we were started, so that the
         # first burst of connections is spread over all of them.
@@ -113,8 +121,13 @@ class Acceptor(Service):
             self.update_listening()
         elif order[0] == "detach":
             self.detach(order[1])
+        elif order[0] == "moderation":
+            self.moderation = order[1]
         else:
             super().on_order(order)
+
+    def heartbeat_info(self):
+        return {"accepted": self.accepted, "refused": dict(self.refused)}
 
     def detach(self, slot):
         """Worker ``slot`` is gone, and so are its connections."""
@@ -257,6 +270,9 @@ class Acceptor(Service):
         safe side.
         """
         cfg = self.config
+        if self.moderation.has_address_bans and self.moderation.banned_address(ip, time.time()):
+            self.refuse(sock, protocol.ERR_BANNED, "banned", ip, kind)
+            return False
         if self.server_full():
             self.refuse(sock, protocol.ERR_SERVER_FULL, "server full", ip, kind)
             return False
@@ -346,6 +362,7 @@ class Acceptor(Service):
             self.per_ip[ip] += 1
             pipe.handed += 1
             pipe.recent.append(ip)
+            self.accepted += 1
             return
 
     def refuse(self, sock, line, reason, ip, kind=PLAIN):
@@ -353,6 +370,7 @@ class Acceptor(Service):
         broken record, and saying it in TLS would cost a handshake, which is
         what a refusal must not cost. It is closed without a word."""
         self.log.debug("refused a connection from %s: %s", ip, reason)
+        self.refused[line[4:-1].decode()] += 1          # "ERR <reason>\n"
         if kind == TLS:
             return
         try:

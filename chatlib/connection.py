@@ -32,7 +32,7 @@ class Client:
     __slots__ = ("sock", "cid", "ip", "name", "name_b", "login_stamp", "reader",
                  "out", "out_bytes", "midline", "connected", "last_line", "held",
                  "waiting", "request", "closing", "interest", "tokens",
-                 "refilled", "throttled_since")
+                 "refilled", "throttled_since", "logged_in_at", "bytes_in", "bytes_out")
 
     def __init__(self, sock, cid, ip, max_line, now, burst):
         self.sock = sock
@@ -55,6 +55,9 @@ class Client:
         self.tokens = burst        # flood control's bucket (chatlib.flood):
         self.refilled = now        # lines it may send now, since when,
         self.throttled_since = None    # and since when it is over the rate
+        self.logged_in_at = None   # wall-clock time of the login, for the operator
+        self.bytes_in = 0          # received and sent on this connection
+        self.bytes_out = 0
 
     # -- writing --------------------------------------------------------------
 
