@@ -16,6 +16,12 @@ dies (``chatlib.delivery``): it acknowledges a worker's batches only once all
 it routed is in the kernel, and names the origin batch before the lines it
 routes, so that workers can drop what a predecessor had routed already.
 
+It is also the operator's hand on the chat (``broker.py ctl``, relayed by
+the supervisor): it kicks, keeps the chat's bans and mutes
+(:mod:`chatlib.moderation`), saves them in the state directory, and hands
+them to its workers, which enforce them, and to the supervisor, for the
+acceptor.
+
 Names beyond this host's users are a directory's (:mod:`chatlib.directory`):
 on one host every claim is granted at once; in cluster mode (``--redis``) a
 :class:`chatlib.cluster.node.Cluster` asks Redis, carries to the other nodes
@@ -24,15 +30,19 @@ between its own workers is the same either way, and ``users`` holds this
 host's users only.
 """
 
+import os
 import sys
 import time
 from functools import partial
 from multiprocessing.connection import Connection
 
-from chatlib import link, protocol
+from chatlib import link, moderation, protocol, statefile
 from chatlib.channel import Channel
+from chatlib.control.users import utc
 from chatlib.directory import LocalDirectory, Router, User
 from chatlib.service import Service
+
+KICKED = "kicked"           # the reason a worker logs and counts (worker.DISCONNECT_LABELS)
 
 LAZY_DELAY = 0.02   # seconds an acknowledgement or a new name waits for a batch to ride on
 NO_ORIGIN = (link.SEQ, None)
@@ -63,8 +73,9 @@ class WorkerLink:
 class Broker(Service, Router):
     role = "broker"
 
-    def __init__(self, config, pipes, expected=()):
+    def __init__(self, config, pipes, expected=(), bans=None):
         super().__init__(config, pipes)
+        self.moderation = bans or moderation.Moderation()   # the chat's bans and mutes
         self.links = {}                 # slot -> WorkerLink
         self.lazy_due = None            # when acknowledgements and new names go
                                         # without a batch
@@ -94,6 +105,8 @@ class Broker(Service, Router):
                     partial(self.on_link_lost, slot)))
         if self.vouched_until is not None:
             worker.lazy.append((link.LEASE, self.vouched_until))
+        if self.moderation:
+            worker.lazy.append((link.MODERATION, self.moderation))
         self.unsynced.add(slot)
 
     def detach(self, slot):
@@ -135,6 +148,9 @@ class Broker(Service, Router):
             self.attach(order[1], Connection(self.received_fd()))
         elif order[0] == "detach":
             self.detach(order[1])
+        elif order[0] == "control":
+            _, request, command, words = order
+            self.control(request, command, words)
         else:
             super().on_order(order)
 
@@ -274,8 +290,8 @@ class Broker(Service, Router):
             self.broadcast(blob, skip=slot)
             self.directory.publish(slot, self.origin[1], blob)
         elif tag == link.LOGIN:
-            _, cid, name = event
-            self.log_in(slot, cid, name)
+            _, cid, name, peer = event
+            self.log_in(slot, cid, name, peer)
         elif tag == link.WHO:
             _, cid = event
             self.directory.who(slot, cid)
@@ -421,13 +437,16 @@ class Broker(Service, Router):
                 self.box(slot).append((link.BROADCAST, blob))
         self.origin = origin
 
-    def log_in(self, slot, cid, name):
+    def log_in(self, slot, cid, name, peer):
         """Atomic across workers: the broker is the only one who decides
-        (in cluster mode, Redis decides for the whole cluster)."""
+        (in cluster mode, Redis decides for the whole cluster). A name
+        banned a moment ago, before the worker knew, is refused here."""
         if name.lower() in self.users:
             self.answer(slot, cid, protocol.ERR_USERNAME_TAKEN)
+        elif self.moderation and self.moderation.banned_name(name.lower(), time.time()):
+            self.answer(slot, cid, protocol.ERR_BANNED)
         else:
-            self.directory.claim(slot, cid, name)
+            self.directory.claim(slot, cid, name, peer)
 
     def log_out(self, slot, cid):
         key = self.owner.pop((slot, cid), None)
@@ -439,6 +458,148 @@ class Broker(Service, Router):
         self.tell_all((link.LEFT, key))
         self.broadcast(protocol.info_disconnected(name))
         self.directory.release(key, slot, cid)
+
+    # -- the operator's commands (``ctl``, relayed by the supervisor) ---------
+
+    def control(self, request, command, rest):
+        """Run the operator's ``command`` (its arguments in ``rest``); the
+        supervisor gets the answer as ``("answer", request, lines, error)``."""
+        handler = getattr(self, "handle_" + command, None)
+        if handler is None:
+            self.reply(request, [], "unknown-command %s" % command)
+            return
+        try:
+            handler(request, rest)
+        except ValueError as exc:
+            self.reply(request, [], "bad-argument %s" % exc)
+
+    def reply(self, request, lines=(), error=None):
+        self._report(("answer", request, list(lines), error))
+
+    def handle_users(self, request, rest):
+        """The other nodes' users (this node's come from the workers)."""
+        self.directory.user_rows(lambda rows: self.reply(request, rows))
+
+    def handle_kick(self, request, rest):
+        name, _, reason = rest.partition(" ")
+        if not name:
+            raise ValueError("usage: kick NAME [REASON]")
+        key, reason = name.lower(), reason.strip()
+        if key in self.users:
+            self.kick(key, reason)
+        elif self.directory.knows(key):
+            self.directory.control([("kick", key, reason)])
+        else:
+            self.reply(request, [], "user-not-found")
+            return
+        self.log.info("operator: kicked %s%s", name, " (%s)" % reason if reason else "")
+        self.reply(request)
+
+    def kick(self, key, reason):
+        user = self.users[key]
+        self.links[user.slot].outbox.append(
+            (link.EVICT, protocol.err_kicked(reason), [user.cid], KICKED))
+
+    def handle_ban(self, request, rest):
+        words = rest.split(None, 1)
+        if not words:
+            raise ValueError("usage: ban TARGET [DURATION] [REASON]")
+        target = moderation.parse_target(words[0])
+        rest = words[1] if len(words) > 1 else ""
+        expires, reason = self.until(rest)
+        now = time.time()
+        self.moderate([("ban", target, expires, reason, now)])
+        self.log.info("operator: banned %s until %s%s", target, utc(expires),
+                      " (%s)" % reason if reason else "")
+        self.reply(request)
+
+    def handle_unban(self, request, rest):
+        target = moderation.parse_target(rest.strip())
+        if not self.moderate([("unban", target)]):
+            self.reply(request, [], "not-banned")
+            return
+        self.log.info("operator: unbanned %s", target)
+        self.reply(request)
+
+    def handle_bans(self, request, rest):
+        now = time.time()
+        lines = ["ban %s until=%s since=%s%s" % (
+            ban.target, utc(ban.expires), utc(ban.since),
+            " reason=%s" % ban.reason if ban.reason else "")
+            for ban in self.moderation.bans_listing(now)]
+        lines += ["mute %s until=%s since=%s" % (mute.key, utc(mute.expires), utc(mute.since))
+                  for mute in self.moderation.mutes_listing(now)]
+        self.reply(request, lines)
+
+    def handle_mute(self, request, rest):
+        key, expires = self.name_and_until(rest, "mute NAME [DURATION]")
+        self.moderate([("mute", key, expires, time.time())])
+        self.log.info("operator: muted %s until %s", key, utc(expires))
+        self.reply(request)
+
+    def handle_unmute(self, request, rest):
+        key, _ = self.name_and_until(rest, "unmute NAME")
+        if not self.moderate([("unmute", key)]):
+            self.reply(request, [], "not-muted")
+            return
+        self.log.info("operator: unmuted %s", key)
+        self.reply(request)
+
+    def handle_announce(self, request, rest):
+        text = rest.strip()
+        if not text:
+            raise ValueError("usage: announce TEXT")
+        self.announce(text, None)
+        self.directory.control([("announce", text)])
+        self.log.info("operator: announced %r", text)
+        self.reply(request)
+
+    def announce(self, text, origin):
+        self.origin = origin
+        self.broadcast(protocol.notice_line(text))
+        self.origin = None
+
+    @staticmethod
+    def until(rest):
+        """``[DURATION] [REASON]``: (expiry or None, reason)."""
+        words = rest.split(None, 1)
+        if words and moderation.looks_like_duration(words[0]):
+            return time.time() + moderation.parse_duration(words[0]), \
+                words[1].strip() if len(words) > 1 else ""
+        return None, rest.strip()
+
+    def name_and_until(self, rest, usage):
+        words = rest.split()
+        if not words or len(words) > 2 or not protocol.valid_name(words[0].encode()):
+            raise ValueError("usage: " + usage)
+        expires = time.time() + moderation.parse_duration(words[1]) if len(words) > 1 else None
+        return words[0].lower(), expires
+
+    def moderate(self, ops, publish=True):
+        """Apply changes of the bans and mutes: saved, handed to the workers
+        and the supervisor, and (``publish``) to the other nodes. True if
+        anything changed."""
+        changed = [op for op in ops if self.moderation.apply(op)]
+        if changed:
+            self.moderation_changed(changed if publish else ())
+        return bool(changed)
+
+    def moderation_changed(self, published):
+        """Saved, handed to the workers and the supervisor, and the
+        ``published`` changes to the other nodes."""
+        try:
+            statefile.save_json(self.bans_path(), self.moderation.to_json())
+        except OSError as exc:
+            self.log.error("cannot save the bans in %s (they hold until a restart): %s",
+                           self.bans_path(), exc.strerror or exc)
+        for worker in self.links.values():
+            worker.outbox.append((link.MODERATION, self.moderation))
+        self._report(("moderation", self.moderation))
+        if published:
+            self.directory.control([("moderation", op) for op in published])
+
+    def bans_path(self):
+        return os.path.join(self.config.state_dir, moderation.BANS_FILE)
 
     # -- what the directory calls back (chatlib.directory.Router) -------------
 
@@ -494,6 +655,33 @@ class Broker(Service, Router):
             self.broadcast(protocol.info_disconnected(name))
         self.origin = None
 
+    def remote_control(self, records, number):
+        """The operator's commands made on another node, from bus entry ``number``."""
+        for record in records:
+            kind = record[0]
+            if kind == "kick":
+                _, key, reason = record
+                if key in self.users:
+                    self.kick(key, reason)
+            elif kind == "announce":
+                self.announce(record[1], ("ctl", number))
+            elif kind == "moderation":
+                self.moderate([record[1]], publish=False)
+
+    def restore_moderation(self, ops, kept):
+        """Joined: the chat's bans and mutes as Redis holds them, or, when
+        Redis had lost them (``kept``), ours, which the directory gives
+        back to Redis. Either way, the result is ours."""
+        if kept:
+            return self.moderation.ops()
+        fresh = moderation.Moderation()
+        for op in ops:
+            fresh.apply(op)
+        if fresh.ops() != self.moderation.ops():
+            self.moderation = fresh
+            self.moderation_changed(())
+        return None
+
     def tell_cursor(self, cursor):
         """The bus entries up to ``cursor`` are routed: workers learn it with
         their next batch, for a restarted broker to resume from."""
@@ -542,10 +730,14 @@ def main(argv=None):
         # another over Unix sockets (SCM_RIGHTS), which Windows lacks.
         sys.stderr.write("chat-server runs on Linux and macOS; on Windows, use WSL\n")
         return 2
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["ctl"]:
+        from chatlib.control.client import main as ctl
+        return ctl(args[1:])
     from chatlib.config import parse_args
     from chatlib.supervisor import Supervisor
     from worker import Worker
-    return Supervisor(parse_args(argv), broker=Broker, worker=Worker).run()
+    return Supervisor(parse_args(args), broker=Broker, worker=Worker).run()
 
 
 if __name__ == "__main__":

@@ -101,6 +101,18 @@ class Router:
         """The bus entries up to ``cursor`` are routed."""
         raise NotImplementedError
 
+    def remote_control(self, records, number):
+        """The operator's commands made on another node (``kick``,
+        ``announce``, changes of the bans and mutes: see :meth:`LocalDirectory.control`),
+        from bus entry ``number``."""
+        raise NotImplementedError
+
+    def restore_moderation(self, ops, kept):
+        """Joined: the bans and mutes Redis holds (``ops``); ``kept``: Redis
+        had lost them, and this node's are the chat's again. Returns the
+        ops to give back to Redis, or None."""
+        raise NotImplementedError
+
 
 class LocalDirectory:
     """One host: the broker's user list is every user there is."""
@@ -148,9 +160,10 @@ class LocalDirectory:
         """Is ``key`` logged in elsewhere?"""
         return False
 
-    def claim(self, slot, cid, name):
+    def claim(self, slot, cid, name, peer):
         """``LOGIN`` of a name nobody on this host holds: granted, stamped
-        after every login before it (clocks can step back)."""
+        after every login before it (clocks can step back). ``peer``:
+        (address, port, TLS or not), for the operator's ``users``."""
         self.router.grant(slot, cid, name,
                           max(time.time_ns(), self.router.latest_stamp() + 1))
 
@@ -175,6 +188,17 @@ class LocalDirectory:
 
     def end_turn(self, received):
         pass
+
+    def control(self, records):
+        """The operator's commands for the other nodes: ``("kick", key,
+        reason)``, ``("announce", text)``, ``("moderation", op)`` (a change
+        of the bans and mutes, :meth:`chatlib.moderation.Moderation.apply`).
+        On one host there are none."""
+
+    def user_rows(self, callback):
+        """``callback(rows)``: the users of the other nodes, as
+        :class:`chatlib.control.users.UserRow` (none, on one host)."""
+        callback([])
 
     def acknowledgeable(self, received):
         """Worker slot -> the last batch whose lines nobody else must still
