@@ -10,15 +10,28 @@ A broker turn's lines for other nodes travel as one stream entry (see
     (BROADCAST, blob)   ready-made ``MSG`` lines, for every user of the node
     (DM, key, line)     a ``DM`` line for the user ``key`` (lower-case name)
 
+The operator's commands for every node travel the same way, in the ``c``
+field (:func:`encode_control`):
+
+    (KICK, key, reason)   close user ``key`` with ``ERR kicked``, where held
+    (NOTICE, text)        ``NOTICE text`` for every user
+    (MODERATION, op)      a change of the bans and mutes
+                          (:func:`chatlib.moderation.encode_op`)
+
 Each record is a tag byte, then its fields, each a 4-byte length and the
 bytes: no pickle, since anyone who can write to Redis could make a pickle
 run code on every node. Sans-IO, tested in ``tests/test_bus.py``.
 """
 
+from chatlib import moderation
+
 ORIGIN = b"B"
 BROADCAST = b"M"
 DM = b"D"
-_FIELDS = {ORIGIN: 2, BROADCAST: 1, DM: 2}
+KICK = b"K"
+NOTICE = b"N"
+MODERATION = b"O"
+_FIELDS = {ORIGIN: 2, BROADCAST: 1, DM: 2, KICK: 2, NOTICE: 1, MODERATION: 1}
 
 
 class Records:
@@ -53,8 +66,48 @@ class Records:
         self._field(key.encode())
         self._field(line)
 
+    def control(self, record):
+        """One of the operator's commands: ``("kick", key, reason)``,
+        ``("announce", text)`` or ``("moderation", op)``."""
+        kind = record[0]
+        if kind == "kick":
+            self.parts.append(KICK)
+            self._field(record[1].encode())
+            self._field(record[2].encode())
+        elif kind == "announce":
+            self.parts.append(NOTICE)
+            self._field(record[1].encode())
+        else:
+            self.parts.append(MODERATION)
+            self._field(moderation.encode_op(record[1]))
+
     def encode(self):
         return b"".join(self.parts)
+
+
+def encode_control(records):
+    """The ``c`` field of a bus entry: the operator's commands, as
+    :meth:`Records.control` takes them."""
+    built = Records()
+    for record in records:
+        built.control(record)
+    return built.encode()
+
+
+def decode_control(data):
+    """The operator's commands of a ``c`` field, as :meth:`Records.control`
+    takes them. ValueError if it is malformed."""
+    records = []
+    for record in decode(data):
+        if record[0] == KICK:
+            records.append(("kick", record[1].decode(), record[2].decode()))
+        elif record[0] == NOTICE:
+            records.append(("announce", record[1].decode()))
+        elif record[0] == MODERATION:
+            records.append(("moderation", moderation.decode_op(record[1])))
+        else:
+            raise ValueError("not an operator's command: %r" % record[0])
+    return records
 
 
 def decode(data):
@@ -84,5 +137,5 @@ def decode(data):
         elif tag == DM:
             records.append((DM, fields[0].decode(), fields[1]))
         else:
-            records.append((BROADCAST, fields[0]))
+            records.append((tag,) + tuple(fields))
     return records

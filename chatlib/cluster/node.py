@@ -42,7 +42,7 @@ import os
 import time
 from functools import partial
 
-from chatlib import protocol
+from chatlib import moderation, protocol
 from chatlib.cluster import bus, registry
 from chatlib.cluster.lease import Lease
 from chatlib.cluster.publisher import Op, Publisher
@@ -50,6 +50,7 @@ from chatlib.cluster.reader import BusReader
 from chatlib.cluster.redis_client import RedisClient
 from chatlib.cluster.requests import Requests
 from chatlib.cluster.resp import ConnectionLost, RedisError
+from chatlib.control.users import UserRow
 
 RETRY_DELAY = 0.25        # a claim refused for now (recovering) tries again after this
 BACKLOG_LIMIT = 64 << 20  # bytes waiting for Redis above which the broker stops reading
@@ -87,6 +88,7 @@ class Cluster:
         self.duplicate_seen = False  # our id was leased by another run at start
         self.rejoin_at = None      # when to look again
         self.leave_queued = False
+        self.live_nodes = 0        # as the last heartbeat counted them
 
     # -- life -----------------------------------------------------------------
 
@@ -97,7 +99,7 @@ class Cluster:
         """For the statistics line."""
         state = "fenced" if self.lease.fenced else "up" if self.registered and self.commands.up \
             else "down"
-        return {"redis": state, "other_users": len(self.reader.mirror),
+        return {"redis": state, "other_users": len(self.reader.mirror), "nodes": self.live_nodes,
                 "entries_out": self.publisher.entries_out,
                 "entries_in": self.reader.entries_in,
                 "backlog": self.publisher.waiting_bytes()}
@@ -190,11 +192,11 @@ class Cluster:
         for name, slot, cid, stamp in self.router.local_users().values():
             args += [name.lower(), self.owner(slot, cid), name, stamp]
         self.joining = True
-        self.commands.evalsha(partial(self.on_join, time.monotonic(), lease_value),
+        self.commands.evalsha(partial(self.on_join, time.monotonic(), lease_value, mode),
                               registry.JOIN, (), args)
         self.commands.flush()
 
-    def on_join(self, sent, lease_value, reply):
+    def on_join(self, sent, lease_value, mode, reply):
         self.joining = False
         if isinstance(reply, (ConnectionLost, RedisError)):
             if isinstance(reply, RedisError):
@@ -211,7 +213,7 @@ class Cluster:
                                  len(self.router.local_users()))
             self.join("restore")
             return
-        _, epoch, last_id, keys, conflicts, lapsed = reply
+        _, epoch, last_id, keys, conflicts, lapsed, moderated = reply
         if not self.epoch:
             self.log.info("joined cluster %r as node %s", self.prefix, self.node)
         self.epoch = epoch.decode()
@@ -226,10 +228,25 @@ class Cluster:
         elif conflicts:
             self.router.evict([k.decode() for k in conflicts])
         self.renewed(sent)
+        self.restore_moderation(moderated, mode == "restore")
         self.reader.mirror = {k.decode() for k in keys} - set(self.router.local_users())
         self.router.directory_changed()
         self.serve(last_id)
         self.send()
+
+    def restore_moderation(self, values, lost):
+        """The bans and mutes as Redis holds them; if Redis had ``lost``
+        them, ours go back (and to the other nodes)."""
+        ops = []
+        for value in values:
+            try:
+                ops.append(moderation.decode_op(value))
+            except ValueError as exc:
+                self.log.error("skipping a malformed ban in redis %r: %s", value, exc)
+        back = self.router.restore_moderation(ops, lost)
+        if back:
+            self.log.info("giving redis back this node's %d bans and mutes", len(back))
+            self.control([("moderation", op) for op in back])
 
     def serve(self, join_cursor):
         """Registered, so every worker had synced (a restarted broker has
@@ -290,7 +307,7 @@ class Cluster:
         status = reply[0]
         if status == b"ok":
             self.renewed(sent)
-            pairs = reply[1]
+            pairs, self.live_nodes = reply[1], reply[2]
             for node, count in zip(pairs[::2], pairs[1::2]):
                 self.log.warning("node %s missed its lease: %d users announced gone",
                                  node.decode(), count)
@@ -376,11 +393,13 @@ class Cluster:
     def cancel(self, slot, cid=None):
         self.pending.cancel(slot, cid)
 
-    def claim(self, slot, cid, name):
+    def claim(self, slot, cid, name, peer):
         request = self.request(slot, cid)
         key = name.lower()
         owner = self.owner(slot, cid)
-        op = Op(registry.CLAIM, [key, name, owner], None)
+        address, port, tls = peer
+        info = "%s %d %d %.0f" % (address, port, tls, time.time())
+        op = Op(registry.CLAIM, [key, name, owner, info], None)
         op.on_reply = partial(self.on_claim, request, op, name, owner)
         self.publisher.request(op)
 
@@ -440,6 +459,43 @@ class Cluster:
         else:
             answer = protocol.ERR_UNAVAILABLE
         self.router.answer(request.slot, request.cid, answer)
+
+    # -- the operator's ---------------------------------------------------------
+
+    def control(self, records):
+        """The operator's commands for every node: the bans and mutes
+        changed in Redis, and one bus entry for the other nodes."""
+        changes = []
+        for record in records:
+            if record[0] == "moderation":
+                op = record[1]
+                kind = "ban" if op[0] in ("ban", "unban") else "mute"
+                kept = op[0] in ("ban", "mute")
+                changes += ["%s %s" % (kind, op[1]), moderation.encode_op(op) if kept else ""]
+        self.publisher.request(Op(registry.CONTROL,
+                                  [registry.STREAM_MAXLEN, bus.encode_control(records)] + changes,
+                                  self.on_control))
+
+    def on_control(self, reply):
+        if reply == b"lapsed":
+            self.log.error("redis refused the operator's command: this node's lease had run out")
+
+    def user_rows(self, callback):
+        """The other nodes' users, as Redis lists them."""
+        self.publisher.request(Op(registry.USERS, [], partial(self.on_users, callback)))
+
+    def on_users(self, callback, reply):
+        rows = []
+        if not isinstance(reply, RedisError):
+            for name, stamp, owner, info in zip(*[iter(reply)] * 4):
+                node = owner.decode().split(" ")[0]
+                if node == self.node:
+                    continue
+                address, port, tls, since = (info.decode().split(" ") + ["", "0", "0", "0"])[:4]
+                rows.append(UserRow(float(stamp), name.decode(), node, address or None,
+                                    int(port), tls == "1", float(since) or None,
+                                    None, None, None, None))
+        callback(rows)
 
     # -- stopping ------------------------------------------------------------
 

@@ -122,7 +122,7 @@ class BusReader:
                     origin = ((node, slot), number)
                 elif record[0] == bus.BROADCAST:
                     router.remote_lines(origin, record[1])
-                else:
+                elif record[0] == bus.DM:
                     _, key, line = record
                     router.remote_dm(origin, key, line)
         for key in _names(entry.get(b"j")):
@@ -136,6 +136,8 @@ class BusReader:
             for name in names:
                 self.mirror.discard(name.lower())
             router.remote_departures(names, entry_number(entry_id))
+        if b"c" in entry:
+            router.remote_control(bus.decode_control(entry[b"c"]), entry_number(entry_id))
 
 
 def _names(field):

@@ -23,12 +23,18 @@ Keys, all under the cluster's prefix ``P`` (``--cluster``, default ``chat``):
                           node that finds another one knows Redis lost its data
     P:recovering   string exists for one lease after such a loss: no new names
                           until every live node has registered its users again
+    P:info         hash   name (lower case) -> "address port tls since" of the
+                          connection, for the operator's ``users``
+    P:moderation   hash   "ban <target>" or "mute <name>" -> the change that made it
+                          (:func:`chatlib.moderation.encode_op`): the chat's bans
+                          and mutes, which every node also keeps on disk
     P:bus          stream what nodes tell each other, one entry per broker turn
 
 A bus entry has the fields ``o`` (origin node, or ``reaper``), ``d`` (the
 records of :mod:`chatlib.cluster.bus`: MSG lines and DMs), ``l`` (display names of
 departed users, newline-separated: an ``INFO`` each), ``q`` (names released
-without an announcement) and ``j`` (names just claimed: for directories).
+without an announcement), ``j`` (names just claimed: for directories) and
+``c`` (the operator's commands for every node: :func:`chatlib.cluster.bus.encode_control`).
 
 Every script but JOIN takes ``P node lease`` as its first three arguments,
 ``lease`` being the value the node's last JOIN gave its lease key, and does
@@ -66,6 +72,7 @@ local function release(key, owner)
   redis.call('HDEL', USERS, key)
   redis.call('HDEL', NAMES, key)
   redis.call('ZREM', ORDER, name)
+  redis.call('HDEL', P .. ':info', key)
   redis.call('SREM', held(node_of(owner)), key)
   return name
 end
@@ -116,7 +123,7 @@ end
 #
 # Returns {'duplicate', ms left} | {'epoch', epoch} (call again to restore)
 # | {'ok', epoch, bus id to read after, every key in P:users, conflicts,
-# 1 if the lease had lapsed}. The bus id is the last entry for a new run of
+# 1 if the lease had lapsed, the values of P:moderation}. The bus id is the last entry for a new run of
 # the node, and the saved cursor when its lease ran on.
 JOIN = Script(_PRELUDE + r"""
 local node, value, lease_ms, maxlen = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -182,15 +189,16 @@ if not start then
   if #last > 0 then start = last[1][1] end
   redis.call('SET', cursor(node), start, 'PX', lease_ms * 3)
 end
-return {'ok', epoch, start, redis.call('HKEYS', USERS), conflicts, lapsed and 1 or 0}
+return {'ok', epoch, start, redis.call('HKEYS', USERS), conflicts, lapsed and 1 or 0,
+        redis.call('HVALS', P .. ':moderation')}
 """)
 
 # ARGV: P node lease lease_ms epoch maxlen retention_ms cursor.
 # Renews this node's lease (and saves its cursor, if not ''), reaps the
 # nodes whose lease ran out, trims the bus to what a node resuming after a
 # short outage may still need.
-# Returns {'ok', {node, users reaped, ...}} | {'epoch'} | {'lapsed'} (the
-# lease ran out, or the node was reaped: it must JOIN again).
+# Returns {'ok', {node, users reaped, ...}, live nodes} | {'epoch'} |
+# {'lapsed'} (the lease ran out, or the node was reaped: it must JOIN again).
 HEARTBEAT = Script(_PRELUDE + r"""
 local node, value, lease_ms, maxlen = ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 if redis.call('GET', P .. ':epoch') ~= ARGV[5] then return {'epoch'} end
@@ -209,11 +217,12 @@ end
 local now = redis.call('TIME')
 local oldest = tonumber(now[1]) * 1000 - tonumber(ARGV[7])
 redis.call('XTRIM', BUS, 'MINID', '~', oldest)
-return {'ok', reaped}
+return {'ok', reaped, redis.call('HLEN', NODES)}
 """)
 
-# ARGV: P node lease key name owner. Returns the login stamp, 0 if the name
-# is taken, -1 if no name may be given now (recovering, or the lease lapsed).
+# ARGV: P node lease key name owner info (for P:info). Returns the login
+# stamp, 0 if the name is taken, -1 if no name may be given now
+# (recovering, or the lease lapsed).
 CLAIM = Script(_PRELUDE + r"""
 local node, key, name, owner = ARGV[2], ARGV[4], ARGV[5], ARGV[6]
 if not holds(node, ARGV[3]) then return -1 end
@@ -228,6 +237,7 @@ redis.call('HSET', USERS, key, owner)
 redis.call('HSET', NAMES, key, name)
 redis.call('ZADD', ORDER, stamp, name)
 redis.call('SADD', held(node), key)
+redis.call('HSET', P .. ':info', key, ARGV[7])
 return stamp
 """)
 
@@ -281,7 +291,39 @@ announce_reaped(ARGV[4], names)
 return #names
 """)
 
-SCRIPTS = (JOIN, HEARTBEAT, CLAIM, PUBLISH, DM, LEAVE)
+# ARGV: P node lease maxlen records, then (field value) pairs for
+# P:moderation, an empty value deleting the field. The operator's commands
+# for every node: the bans and mutes changed, and one bus entry (field
+# ``c``) with the records. Returns 'ok' or 'lapsed'.
+CONTROL = Script(_PRELUDE + r"""
+if not holds(ARGV[2], ARGV[3]) then return 'lapsed' end
+for i = 6, #ARGV, 2 do
+  if ARGV[i + 1] == '' then
+    redis.call('HDEL', P .. ':moderation', ARGV[i])
+  else
+    redis.call('HSET', P .. ':moderation', ARGV[i], ARGV[i + 1])
+  end
+end
+if ARGV[5] ~= '' then publish(ARGV[4], {'o', ARGV[2], 'c', ARGV[5]}) end
+return 'ok'
+""")
+
+# ARGV: P. Every user in login order, for the operator's ``users``: a flat
+# list of (name as typed, stamp, owner, info) quadruples.
+USERS = Script(_PRELUDE + r"""
+local rows = {}
+local order = redis.call('ZRANGE', ORDER, 0, -1, 'WITHSCORES')
+for i = 1, #order, 2 do
+  local key = string.lower(order[i])
+  rows[#rows + 1] = order[i]
+  rows[#rows + 1] = order[i + 1]
+  rows[#rows + 1] = redis.call('HGET', USERS, key) or ''
+  rows[#rows + 1] = redis.call('HGET', P .. ':info', key) or ''
+end
+return rows
+""")
+
+SCRIPTS = (JOIN, HEARTBEAT, CLAIM, PUBLISH, DM, LEAVE, CONTROL, USERS)
 
 
 def who_command(prefix):
