@@ -65,6 +65,14 @@ def _redis_url(text):
         raise argparse.ArgumentTypeError(str(exc))
 
 
+def _listen(text):
+    from chatlib.metrics import parse_listen
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 def _default_port():
     env = os.environ.get("PORT")
     return _port(env) if env else DEFAULT_PORT
@@ -143,6 +151,25 @@ def build_parser():
     p.add_argument("--stats-interval", type=_non_negative, default=0.0, metavar="S",
                    help="log a statistics line every S seconds (0: off; "
                         "SIGUSR1 logs one at once)")
+    o = p.add_argument_group(
+        "operating it",
+        "`%(prog)s ctl COMMAND` (same user, same host) talks to the running "
+        "server over its control socket: `%(prog)s ctl help` lists the "
+        "commands (users, kick, ban, mute, announce, stats, metrics...).")
+    o.add_argument("--control", default=None, metavar="PATH",
+                   help="the control socket, mode 0600 in a directory only this "
+                        "user may write (default: $RUNTIME_DIRECTORY/PORT.sock under "
+                        "systemd, else $XDG_RUNTIME_DIR/chat-server/PORT.sock, else "
+                        "/tmp/chat-server-UID/PORT.sock); give ctl the same")
+    o.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where the bans and mutes are kept across restarts "
+                        "(default: $STATE_DIRECTORY under systemd, else "
+                        "$XDG_STATE_HOME/chat-server/PORT, else "
+                        "~/.local/state/chat-server/PORT)")
+    o.add_argument("--metrics", default=None, metavar="[HOST:]PORT", type=_listen,
+                   help="serve the statistics at http://HOST:PORT/metrics in the "
+                        "Prometheus text format; a port alone listens on loopback "
+                        "(default: off)")
     c = p.add_argument_group(
         "cluster mode",
         "Several servers, each on its own host, form one chat through a shared "

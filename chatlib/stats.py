@@ -23,7 +23,7 @@ class StatsReport:
         info, ``cluster`` is the broker's figures in cluster mode."""
         now = time.monotonic()
         elapsed = max(now - self.last_time, 1e-9)
-        totals = {key: sum(info.get(key, 0) for info in workers.values()) for key in COUNTERS}
+        totals = self.totals(workers)
         rate = {key: max(0, totals[key] - self.last_totals[key]) / elapsed for key in COUNTERS}
         self.last_totals, self.last_time = totals, now
         per_worker = ",".join(str(workers[k].get("clients", 0)) for k in sorted(workers))
@@ -36,6 +36,22 @@ class StatsReport:
                    totals["bytes_out"], totals["slow_cuts"], totals["flood_cuts"],
                    totals["batches"], batch)
                 + self.tls_part(workers) + self.cluster_part(cluster))
+
+    def figures(self, workers, users, cluster=None):
+        """The line's figures as (name, value) pairs, for the operator's
+        ``stats`` (totals since start: no rates, which only a series shows)."""
+        totals = self.totals(workers)
+        pairs = [("clients", self.clients(workers)), ("users", users),
+                 ("per-worker", ",".join(str(workers[k].get("clients", 0))
+                                         for k in sorted(workers)))]
+        pairs += [(key.replace("_", "-"), totals[key]) for key in COUNTERS]
+        for part in (self.tls_part(workers), self.cluster_part(cluster)):
+            pairs += [tuple(word.split("=", 1)) for word in part.split() if "=" in word]
+        return pairs
+
+    @staticmethod
+    def totals(workers):
+        return {key: sum(info.get(key, 0) for info in workers.values()) for key in COUNTERS}
 
     @staticmethod
     def cluster_part(cluster):
@@ -62,3 +78,39 @@ class StatsReport:
     @staticmethod
     def clients(workers):
         return sum(info.get("clients", 0) for info in workers.values())
+
+
+def snapshot(workers, acceptor, users, cluster, restarts, uptime, tls):
+    """Every figure of one node, from its processes' last heartbeats, in
+    the shape :func:`chatlib.metrics.render` takes."""
+    from chatlib.metrics import Histogram
+
+    def summed(key):
+        total = {}
+        for info in workers.values():
+            for label, count in info.get(key, {}).items():
+                total[label] = total.get(label, 0) + count
+        return total
+    totals = StatsReport.totals(workers)
+    figures = {
+        "connections": StatsReport.clients(workers), "users": users,
+        "workers": len(workers),
+        "accepted": acceptor.get("accepted", 0), "refused": acceptor.get("refused", {}),
+        "logins": summed("logins"), "messages": totals["msgs"],
+        "deliveries": totals["deliveries"], "bytes_in": totals["bytes_in"],
+        "bytes_out": totals["bytes_out"], "disconnects": summed("disconnects"),
+        "restarts": restarts, "uptime_seconds": uptime,
+        "broadcast_seconds": Histogram.merge(
+            [info["broadcast_seconds"] for info in workers.values()
+             if "broadcast_seconds" in info]),
+        "tls_handshakes": None, "cluster": None}
+    if tls:
+        figures["tls_handshakes"] = {
+            "ok": sum(info.get("tls_handshakes", 0) for info in workers.values()),
+            "failed": sum(info.get("tls_failed", 0) for info in workers.values())}
+    if cluster is not None:
+        figures["cluster"] = {"redis_up": int(cluster["redis"] == "up"),
+                              "nodes": cluster.get("nodes", 0),
+                              "entries_in": cluster["entries_in"],
+                              "entries_out": cluster["entries_out"]}
+    return figures

@@ -11,7 +11,14 @@ What it owns:
   attempts wait in the backlog while an acceptor is replaced;
 * every pipe between children: it creates them, hands each end to its process
   (as a start argument, or later with ``send_handle`` over its orders pipe),
-  and closes its own copies.
+  and closes its own copies;
+* the operator's control socket (:mod:`chatlib.control`) and the metrics
+  endpoint (``--metrics``): it answers what it knows from the heartbeats
+  (``stats``, ``metrics``), does what a signal would (``reload``) and
+  relays the rest to the broker and the workers (:mod:`chatlib.control.relay`);
+* the chat's bans and mutes as last saved, loaded at start (a file that does
+  not parse stops the server) and kept up to date by the broker, which owns
+  them: for the acceptor, and for a broker that replaces one that died.
 
 When a child dies (or misses heartbeats and is killed) it is replaced, and
 the survivors are re-wired: a new worker's pipes go to the broker and the
@@ -38,14 +45,19 @@ import signal
 import socket
 import time
 from multiprocessing import resource_tracker, util
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from multiprocessing.reduction import send_handle
 
-from chatlib import logs
+from chatlib import logs, statefile
 from chatlib.acceptor import Acceptor
-from chatlib.handoff import PLAIN, TLS
+from chatlib.control import commands
+from chatlib.control.relay import Relay
+from chatlib.control.server import ControlError, ControlServer, default_socket_path
+from chatlib.control.users import user_line
+from chatlib.handoff import PLAIN, TLS, inherited_by_fork
+from chatlib.moderation import BANS_FILE, Moderation
 from chatlib.service import run_service
-from chatlib.stats import StatsReport
+from chatlib.stats import StatsReport, snapshot
 
 log = logging.getLogger("supervisor")
 
@@ -60,6 +72,7 @@ LOOP_TIMEOUT = 0.25
 # less than a child can be blamed for, whose last heartbeat may already be a
 # quarter of the timeout old (chatlib.service sends four per timeout).
 PAUSE_NOTICED = 1.0
+WRITE_POLL = 0.01             # the loop's sleep while the control socket has output waiting
 
 
 class Child:
@@ -172,6 +185,10 @@ class Supervisor:
         self.silence_counted_from = float("-inf")  # after the supervisor's own pause
         self.listener = None          # the first of:
         self.listeners = []           # [(socket, PLAIN or TLS)]
+        self.moderation = Moderation()  # the chat's bans and mutes, as last saved
+        self.control = None           # chatlib.control.server.ControlServer
+        self.metrics = None           # chatlib.metrics.MetricsEndpoint, with --metrics
+        self.relay = Relay()          # operator commands awaiting other processes
 
     # -- the whole life -------------------------------------------------------
 
@@ -204,6 +221,8 @@ class Supervisor:
         log.info("starting: %d workers, start method %s, open-file limit %d",
                  cfg.workers, self.ctx.get_start_method(), nofile)
         try:
+            if not self.load_bans() or not self.open_endpoints():
+                return 2
             self.start_all()
             if self.wait_ready():
                 where = self.addresses()
@@ -228,6 +247,52 @@ class Supervisor:
             cfg.node_id = "%s:%d" % (socket.gethostname(), self.listener.getsockname()[1])
         cfg.node_token = secrets.token_hex(8)
         log.info("cluster %r on %s, node %s", cfg.cluster, cfg.redis, cfg.node_id)
+
+    def load_bans(self):
+        """The bans and mutes saved in the state directory (by default one
+        per port, so that two servers on one host keep their own). One
+        that does not parse stops the server, as a bad option does."""
+        cfg = self.config
+        port = self.listener.getsockname()[1]
+        if cfg.state_dir is None:
+            cfg.state_dir = statefile.default_state_dir(port)
+        path = os.path.join(cfg.state_dir, BANS_FILE)
+        try:
+            saved = statefile.load_json(path)
+            if saved is not None:
+                self.moderation = Moderation.from_json(saved)
+        except ValueError as exc:
+            log.error("cannot start: the bans file %s: %s", path, exc)
+            return False
+        if saved is not None:
+            log.info("bans and mutes from %s: %d bans, %d mutes", path,
+                     len(self.moderation.bans_listing(time.time())),
+                     len(self.moderation.mutes_listing(time.time())))
+        return True
+
+    def open_endpoints(self):
+        """The control socket (by default one per port), and with
+        ``--metrics`` the metrics endpoint."""
+        cfg = self.config
+        path = cfg.control or default_socket_path(self.listener.getsockname()[1])
+        self.control = ControlServer(path, self.on_command, log)
+        try:
+            self.control.open()
+        except ControlError as exc:
+            log.error("cannot start: %s", exc)
+            return False
+        log.info("control socket %s", path)
+        if cfg.metrics:
+            from chatlib.metrics import MetricsEndpoint, render
+            host, port = cfg.metrics
+            self.metrics = MetricsEndpoint(host, port, lambda: render(self.snapshot()), log)
+            try:
+                self.metrics.open()
+            except OSError as exc:
+                log.error("cannot serve metrics on %s:%d: %s", host, port, exc.strerror or exc)
+                return False
+            log.info("metrics at http://%s:%d/metrics" % self.metrics.address[:2])
+        return True
 
     def addresses(self):
         """``HOST:PORT``, ``HOST:PORT and HOST:PORT (TLS)``, or ``HOST:PORT (TLS)``."""
@@ -289,7 +354,7 @@ class Supervisor:
         self.connect(slot, "acceptor")
 
     def start_broker(self):
-        self.spawn(self.broker_class, None, self.worker_slots())
+        self.spawn(self.broker_class, None, self.worker_slots(), self.moderation)
         for slot in self.worker_slots():
             self.connect(slot, "broker")
 
@@ -297,7 +362,7 @@ class Supervisor:
         # Its own copies: in a forked child the supervisor's are closed.
         listeners = [(sock.dup(), kind) for sock, kind in self.listeners]
         try:
-            self.spawn(Acceptor, None, listeners, len(self.worker_slots()))
+            self.spawn(Acceptor, None, listeners, len(self.worker_slots()), self.moderation)
         finally:
             for sock, _ in listeners:
                 sock.close()
@@ -366,7 +431,12 @@ class Supervisor:
     def poll(self, timeout):
         by_reports = {c.reports: c for c in self.children.values()}
         by_sentinel = {c.process.sentinel: c for c in self.children.values()}
-        for obj in wait(list(by_reports) + list(by_sentinel) + [self.wake], timeout):
+        endpoints = [e for e in (self.control, self.metrics) if e is not None]
+        by_endpoint = {obj: e for e in endpoints for obj in e.waitables()}
+        if any(e.writing for e in endpoints):
+            timeout = min(timeout, WRITE_POLL)
+        for obj in wait(list(by_reports) + list(by_sentinel) + list(by_endpoint) + [self.wake],
+                        timeout):
             if obj is self.wake:
                 try:
                     self.wake.recv(512)
@@ -374,8 +444,16 @@ class Supervisor:
                     pass
             elif obj in by_reports:
                 self.on_message(by_reports[obj])
+            elif obj in by_endpoint:
+                by_endpoint[obj].on_ready(obj)
             else:
                 self.on_death(by_sentinel[obj])
+        now = time.monotonic()
+        self.relay.expire(now)
+        if self.metrics is not None:
+            self.metrics.tick(now)
+        for endpoint in endpoints:
+            endpoint.flush()
 
     def on_message(self, child):
         try:
@@ -393,6 +471,13 @@ class Supervisor:
             self.exit_status = 2
         elif message[0] == "heartbeat":
             child.info = message[1]
+        elif message[0] == "answer":        # to an operator's command
+            self.relay.answered(message[1], (child.role, child.slot), message[2:])
+        elif message[0] == "moderation":    # the broker changed the bans and mutes
+            self.moderation = message[1]
+            acceptor = self.children.get(("acceptor", None))
+            if acceptor is not None:
+                acceptor.order("moderation", self.moderation)
 
     def handle_signals(self):
         """Act on the recorded signals; True when the server must stop."""
@@ -409,7 +494,7 @@ class Supervisor:
                 self.log_processes()
         return stop
 
-    def handle_hup(self):
+    def handle_hup(self, by="received SIGHUP"):
         """Reopen the log file (logrotate) and reload the TLS certificate
         (certbot), whichever the server has; the log says which."""
         log_file = self.config.log_file
@@ -420,7 +505,7 @@ class Supervisor:
                 child.order("reopen-log")
         actions = [what for what, has in (("log file reopened", log_file),
                                        ("reloading the TLS certificate", tls_cert)) if has]
-        log.info("received SIGHUP: %s", "; ".join(actions) or
+        log.info("%s: %s", by, "; ".join(actions) or
                  "nothing to do (logging to stderr, no TLS certificate)")
         if tls_cert:
             self.reload_tls()
@@ -440,6 +525,88 @@ class Supervisor:
                 child.order("tls-reload")
         log.info("TLS certificate reloaded: %s (sha256 %s)", cfg.tls_cert,
                  fingerprint(cfg.tls_cert))
+
+    # -- the operator's commands (chatlib.control) ---------------------------
+
+    def on_command(self, line, reply):
+        """One command from the control socket: ``reply(lines, error)``
+        answers it, now or once the processes asked have answered."""
+        name, rest = commands.split(line)
+        if not commands.known(name):
+            reply([], "unknown-command %s (try help)" % name)
+            return
+        handler = getattr(self, "command_" + name, None)
+        if handler is not None:
+            handler(rest, reply)
+        else:
+            self.ask_broker(name, rest, reply)
+
+    def command_help(self, rest, reply):
+        reply(commands.help_lines(), None)
+
+    def command_stats(self, rest, reply):
+        reply(["%s %s" % pair for pair in self.stats.figures(*self.figures_now())], None)
+
+    def command_metrics(self, rest, reply):
+        from chatlib.metrics import render
+        reply(render(self.snapshot()).splitlines(), None)
+
+    def command_reload(self, rest, reply):
+        self.handle_hup(by="operator asked to reload")
+        reply([], None)
+
+    def command_users(self, rest, reply):
+        """Every worker's users, and the broker's list of the other nodes'."""
+        workers = [c for c in self.children.values() if c.role == "worker"]
+        broker = self.children.get(("broker", None))
+        asked = [c for c in workers + [broker] if c is not None]
+        node = self.config.node_id or socket.gethostname()
+
+        def finish(parts, complete):
+            rows = []
+            for key, part in parts.items():
+                rows.extend(part[0])
+            rows.sort(key=lambda row: row.stamp)
+            error = None if complete else "partial some processes did not answer in time"
+            return [user_line(row, node) for row in rows], error
+        request = self.relay.ask([(c.role, c.slot) for c in asked], reply, finish,
+                                 time.monotonic())
+        for child in asked:
+            if child.role == "worker":
+                child.order("users", request)
+            else:
+                child.order("control", request, "users", rest)
+
+    def ask_broker(self, name, rest, reply):
+        """A command the broker runs (kick, ban, mute, announce...)."""
+        broker = self.children.get(("broker", None))
+        if broker is None or not broker.ready:
+            reply([], "unavailable the broker is restarting: try again")
+            return
+
+        def finish(parts, complete):
+            if not complete:
+                return [], "unavailable the broker did not answer"
+            lines, error = parts[("broker", None)]
+            return lines, error
+        request = self.relay.ask([("broker", None)], reply, finish, time.monotonic())
+        broker.order("control", request, name, rest)
+
+    def figures_now(self):
+        broker = self.children.get(("broker", None))
+        info = (broker.info or {}) if broker else {}
+        return self.workers_info(), info.get("users", 0), info.get("cluster")
+
+    def snapshot(self):
+        """Every figure of this node, for ``metrics`` (chatlib.metrics)."""
+        acceptor = self.children.get(("acceptor", None))
+        restarts = {}
+        for (role, _), count in self.restarts.items():
+            restarts[role] = restarts.get(role, 0) + count
+        workers, users, cluster = self.figures_now()
+        return snapshot(workers, (acceptor.info if acceptor else None) or {}, users, cluster,
+                        restarts, time.monotonic() - self.started,
+                        tls=bool(self.config.tls_cert))
 
     def workers_info(self):
         return {c.slot: c.info or {} for c in self.children.values() if c.role == "worker"}
@@ -472,6 +639,7 @@ class Supervisor:
             child.process.kill()
             child.process.join()
         del self.children[key]
+        self.relay.gone(key)
         child.orders.close()
         child.reports.close()
         code = child.process.exitcode
@@ -544,16 +712,10 @@ class Supervisor:
         self.children.clear()
         for sock, _ in self.listeners:
             sock.close()
+        for endpoint in (self.control, self.metrics):
+            if endpoint is not None:
+                endpoint.close()
         log.info("stopped")
-
-
-def inherited_by_fork(obj):
-    """Have a child forked from now on close ``obj`` (a socket or a
-    ``Connection`` of the supervisor's) at once; return ``obj``. Under
-    ``spawn`` and ``forkserver`` a child inherits nothing anyway."""
-    util.register_after_fork(obj, Connection.close if isinstance(obj, Connection)
-                             else socket.socket.close)
-    return obj
 
 
 def notify(message):
