@@ -126,6 +126,25 @@ def bound_client(port, source):
                                                  source_address=(source, 0)))
 
 
+def control(path, command, timeout=IO_TIMEOUT):
+    """One operator command over the control socket at ``path``, as
+    ``socat`` would send it: (the answer's lines, its last line)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(command.encode() + b"\n")
+        data = b""
+        while True:
+            lines = data.split(b"\n")
+            for k, line in enumerate(lines[:-1]):
+                if line == b"OK" or line.startswith(b"ERR"):
+                    return [x.decode() for x in lines[:k]], line.decode()
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AssertionError("control socket closed after %r" % data[-200:])
+            data += chunk
+
+
 def tls_client(port, context=None):
     """A :class:`Client` over TLS; the certificate is checked only if
     ``context`` checks it."""
@@ -200,6 +219,24 @@ def wait_line(client, wanted, within):
         if line == wanted:
             return lines
         lines.append(line)
+
+
+def wait_until(check, within=IO_TIMEOUT, what="the condition"):
+    """Call ``check`` every 0.1 s until it is true; AssertionError after
+    ``within`` seconds. For what the server settles by itself (a ban
+    reaching every node, a heartbeat's figures), not for a reply."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("%s did not hold within %.0f s" % (what, within))
+        time.sleep(0.1)
+
+
+def said(client, line):
+    """What ``client`` gets back for ``line``, up to the PONG of a PING
+    sent after it."""
+    client.send(line, "PING")
+    return client.lines_until("PONG")
 
 
 def read_until_eof(client, limit=64 << 20, timeout=IO_TIMEOUT, reset_ok=True):
