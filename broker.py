@@ -42,7 +42,9 @@ from chatlib.control.users import utc
 from chatlib.directory import LocalDirectory, Router, User
 from chatlib.service import Service
 
-KICKED = "kicked"           # the reason a worker logs and counts (worker.DISCONNECT_LABELS)
+# Why a worker cuts a user when told to (it logs and counts it: worker.DISCONNECT_LABELS).
+KICKED = "kicked"
+UNAVAILABLE = "cluster unavailable"
 
 LAZY_DELAY = 0.02   # seconds an acknowledgement or a new name waits for a batch to ride on
 NO_ORIGIN = (link.SEQ, None)
@@ -720,7 +722,7 @@ class Broker(Service, Router):
             cids = None if keys is None else [
                 self.users[k].cid for k in keys if k in self.users and self.users[k].slot == slot]
             if cids is None or cids:
-                worker.outbox.append((link.EVICT, protocol.ERR_UNAVAILABLE, cids))
+                worker.outbox.append((link.EVICT, protocol.ERR_UNAVAILABLE, cids, UNAVAILABLE))
 
 
 def main(argv=None):

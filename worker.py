@@ -68,7 +68,7 @@ DISCONNECT_LABELS = {
     QUIT_REASON: "quit", "closed by client": "closed", HANGUP_REASON: "not-a-chat-client",
     INTERRUPT_REASON: "interrupt", "idle timeout": "idle-timeout",
     "login timeout": "login-timeout", "slow consumer": "slow-consumer", "flood": "flood",
-    "server shutdown": "shutdown", "unavailable": "unavailable",
+    "server shutdown": "shutdown", "cluster unavailable": "unavailable",
     KICKED_REASON: "kicked", BANNED_REASON: "banned"}
 
 
