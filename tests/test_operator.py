@@ -7,13 +7,19 @@ temporary directory (``--control``, ``--state-dir``).
 
 import os
 import re
+import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
-from support import (BROKER, IO_TIMEOUT, TestCase, bound_client, control, run_to_exit, said,
+from support import (BROKER, IO_TIMEOUT, ROOT, TestCase, bound_client, control, run_to_exit, said,
                      wait_line, wait_until)
+
+STRESS = os.path.join(ROOT, "scripts", "stress.py")
 
 
 class Operated(TestCase):
@@ -225,6 +231,43 @@ class ControlSocketTest(Operated):
         started = time.monotonic()
         self.ok("users")
         self.assertLess(time.monotonic() - started, 1.0)
+
+
+class UnderLoadTest(Operated):
+    """The operator is answered at once while the chat is busy."""
+
+    extra = ("--rate", "0", "--metrics", "127.0.0.1:0")
+
+    def test_commands_under_load_are_answered_in_well_under_a_second(self):
+        load = subprocess.Popen(
+            [sys.executable, STRESS, "fanout", "--port", str(self.srv.port), "--clients", "300",
+             "--senders", "10", "--duration", "4", "--procs", "2", "--json"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.addCleanup(lambda: load.poll() is None and os.killpg(load.pid, signal.SIGKILL))
+        wait_until(lambda: len(self.ok("users")) >= 300, what="the load's logins")
+        slowest = 0.0
+        for command in ("users", "stats", "metrics", "bans", "kick nobody") * 4:
+            started = time.monotonic()
+            self.ctl(command)
+            slowest = max(slowest, time.monotonic() - started)
+        self.assertLess(slowest, 0.5)
+        self.assertEqual(load.wait(30), 0)
+
+    def test_the_metrics_endpoint(self):
+        port = int(self.srv.wait_log(r"metrics at http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        self.client(self.srv, "ada")
+        wait_until(lambda: "chat_users 1" in self.scrape(port), what="the heartbeat's figures")
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as answer:
+            self.assertEqual(answer.headers["Content-Type"],
+                             "text/plain; version=0.0.4; charset=utf-8")
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5)
+        self.assertEqual(caught.exception.code, 404)
+
+    @staticmethod
+    def scrape(port):
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as answer:
+            return answer.read().decode()
 
 
 class StateTest(TestCase):
