@@ -508,7 +508,7 @@ class Broker(Service, Router):
             raise ValueError("usage: ban TARGET [DURATION] [REASON]")
         target = moderation.parse_target(words[0])
         rest = words[1] if len(words) > 1 else ""
-        expires, reason = self.until(rest)
+        expires, reason = self.duration_and_reason(rest)
         now = time.time()
         self.moderate([("ban", target, expires, reason, now)])
         self.log.info("operator: banned %s until %s%s", target, utc(expires),
@@ -562,7 +562,7 @@ class Broker(Service, Router):
         self.origin = None
 
     @staticmethod
-    def until(rest):
+    def duration_and_reason(rest):
         """``[DURATION] [REASON]``: (expiry or None, reason)."""
         words = rest.split(None, 1)
         if words and moderation.looks_like_duration(words[0]):
@@ -589,6 +589,7 @@ class Broker(Service, Router):
     def moderation_changed(self, published):
         """Saved, handed to the workers and the supervisor, and the
         ``published`` changes to the other nodes."""
+        self.moderation.prune(time.time())
         try:
             statefile.save_json(self.bans_path(), self.moderation.to_json())
         except OSError as exc:
@@ -665,10 +666,12 @@ class Broker(Service, Router):
                 _, key, reason = record
                 if key in self.users:
                     self.kick(key, reason)
+                    self.log.info("operator, on another node: kicked %s", key)
             elif kind == "announce":
                 self.announce(record[1], ("ctl", number))
             elif kind == "moderation":
-                self.moderate([record[1]], publish=False)
+                if self.moderate([record[1]], publish=False):
+                    self.log.info("operator, on another node: %s %s", *record[1][:2])
 
     def restore_moderation(self, ops, kept):
         """Joined: the chat's bans and mutes as Redis holds them, or, when

@@ -102,6 +102,7 @@ class Worker(Service):
         self.broadcast_seconds = Histogram(BROADCAST_BOUNDS)
         self.first_unwritten = None    # when the oldest MSG not yet written was read
         self.moderation = Moderation()  # the chat's bans and mutes (link.MODERATION)
+        self.mutes = False         # any mute at all: the hot path looks no further
         self.next_cid = 1
         self.now = time.monotonic()
         self.next_sweep = self.now
@@ -404,7 +405,7 @@ class Worker(Service):
 
     def run_lines(self, c, lines):
         """Run lines in order until one needs the broker; return the rest."""
-        muted = c.name is not None and self.moderation and self.moderation.muted(
+        muted = self.mutes and c.name is not None and self.moderation.muted(
             c.name.lower(), time.time())
         if c.name is not None and len(lines) > 1 and not muted:
             block = protocol.msg_block(lines, c.name_b)
@@ -592,6 +593,7 @@ class Worker(Service):
         """The chat's bans and mutes changed: whoever a ban now matches goes,
         logged in or not."""
         self.moderation = moderation
+        self.mutes = moderation.has_mutes
         now = time.time()
         for c in list(self.clients.values()):
             if (c.name is not None and moderation.banned_name(c.name.lower(), now)) \

@@ -253,6 +253,10 @@ class Moderation:
     def has_address_bans(self):
         return bool(self._addresses or self._networks)
 
+    @property
+    def has_mutes(self):
+        return bool(self._mutes)
+
     # Changes.
 
     def ban(self, target, expires, reason, now):
