@@ -144,6 +144,14 @@ class Server:
         else:
             self.command, self.args = list(command), []
         self.args += [str(a) for a in args]
+        if command is None and broker == BROKER:
+            # This tree's server: a control socket and a state directory of
+            # its own, not the operator's defaults (a killed server leaves
+            # its socket behind), removed when the tool or test exits.
+            private = tempfile.mkdtemp(prefix="server-", dir=_private_root())
+            for option, path in (("--control", "control.sock"), ("--state-dir", "state")):
+                if option not in self.args:
+                    self.args += [option, os.path.join(private, path)]
         self.env = dict(os.environ, **(env or {}))
         self.preexec = _die_with_parent if die_with_parent and sys.platform == "linux" else None
         self.proc = None
@@ -323,6 +331,19 @@ class Server:
         self.kill()
         self.relaunch()
         return self.wait_ready(timeout)
+
+
+_PRIVATE_ROOT = []
+
+
+def _private_root():
+    """One directory for this process's servers' sockets and state, removed
+    at exit."""
+    if not _PRIVATE_ROOT:
+        import atexit
+        _PRIVATE_ROOT.append(tempfile.mkdtemp(prefix="chat-harness-"))
+        atexit.register(shutil.rmtree, _PRIVATE_ROOT[0], True)
+    return _PRIVATE_ROOT[0]
 
 
 def lease_left(log_lines):
