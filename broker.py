@@ -516,12 +516,8 @@ class Broker(Service, Router):
         self.reply(request)
 
     def handle_unban(self, request, rest):
-        target = moderation.parse_target(rest.strip())
-        if not self.moderate([("unban", target)]):
-            self.reply(request, [], "not-banned")
-            return
-        self.log.info("operator: unbanned %s", target)
-        self.reply(request)
+        self.lift(request, ("unban", moderation.parse_target(rest.strip())), "unbanned",
+                  "not-banned")
 
     def handle_bans(self, request, rest):
         now = time.time()
@@ -541,10 +537,14 @@ class Broker(Service, Router):
 
     def handle_unmute(self, request, rest):
         key, _ = self.name_and_until(rest, "unmute NAME")
-        if not self.moderate([("unmute", key)]):
-            self.reply(request, [], "not-muted")
+        self.lift(request, ("unmute", key), "unmuted", "not-muted")
+
+    def lift(self, request, op, done, missing):
+        """An unban or unmute; ERR ``missing`` when there was none to lift."""
+        if not self.moderate([op]):
+            self.reply(request, [], missing)
             return
-        self.log.info("operator: unmuted %s", key)
+        self.log.info("operator: %s %s", done, op[1])
         self.reply(request)
 
     def handle_announce(self, request, rest):
