@@ -885,10 +885,14 @@ class Ping(Load):
         return self.finish_round_trips(self.clients, deadline, b"PINGs")
 
 
-class Handshake(Load):
-    """TLS only: ``--clients`` connections at a time, each a TCP connect, a
-    handshake, a PING answered, and a close; then the next one. Nobody logs
-    in: the PONG proves the server finished its side of the handshake."""
+class ShortLived(Load):
+    """``--clients`` connections at a time, each opened in the run and
+    closed once its exchange is over, then replaced by the next. Nobody
+    logs in and nothing is set up: a subclass says how an exchange starts
+    and judges it, calling :meth:`end`. The run reply counts the exchanges
+    done in the run window under ``EVENT``; each is timed from its connect."""
+
+    EVENT = TAG = None          # the run reply's count; the clients' name tag
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -899,47 +903,56 @@ class Handshake(Load):
     def make_clients(self):
         return []                       # no set-up: each comes and goes in the run
 
-    def start_session(self, c):
-        self.write(c, b"PING\n")
-
     def new_connection(self, slot):
         self.lives += 1
-        c = Client(slot, b"%sh%d.%d" % (self.cfg["prefix"], slot, self.lives))
+        c = Client(slot, b"%s%s%d.%d" % (self.cfg["prefix"], self.TAG, slot, self.lives))
         if self.open(c):
             self.clients.append(c)
 
-    def on_eof(self, c):
-        super().on_eof(c)
+    def end(self, c, ok):
+        """``c``'s exchange is over (counted and timed if ``ok`` and in the
+        run window): close it and start the next in its slot."""
+        if ok and self.running:
+            self.done += 1
+            self.rtt.append(self.now - c.t0)
+        self.close(c)
         self.clients.remove(c)
         if self.running:
             self.new_connection(c.idx)
+
+    def phase_run(self, t_start, t_end):
+        slots = range(self.proc, self.cfg["clients"], self.cfg["procs"])
+        self.run_window(t_start, t_end, lambda: [self.new_connection(k) for k in slots])
+        return {self.EVENT: self.done, "t_stop": self.now}
+
+    def phase_finish(self, expect, deadline):
+        complete = self.pump_until(deadline, lambda: not self.clients)
+        for c in list(self.clients):
+            self.fail("lost", b"%s: its exchange unfinished at the end" % c.name)
+            self.close(c)
+        return self.report({"rtt": self.rtt.tobytes(), "complete": complete})
+
+
+class Handshake(ShortLived):
+    """TLS only: each connection is a TCP connect, a handshake, a PING
+    answered, and a close. The PONG proves the server finished its side of
+    the handshake."""
+
+    EVENT, TAG = "handshakes", b"h"
+
+    def start_session(self, c):
+        self.write(c, b"PING\n")
+
+    def on_eof(self, c):
+        self.fail("lost-connection", c.name)
+        self.end(c, False)
 
     def logged_in(self, c, answer):
         """The first line: the PONG that ends one handshake's life."""
         if answer != b"PONG":
             self.unexpected(c, answer)
-        elif self.running:
-            self.done += 1
-            self.rtt.append(self.now - c.t0)
-        c.state = CLOSED
-        self.logins_pending -= 1
-        self.close(c)
-        self.clients.remove(c)
-        if self.running:
-            self.new_connection(c.idx)
+        self.end(c, answer == b"PONG")
         return False
-
-    def phase_run(self, t_start, t_end):
-        slots = range(self.proc, self.cfg["clients"], self.cfg["procs"])
-        self.run_window(t_start, t_end, lambda: [self.new_connection(k) for k in slots])
-        return {"handshakes": self.done, "t_stop": self.now}
-
-    def phase_finish(self, expect, deadline):
-        complete = self.pump_until(deadline, lambda: not self.clients)
-        for c in list(self.clients):
-            self.fail("lost", b"%s: no PONG after its handshake" % c.name)
-            self.close(c)
-        return self.report({"rtt": self.rtt.tobytes(), "complete": complete})
 
 
 class Churn(Load):
