@@ -75,6 +75,7 @@ BULK_LINES = 16             # reads of at least this many lines are checked in b
 EXPECT_BLOCK = 256          # expected MSG lines built at a time, per sender
 TOOL_BOUND = 0.85           # of its cores: the tool, not the server, was the limit
 BIG = 1 << 62               # "no constraint" in shared progress slots
+CTL_TIMEOUT = 10.0          # seconds a --ctl command may take to be answered
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 # Board slots per process (shared memory the coordinator reads for progress).
@@ -1489,10 +1490,14 @@ def spawn_args(args):
     return extra + args.server_arg
 
 
-def spawn(args, tls=None):
+def spawn(args, tls=None, control=None):
     """The servers --spawn-server or --spawn-cluster asks for, started: (the
     servers, the cluster or None). With ``tls`` (a certificate and its key)
-    they serve TLS only, on the port the clients go to."""
+    they serve TLS only, on the port the clients go to. With ``control`` (a
+    path, for --ctl) the server's control socket is there, and its state
+    directory beside it: by default a ban would be saved under the user's
+    home and greet the next server on that port. Without it neither option
+    is given, which a --broker from before the control socket would refuse."""
     if args.spawn_cluster:
         cluster = start_cluster(args.spawn_cluster, workers=args.workers,
                                 extra_args=spawn_args(args), name="stress",
@@ -1500,10 +1505,33 @@ def spawn(args, tls=None):
                                 broker=args.broker)
         return cluster.nodes, cluster
     if args.spawn_server:
-        return [Server(*spawn_args(args), host=args.host, workers=args.workers,
+        extra = ["--control", control, "--state-dir",
+                 os.path.join(os.path.dirname(control), "state")] if control else []
+        return [Server(*spawn_args(args), *extra, host=args.host, workers=args.workers,
                        die_with_parent=True, tls=tls, tls_only=bool(tls),
                        broker=args.broker).start()], None
     return [], None
+
+
+def operate(path, command):
+    """Send the operator's ``command`` over the control socket at ``path``
+    and read its answer, lines until ``OK`` or ``ERR ...``; StressError
+    unless ``OK``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CTL_TIMEOUT)
+        try:
+            sock.connect(path)
+            sock.sendall(command.encode() + b"\n")
+            with sock.makefile("rb") as answer:
+                for raw in answer:
+                    line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+                    if line == "OK":
+                        return
+                    if line == "ERR" or line.startswith("ERR "):
+                        raise StressError("--ctl %r: %s" % (command, line))
+        except OSError as exc:
+            raise StressError("--ctl %r: %s" % (command, exc))
+    raise StressError("--ctl %r: the server closed the control socket unanswered" % command)
 
 
 def one_or_all(values):
@@ -1515,14 +1543,21 @@ def run(args):
     raise_nofile_limit()
     result = {"scenario": args.scenario, "tls": args.tls}
     failures, examples = Counter(), {}
-    servers, cluster, fleet, cert_dir = [], None, None, None
+    servers, cluster, fleet, scratch = [], None, None, None
     tool_cpu0 = own_cpu()
     try:
-        tls = None
-        if args.tls and (args.spawn_server or args.spawn_cluster):
-            cert_dir = tempfile.mkdtemp(prefix="chat-stress-tls-")
-            tls = self_signed(cert_dir)
-        servers, cluster = spawn(args, tls)
+        spawning = args.spawn_server or args.spawn_cluster
+        if spawning and (args.tls or args.ctl):     # the certificate, the control socket
+            scratch = tempfile.mkdtemp(prefix="chat-stress-")
+        tls = self_signed(scratch) if spawning and args.tls else None
+        control = os.path.join(scratch, "control.sock") if args.ctl else None
+        servers, cluster = spawn(args, tls, control)
+        # A ban reaches the acceptor a moment after its OK: the stress
+        # processes start long after that (and the run 0.2 s later still).
+        for command in args.ctl:
+            operate(control, command)
+        if args.ctl:
+            result["ctl"] = args.ctl
         if servers:
             host = "127.0.0.1" if cluster else args.host
             args.targets = [(host, server.port) for server in servers]
@@ -1563,8 +1598,8 @@ def run(args):
                 failures["server-exit"] += 1
                 examples["server-exit"] = ["server exited with %s after SIGTERM"
                                            % one_or_all(codes)]
-        if cert_dir:
-            shutil.rmtree(cert_dir, ignore_errors=True)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     result["failures"] = dict(failures)
     result["examples"] = examples
     result["ok"] = not failures
@@ -1649,6 +1684,10 @@ def build_parser():
     g.add_argument("--server-pid", type=number_list, default=[], metavar="PID[,PID...]",
                    help="pid of a running server (or of each node): report their CPU and "
                         "memory, summed, from /proc")
+    g.add_argument("--ctl", action="append", default=[], metavar="COMMAND",
+                   help="an operator's command (as for 'broker.py ctl') sent to the "
+                        "spawned server's control socket before the load starts, e.g. "
+                        "'ban 127.0.0.0/8' (repeat; --spawn-server only)")
     g.add_argument("--tls", action="store_true",
                    help="every client speaks TLS (no certificate check): --port and "
                         "--target are then TLS ports; --spawn-* make a throw-away "
@@ -1759,6 +1798,9 @@ def check_args(parser, args):
         args.tls = True
     if args.spawn_server and args.spawn_cluster:
         parser.error("--spawn-server or --spawn-cluster, not both")
+    if args.ctl and not args.spawn_server:
+        parser.error("--ctl talks to the server --spawn-server starts: for a running "
+                     "server, use 'broker.py ctl' before the run")
     if args.target and (args.spawn_server or args.spawn_cluster):
         parser.error("--target names running servers: not with --spawn-*")
     if args.tls and (args.spawn_server or args.spawn_cluster) and not shutil.which("openssl"):

@@ -188,6 +188,19 @@ class StressScenarios(support.TestCase):
         self.assertGreater(r["lives"], 12)
         self.assertTrue(r["drain_complete"])
 
+    def test_ctl_commands_go_to_the_spawned_server(self):
+        """--ctl: a refused command makes the run fail, saying the answer;
+        the control socket and the state directory go with the server."""
+        own_tmp = tempfile.mkdtemp(prefix="chat-stress-test-")
+        self.addCleanup(shutil.rmtree, own_tmp, True)
+        status, r = stress("connect", "--spawn-server", "--clients", 2, "--hold", 0,
+                           "--settle", 0, "--ctl", "ban 192.0.2.0/24", "--ctl", "frobnicate",
+                           env=dict(os.environ, TMPDIR=own_tmp))
+        self.assertEqual(status, 1)
+        self.assertIn("'frobnicate': ERR unknown-command", r["examples"]["fatal"][0], r)
+        self.assertEqual(r["server_exit"], 0)
+        self.assertEqual(os.listdir(own_tmp), [])
+
     def test_slow_consumers_are_cut(self):
         status, r = stress("slow", "--spawn-server", "--clients", 12, "--slow", 2,
                            "--max-pending", 65536)
