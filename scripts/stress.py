@@ -1370,6 +1370,9 @@ def drive(args, cfg, fleet, monitor, redis=None):
     if before and after_setup:
         result["server_cpu_setup_s"] = round(after_setup[0] - before[0], 2)
     if args.scenario == "connect":
+        if before and after_setup and result["logged_in"]:     # the logins are the load
+            result["server_cpu_us_per_login"] = round(
+                (after_setup[0] - before[0]) / result["logged_in"] * 1e6, 1)
         time.sleep(args.settle)
         after = monitor.usage()
         if before and after:
@@ -1418,7 +1421,8 @@ def cpu_per_unit(result):
     units = [("deliveries_per_s", "server_cpu_us_per_delivery", 1e6),
              ("round_trips_per_s", "server_cpu_us_per_round_trip", 1e6),
              ("pongs_per_s", "server_cpu_us_per_pong", 1e6),
-             ("handshakes_per_s", "server_cpu_ms_per_handshake", 1e3)]
+             ("handshakes_per_s", "server_cpu_ms_per_handshake", 1e3),
+             ("lives_per_s", "server_cpu_us_per_life", 1e6)]
     for rate, name, scale in units:
         if result.get(rate) and duration:
             return {name: round(cpu / (result[rate] * duration) * scale, 4)}

@@ -180,6 +180,7 @@ class StressScenarios(support.TestCase):
         self.assertEqual((r["logged_in"], r["alive_after_hold"]), (300, 300))
         self.assertGreater(r["logins_per_s"], 0)
         self.assertIn("server_kb_per_client", r)
+        self.assertGreater(r["server_cpu_us_per_login"], 0)
 
     def test_churn(self):
         status, r = stress("churn", "--spawn-server", "--clients", 12, "--observers", 4,
@@ -187,6 +188,7 @@ class StressScenarios(support.TestCase):
         self.assertPassed(status, r)
         self.assertGreater(r["lives"], 12)
         self.assertTrue(r["drain_complete"])
+        self.assertGreater(r["server_cpu_us_per_life"], 0)
 
     def test_ctl_commands_go_to_the_spawned_server(self):
         """--ctl: a refused command makes the run fail, saying the answer;
