@@ -28,6 +28,10 @@ throw-away self-signed certificate with ``openssl`` and start the servers
 their TLS ports. Without ``--tls`` no TLS code runs at all: ``OverTls`` is
 mixed into a scenario only for a TLS run.
 
+``--ctl COMMAND`` sends an operator's command to the control socket of the
+server ``--spawn-server`` starts, before the load: ``--ctl 'ban 127.0.0.0/8'``
+for ``refused``, whose every connection must get ``ERR banned`` and EOF.
+
 Standard library only; Linux for the server figures (read from /proc).
 """
 
@@ -956,6 +960,46 @@ class Handshake(ShortLived):
         return False
 
 
+class Refused(ShortLived):
+    """Each connection, from an address the server bans, must get exactly
+    ``--expect-line`` (``ERR banned``) and then EOF, within ``--timeout``
+    of its connect. It sends nothing: the refusal is measured alone, and the
+    acceptor's close never meets unread input (which would be a reset)."""
+
+    EVENT, TAG = "refusals", b"x"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.refusal = self.cfg["expect_line"].encode() + b"\n"
+        self.timeout_ns = int(self.cfg["timeout"] * 1e9)
+
+    def start_session(self, c):
+        """Connected: wait for the refusal."""
+
+    def received(self, c, data):
+        c.carry += data
+        if not self.refusal.startswith(c.carry):
+            self.fail("unexpected-line", b"%s got %r" % (c.name, c.carry[:100]))
+            self.end(c, False)
+
+    def on_eof(self, c):
+        if c.carry != self.refusal:
+            self.fail("unexpected-line" if c.carry else "closed-without-a-line",
+                      b"%s got %r, then EOF" % (c.name, c.carry[:100]))
+        self.end(c, c.carry == self.refusal)
+
+    def tick(self):
+        """Connections still open ``--timeout`` after their connect were
+        not refused (one whose connect failed, counted then, is replaced
+        now). ``clients`` is in order of connect: the oldest first."""
+        while self.clients and self.now - self.clients[0].t0 > self.timeout_ns:
+            c = self.clients[0]
+            if c.sock is not None:
+                self.fail("not-refused", b"%s: no EOF %.1f s after its connect (got %r)"
+                          % (c.name, self.cfg["timeout"], c.carry[:100]))
+            self.end(c, False)
+
+
 class Churn(Load):
     """Clients keep arriving, chatting and leaving; observers stay throughout.
 
@@ -1086,7 +1130,7 @@ class Churn(Load):
 
 
 LOADS = {"fanout": Broadcast, "slow": Broadcast, "dm": Dm, "connect": Connect, "churn": Churn,
-         "ping": Ping, "handshake": Handshake}
+         "ping": Ping, "handshake": Handshake, "refused": Refused}
 
 
 class OverTls:
@@ -1328,7 +1372,7 @@ def scenario_expectations(scenario, runs):
 # Scenarios whose run phase counts one kind of event, each timed: the
 # run replies' count (also the figures' name) and the latency figures' prefix.
 TIMED_EVENTS = {"dm": ("round_trips", "rtt"), "ping": ("pongs", "rtt"),
-                "handshake": ("handshakes", "handshake")}
+                "handshake": ("handshakes", "handshake"), "refused": ("refusals", "refusal")}
 
 
 def scenario_figures(args, runs, fins, window):
@@ -1422,7 +1466,8 @@ def cpu_per_unit(result):
              ("round_trips_per_s", "server_cpu_us_per_round_trip", 1e6),
              ("pongs_per_s", "server_cpu_us_per_pong", 1e6),
              ("handshakes_per_s", "server_cpu_ms_per_handshake", 1e3),
-             ("lives_per_s", "server_cpu_us_per_life", 1e6)]
+             ("lives_per_s", "server_cpu_us_per_life", 1e6),
+             ("refusals_per_s", "server_cpu_us_per_refusal", 1e6)]
     for rate, name, scale in units:
         if result.get(rate) and duration:
             return {name: round(cpu / (result[rate] * duration) * scale, 4)}
@@ -1657,6 +1702,16 @@ EXAMPLES = {
     "handshake": "examples:\n"
                  "  stress.py handshake --spawn-server --workers 2 --clients 20 --duration 10\n"
                  "  stress.py handshake --port 6697 --server-pid 1234 --clients 20",
+    "refused": "examples:\n"
+               "  stress.py refused --spawn-server --workers 2 --ctl 'ban 127.0.0.0/8' "
+               "--clients 200 --duration 5\n"
+               "  stress.py refused --port 4000 --server-pid 1234 --clients 200\n"
+               "      (against a running server: broker.py ctl ban 127.0.0.0/8 first)\n"
+               "a refusal against a login, 200 in flight, each on a fresh server:\n"
+               "  stress.py refused --spawn-server --ctl 'ban 127.0.0.0/8' --procs 2 --clients 200\n"
+               "  stress.py connect --spawn-server --procs 2 --concurrency 100 --clients 2000\n"
+               "  then refusals_per_s against logins_per_s, and server_cpu_us_per_refusal\n"
+               "  against server_cpu_us_per_login",
     "slow": "examples:\n"
             "  stress.py slow --spawn-server --clients 50 --slow 5\n"
             "  stress.py slow --port 4000 --server-pid 1234 --clients 100 --slow 10",
@@ -1767,6 +1822,16 @@ def build_parser():
     h.add_argument("--msgs", type=int, default=3, help="MSGs per life (default %(default)s)")
     h.add_argument("--size", type=int, default=32)
 
+    x = scenario("refused", "N connections at a time from banned addresses: each must "
+                            "get one line (ERR banned) and EOF; refusals/s, server CPU "
+                            "per refusal")
+    x.add_argument("--clients", type=int, default=200, help="connections at a time")
+    x.add_argument("--duration", type=float, default=5.0)
+    x.add_argument("--expect-line", default="ERR banned", metavar="LINE",
+                   help="the one line each must get (default: %(default)s)")
+    x.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="seconds from a connect to its EOF (default %(default)s)")
+
     s = scenario("slow", "some clients stop reading while others chat; "
                          "they must be cut with ERR slow-consumer, the others lose nothing")
     s.add_argument("--clients", type=int, default=50)
@@ -1800,6 +1865,8 @@ def host_port(text):
 def check_args(parser, args):
     if args.scenario == "handshake":
         args.tls = True
+    if args.scenario == "refused" and args.tls:
+        parser.error("refused: the server refuses a TLS client without a word; no --tls")
     if args.spawn_server and args.spawn_cluster:
         parser.error("--spawn-server or --spawn-cluster, not both")
     if args.ctl and not args.spawn_server:

@@ -190,6 +190,17 @@ class StressScenarios(support.TestCase):
         self.assertTrue(r["drain_complete"])
         self.assertGreater(r["server_cpu_us_per_life"], 0)
 
+    def test_refused(self):
+        """A banned address: each connection gets ERR banned, then EOF."""
+        status, r = stress("refused", "--spawn-server", "--workers", 2,
+                           "--ctl", "ban 127.0.0.0/8", "--clients", 20, "--duration", 1)
+        self.assertPassed(status, r)
+        self.assertEqual(r["ctl"], ["ban 127.0.0.0/8"])
+        self.assertGreater(r["refusals"], 20)
+        self.assertEqual(r["refusal_samples"], r["refusals"])
+        self.assertLessEqual(r["refusal_p50_ms"], r["refusal_p99_ms"])
+        self.assertGreater(r["server_cpu_us_per_refusal"], 0)
+
     def test_ctl_commands_go_to_the_spawned_server(self):
         """--ctl: a refused command makes the run fail, saying the answer;
         the control socket and the state directory go with the server."""
@@ -432,6 +443,21 @@ class OracleCanFail(support.TestCase):
         status, r = self.run_against("echo")
         self.assertEqual(status, 1)
         self.assertGreater(r["failures"].get("echo-to-sender", 0), 0, r["failures"])
+
+    def test_refused_needs_the_line_and_the_close(self):
+        """refused: another line fails; so does a server that accepts and
+        waits (no ban), once --timeout has passed."""
+        status, r = stress("refused", "--spawn-server", "--ctl", "ban 127.0.0.0/8",
+                           "--expect-line", "ERR nope", "--clients", 4, "--duration", 0.3)
+        self.assertEqual(status, 1)
+        self.assertGreater(r["failures"].get("unexpected-line", 0), 0, r["failures"])
+        self.assertIn("b'ERR banned\\n'", r["examples"]["unexpected-line"][0])
+        self.assertEqual(r["refusals"], 0)
+        status, r = stress("refused", "--spawn-server", "--clients", 4, "--duration", 0.3,
+                           "--timeout", 0.2)
+        self.assertEqual(status, 1)
+        self.assertEqual(set(r["failures"]), {"not-refused"}, r["failures"])
+        self.assertEqual(r["refusals"], 0)
 
     def test_duplicates_and_reordering_are_reported(self):
         for fault in ("duplicate", "reorder"):
