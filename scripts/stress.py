@@ -320,12 +320,11 @@ class Load:
 
     def logged_in(self, c, answer):
         """Judge the answer to LOGIN; True if ``c`` may go on."""
-        self.logins_pending -= 1
         if answer != b"OK":
-            c.state = LEAVING
             self.fail("login-failed", b"%s: %r" % (c.name, answer))
-            self.close(c)
+            self.close(c)           # still LOGGING_IN: one login less pending
             return False
+        self.logins_pending -= 1
         c.state = READY
         self.connected += 1
         self.login_ns.append(self.now - c.t0)

@@ -444,6 +444,13 @@ class OracleCanFail(support.TestCase):
         self.assertEqual(status, 1)
         self.assertGreater(r["failures"].get("echo-to-sender", 0), 0, r["failures"])
 
+    def test_refused_logins_are_failures(self):
+        status, r = stress("connect", "--spawn-server", "--ctl", "ban 127.0.0.0/8",
+                           "--clients", 4, "--hold", 0, "--settle", 0)
+        self.assertEqual(status, 1)
+        self.assertEqual(r["failures"], {"login-failed": 4})
+        self.assertEqual((r["logged_in"], r["alive_after_hold"]), (0, 0))
+
     def test_refused_needs_the_line_and_the_close(self):
         """refused: another line fails; so does a server that accepts and
         waits (no ban), once --timeout has passed."""
