@@ -123,6 +123,8 @@ class Acceptor(Service):
             self.detach(order[1])
         elif order[0] == "moderation":
             self.moderation = order[1]
+        elif order[0] == "sync":          # every order before it is applied
+            self._report(("answer", order[1]))
         else:
             super().on_order(order)
 
@@ -374,11 +376,12 @@ class Acceptor(Service):
         if kind == TLS:
             return
         try:
-            sock.setblocking(False)
-            sock.send(line)
+            # Non-blocking by flag: a refusal costs no ioctl (the banned
+            # flood is all refusals: docs/BENCHMARKS.md).
+            sock.send(line, socket.MSG_DONTWAIT)
             # Drop what it sent meanwhile (a held one had time to send its
             # LOGIN): closed with unread input, a connection is reset, and
             # the client may never read the line.
-            sock.recv(65536)
+            sock.recv(65536, socket.MSG_DONTWAIT)
         except OSError:
             pass

@@ -235,6 +235,7 @@ class Moderation:
         self._names = {}        # key: Ban
         self._addresses = {}    # canonical address: Ban
         self._networks = {}     # ipaddress network: Ban
+        self._lengths = None    # (IP version, prefix length) of those networks
         self._mutes = {}        # key: Mute
         for op in ops:
             self.apply(op)
@@ -286,6 +287,7 @@ class Moderation:
         ``("unmute", key)``; ValueError if it is none of these. True if it
         changed anything: the same op twice changes nothing the second time."""
         kind, key, *fields = _checked(op)
+        self._lengths = None
         if kind == "ban":
             return self._set_ban(Ban(key, *fields))
         if kind == "mute":
@@ -300,11 +302,13 @@ class Moderation:
                 "network": self._networks}[kind], index
 
     def _set_ban(self, ban):
+        self._lengths = None
         return _set(*self._place(ban.target), ban)
 
     def prune(self, now):
         """Drop the entries expired by ``now``; True if any went."""
         pruned = False
+        self._lengths = None
         for table in (self._names, self._addresses, self._networks, self._mutes):
             expired = [index for index, record in table.items() if not _live(record, now)]
             for index in expired:
@@ -338,9 +342,18 @@ class Moderation:
         ban = self._addresses.get(ip)
         if ban is not None and _live(ban, now):
             return ban
-        for network, ban in self._networks.items():
-            if address in network and _live(ban, now):
-                return ban
+        if self._networks:
+            # One lookup per prefix length in use, however many blocks are banned.
+            if self._lengths is None:
+                self._lengths = {(n.version, n.prefixlen) for n in self._networks}
+            bits, number = address.max_prefixlen, int(address)
+            network_class = ipaddress.IPv4Network if address.version == 4 else ipaddress.IPv6Network
+            for version, length in self._lengths:
+                if version == address.version:
+                    block = network_class((number >> (bits - length) << (bits - length), length))
+                    ban = self._networks.get(block)
+                    if ban is not None and _live(ban, now):
+                        return ban
         return None
 
     def muted(self, key, now):

@@ -44,6 +44,7 @@ import secrets
 import signal
 import socket
 import time
+from functools import partial
 from multiprocessing import resource_tracker, util
 from multiprocessing.connection import wait
 from multiprocessing.reduction import send_handle
@@ -589,8 +590,22 @@ class Supervisor:
                 return [], "unavailable the broker did not answer"
             lines, error = parts[("broker", None)]
             return lines, error
+        if name in ("ban", "unban"):
+            reply = partial(self.when_acceptor_has_it, reply)
         request = self.relay.ask([("broker", None)], reply, finish, time.monotonic())
         broker.order("control", request, name, rest)
+
+    def when_acceptor_has_it(self, reply, lines, error):
+        """A ban's OK waits until the acceptor refuses what it bans: the
+        acceptor answers a sync once it has read every order before it,
+        the bans among them."""
+        acceptor = self.children.get(("acceptor", None))
+        if error is not None or acceptor is None:
+            reply(lines, error)
+            return
+        request = self.relay.ask([("acceptor", None)], reply,
+                                 lambda parts, complete: (lines, None), time.monotonic())
+        acceptor.order("sync", request)
 
     def figures_now(self):
         broker = self.children.get(("broker", None))

@@ -148,6 +148,9 @@ class ControlSocketTest(Operated):
         self.addCleanup(near.close)
         near.login("near")
         self.ok("ban 127.0.1.0/24")
+        at_once = bound_client(self.srv.port, "127.0.1.10")    # OK: the acceptor has it
+        self.addCleanup(at_once.close)
+        self.assertEqual(at_once.expect_closed(), ["ERR banned"])
         self.assertEqual(near.expect_closed(), ["ERR banned"])
         self.client(self.srv, "still-here").send("PING")
         self.ok("unban 127.0.0.2")
