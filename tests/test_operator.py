@@ -156,7 +156,7 @@ class ControlSocketTest(Operated):
         self.ok("unban 127.0.0.2")
         self.ok("unban 127.0.1.0/24")
         bound_client(self.srv.port, "127.0.0.2").login("back").close()
-        self.wait_metric('chat_connections_refused_total{reason="banned"}', "1")
+        self.wait_metric('chat_connections_refused_total{reason="banned"}', "2")
 
     def test_ban_expires(self):
         bob = self.client(self.srv, "bob")
