@@ -14,14 +14,12 @@ Three parts, each usable alone:
   :class:`RequestReader`, and :func:`response` makes the bytes of the answer.
 """
 
-import email.utils
 import ipaddress
 import math
 import re
 import socket
 import time
 from bisect import bisect_left
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
 from chatlib.handoff import inherited_by_fork
@@ -91,8 +89,7 @@ class Histogram:
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 
 
-@dataclass(frozen=True)
-class Family:
+class Family(NamedTuple):
     """One metric family: where its figure is in the snapshot, and how it
     is shown. A figure that is a dict gives one series per key, in the
     dict's order, the key as the value of label ``label``."""
@@ -268,8 +265,7 @@ _HEADER_LINE = re.compile(r"(%s):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\Z" % 
 _ABSOLUTE_FORM = re.compile(r"https?://[^/?#]*", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     """What to answer a request: its status, and whether the body is left
     out (HEAD)."""
     status: int
@@ -341,6 +337,16 @@ def decide(head):
     if method not in ALLOWED_METHODS:
         return Answer(NOT_ALLOWED, head_only)
     return Answer(OK, head_only)
+
+
+def http_date(when):
+    """An HTTP ``Date`` (RFC 9110, IMF-fixdate): English names whatever the
+    locale, which ``time.strftime`` would follow."""
+    t = time.gmtime(when)
+    return "%s, %02d %s %d %02d:%02d:%02d GMT" % (
+        ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[t.tm_wday], t.tm_mday,
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
+         "Dec")[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
 
 
 def response(answer, metrics_text=None, date=None):
@@ -509,7 +515,7 @@ class MetricsEndpoint:
             except Exception:             # a bug in the figures must not stop the server
                 self.log.exception("metrics: rendering failed")
                 answer = Answer(SERVER_ERROR, answer.head_only)
-        output = response(answer, text, email.utils.formatdate(usegmt=True))
+        output = response(answer, text, http_date(time.time()))
         exchange.pending_output = memoryview(output)
         exchange.state = WRITING
         self._send(exchange)

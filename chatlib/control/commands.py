@@ -6,11 +6,10 @@ entry. A command with sub-commands (``account add NAME``, ``account
 password NAME``) takes one entry per form, all under the same name.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     usage: str            # as typed: the name, then its arguments
     description: str      # one line
 
