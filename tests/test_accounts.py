@@ -1,0 +1,250 @@
+"""Unit tests of accounts (chatlib/accounts.py): passwords and their
+hashes, the state and its operations. Hashes use a cheap cost (CHEAP)."""
+
+import base64
+import json
+import os
+import pickle
+import pickletools
+import unittest
+from unittest import mock
+
+from support import UnitTestCase
+
+from chatlib import accounts as accounts_module
+from chatlib.accounts import (DEFAULT_COST, MAX_OP_BYTES, MAX_PASSWORD_BYTES, MIN_PASSWORD,
+                              Account, Accounts, ScryptCost, check_new_password, decode_op,
+                              encode_op, hash_password, needs_rehash, verify_password)
+
+NOW = 1_700_000_000.0
+CHEAP = ScryptCost(n=16, r=1, p=1, dklen=32)
+HASH = hash_password("correct horse", cost=CHEAP)
+
+
+def stored_form(n, r, p, salt=b"s" * 16, digest=b"h" * 32):
+    """A stored hash of this cost, made without hashing (its hash is no one's)."""
+    return "scrypt$n=%d,r=%d,p=%d$%s$%s" % (n, r, p, base64.b64encode(salt).decode(),
+                                            base64.b64encode(digest).decode())
+
+
+def not_canonical(salt):
+    """Base64 ``salt`` (16 bytes) with bits set that decoding ignores:
+    another text for the same bytes."""
+    last = salt[-3]                         # "A", "Q", "g" or "w": 2 bits, then 4 zeros
+    return salt[:-3] + chr(ord(last) + 1) + "=="
+
+
+class Passwords(UnitTestCase):
+
+    def test_eight_characters_at_least(self):
+        self.assertEqual(MIN_PASSWORD, 8)
+        for weak in ["", "1234567", "ééééééé", "       "]:
+            with self.assertRaisesRegex(ValueError, "^weak-password$", msg=weak):
+                check_new_password(weak)
+        for strong in ["12345678", "éééééééé", "密码密码密码密码", "correct horse"]:
+            check_new_password(strong)
+
+    def test_characters_are_counted_after_normalisation(self):
+        # Seven "é" typed as "e" and a combining accent: 14 code points, 7 characters.
+        with self.assertRaisesRegex(ValueError, "weak-password"):
+            check_new_password("e\u0301" * 7)
+
+    def test_too_long_a_password_is_refused(self):
+        check_new_password("x" * MAX_PASSWORD_BYTES)
+        for long in ["x" * (MAX_PASSWORD_BYTES + 1), "é" * (MAX_PASSWORD_BYTES // 2 + 1)]:
+            with self.assertRaisesRegex(ValueError, "^password-too-long$"):
+                check_new_password(long)
+
+    def test_round_trip(self):
+        self.assertRegex(HASH, r"^scrypt\$n=16,r=1,p=1\$[A-Za-z0-9+/=]{24}\$[A-Za-z0-9+/=]{44}$")
+        self.assertTrue(verify_password("correct horse", HASH))
+        for wrong in ["correct horse ", "Correct horse", "", "correct", "x" * 5000]:
+            self.assertFalse(verify_password(wrong, HASH), wrong)
+
+    def test_unicode_and_its_two_forms(self):
+        stored = hash_password("caf\u00e9 au lait", cost=CHEAP)
+        self.assertTrue(verify_password("cafe\u0301 au lait", stored))
+        self.assertFalse(verify_password("cafe au lait", stored))
+
+    def test_a_salt_of_its_own(self):
+        other = hash_password("correct horse", cost=CHEAP)
+        self.assertNotEqual(other, HASH)
+        self.assertTrue(verify_password("correct horse", other))
+        salt = os.urandom(16)
+        self.assertEqual(hash_password("pw", salt, CHEAP), hash_password("pw", salt, CHEAP))
+
+    def test_a_bad_salt_or_cost_is_refused(self):
+        for salt, cost in [(b"short", CHEAP), ("text" * 8, CHEAP), (None, (15, 1, 1, 32)),
+                           (None, (2 ** 20, 8, 1, 32)), (None, (16, 1, 1, 8))]:
+            with self.assertRaises(ValueError, msg=(salt, cost)):
+                hash_password("correct horse", salt, cost)
+
+    def test_malformed_stored_hashes_fail_without_an_exception(self):
+        good = HASH.split("$")
+        for stored in [None, b"scrypt", 42, "", "scrypt", HASH + "$", HASH[:-1], HASH + "=",
+                       "bcrypt$" + "$".join(good[1:]), HASH.replace("n=16", "n=016"),
+                       HASH.replace("n=16", "n=15"), HASH.replace("n=16", "n=1"),
+                       HASH.replace("n=16", "n=0"), HASH.replace("n=16", "n=-16"),
+                       HASH.replace("r=1,p=1", "p=1,r=1"), HASH.replace(",p=1", ",p=1,x=1"),
+                       "$".join(good[:3] + ["!!!!"]), "$".join(good[:2] + ["", good[3]]),
+                       "$".join(good[:2] + [not_canonical(good[2]), good[3]]),
+                       stored_form(16, 1, 1, salt=b"s" * 8),
+                       stored_form(16, 1, 1, digest=b"h" * 8),
+                       HASH.replace("$", "\t"), HASH + "\n", " " + HASH]:
+            self.assertFalse(verify_password("correct horse", stored), stored)
+
+    def test_tampered_costs_fail_before_any_hashing(self):
+        with mock.patch.object(accounts_module.hashlib, "scrypt") as scrypt:
+            for n, r, p in [(2 ** 30, 8, 1), (2 ** 20, 8, 1), (2 ** 17, 8, 1), (2 ** 14, 8, 5),
+                            (2 ** 14, 99999, 1), (2 ** 14, 8, 99999), (2 ** 33, 1, 1)]:
+                self.assertFalse(verify_password("pw", stored_form(n, r, p)), (n, r, p))
+            scrypt.assert_not_called()
+
+    def test_a_cost_openssl_refuses_fails_quietly(self):
+        # Within bounds, but scrypt wants n < 2 ** (16 r): OpenSSL's error is a False.
+        self.assertFalse(verify_password("pw", stored_form(2 ** 16, 1, 1)))
+
+    def test_needs_rehash_when_below_the_default(self):
+        n, r, p, dklen = DEFAULT_COST
+        self.assertTrue(needs_rehash(HASH))
+        self.assertFalse(needs_rehash(stored_form(n, r, p, digest=b"h" * dklen)))
+        self.assertFalse(needs_rehash(stored_form(n * 2, r, p, digest=b"h" * dklen)))
+        self.assertTrue(needs_rehash(stored_form(n, r, p, digest=b"h" * (dklen - 1))))
+        self.assertTrue(needs_rehash(stored_form(n // 2, r, p * 2, digest=b"h" * dklen)))
+        self.assertTrue(needs_rehash("garbage"))
+
+    def test_no_password_in_an_error(self):
+        for call in [lambda: check_new_password("secret1"),
+                     lambda: hash_password("secret12", b"", CHEAP),
+                     lambda: decode_op(b"account\tbob\tbob\tsecret12\t1.0")]:
+            with self.assertRaises(ValueError) as caught:
+                call()
+            self.assertNotIn("secret", str(caught.exception))
+
+
+def account_op(name, created=NOW, stored=HASH):
+    return ("account", name.lower(), name, stored, created)
+
+
+class Operations(UnitTestCase):
+
+    OPS = [account_op("Bob"), account_op("alice", NOW + 1), ("seen", "bob", NOW + 5),
+           ("seen", "bob", NOW + 9.25),
+           account_op("BOB", NOW, hash_password("new one!", cost=CHEAP)),
+           ("unregister", "alice")]
+
+    def test_apply_says_whether_anything_changed(self):
+        a = Accounts()
+        self.assertEqual([a.apply(op) for op in self.OPS], [True] * len(self.OPS))
+        self.assertFalse(a.apply(self.OPS[4]))              # the same op again: no change
+        self.assertFalse(a.apply(("unregister", "alice")))
+        self.assertFalse(a.apply(("seen", "alice", NOW + 10)))   # gone: nothing to see
+        self.assertFalse(a.apply(("seen", "bob", NOW + 5)))      # never back in time
+        bob = a.get("bob")
+        self.assertEqual(bob, Account("bob", "BOB", self.OPS[4][3], NOW, NOW + 9.25))
+        self.assertEqual((len(a), "bob" in a, "alice" in a, a.get("alice")),
+                         (1, True, False, None))
+
+    def test_a_new_hash_keeps_the_last_login(self):
+        a = Accounts(self.OPS[:4])
+        a.apply(a.get("bob")._replace(password=stored_form(16, 1, 1)).op)
+        self.assertEqual(a.get("bob").last_login, NOW + 9.25)
+        self.assertEqual(a.get("bob").password, stored_form(16, 1, 1))
+
+    def test_bad_operations_are_refused(self):
+        a = Accounts()
+        for op in [("account", "bob", "Bob", HASH), ("account", "Bob", "Bob", HASH, NOW),
+                   ("account", "bob", "alice", HASH, NOW), ("account", "bo b", "bo b", HASH, NOW),
+                   ("account", "bob", "bob", "hunter22", NOW), ("account", "bob", "bob", HASH, -1),
+                   ("account", "bob", "bob", HASH, "yesterday"), ("seen", "bob", float("nan")),
+                   ("seen", "bob", True), ("unregister", "é"), ("delete", "bob"), (), "seen"]:
+            with self.assertRaises(ValueError, msg=op):
+                a.apply(op)
+        self.assertFalse(a)
+
+    def test_encode_decode_round_trip(self):
+        for op in self.OPS:
+            data = encode_op(op)
+            self.assertNotIn(b"\n", data)
+            self.assertLessEqual(len(data), MAX_OP_BYTES)
+            self.assertEqual(decode_op(data), op)
+        longest = account_op("x" * 32, stored=stored_form(2 ** 16, 8, 1, b"s" * 64, b"h" * 64))
+        self.assertLessEqual(len(encode_op(longest)), MAX_OP_BYTES)
+
+    def test_garbage_is_refused(self):
+        op = encode_op(account_op("bob"))
+        for data in [b"", b"account", op + b"\textra", op.replace(b"\t1700000000.0", b""),
+                     op.replace(b"1700000000.0", b"soon"), op.replace(b"1700000000.0", b"nan"),
+                     op.replace(b"1700000000.0", b"-1"), op.replace(b"1700000000.0", b"inf"),
+                     op.replace(b"\tbob\t", b"\tBob\t", 1), op.replace(b"bob\tbob", b"bob\teve"),
+                     op.replace(b"scrypt", b"bcrypt"), op.replace(b"n=16,", b"n=1073741824,"),
+                     b"account\tbob\tbob\thunter22\t1.0", b"seen\tbob\t-", b"seen\tbob",
+                     b"unregister\t", b"unregister\tbad name", b"exec\trm -rf /",
+                     b"\xff\xfe", b"unregister\t" + b"a" * MAX_OP_BYTES,
+                     pickle.dumps(account_op("bob"))]:
+            with self.assertRaises(ValueError, msg=data):
+                decode_op(data)
+
+    def test_ops_rebuild_the_state(self):
+        a = Accounts(self.OPS)
+        a.apply(account_op("carol", NOW - 1))
+        copy = Accounts()
+        for op in a.ops():
+            self.assertTrue(copy.apply(decode_op(encode_op(op))))
+        self.assertEqual(copy.to_json(), a.to_json())
+        self.assertEqual(Accounts(a.ops()).to_json(), a.to_json())
+        self.assertEqual([x.key for x in a.listing()], ["carol", "bob"])     # oldest first
+
+
+def sample():
+    return Accounts([account_op("Bob"), account_op("alice", NOW + 1), ("seen", "bob", NOW + 5)])
+
+
+class WholeState(UnitTestCase):
+
+    def test_json_round_trip(self):
+        a = sample()
+        obj = json.loads(json.dumps(a.to_json()))
+        self.assertEqual(Accounts.from_json(obj).to_json(), a.to_json())
+        self.assertEqual(obj["accounts"][0], {"key": "bob", "name": "Bob", "password": HASH,
+                                              "created": NOW, "last_login": NOW + 5})
+        self.assertEqual(Accounts.from_json({"version": 1}).ops(), [])
+
+    def test_a_bad_file_is_refused_saying_where(self):
+        good = sample().to_json()
+        for damage, message in [
+                (lambda o: o["accounts"][1].update(name="al ice"), r"^accounts\[1\]: bad name"),
+                (lambda o: o["accounts"][1].update(key="Alice"), r"^accounts\[1\]: bad key"),
+                (lambda o: o["accounts"][0].update(key="eve"),
+                 r"^accounts\[0\]: key 'eve' is not"),
+                (lambda o: o["accounts"][0].pop("created"), r"^accounts\[0\]: bad created None"),
+                (lambda o: o["accounts"][0].update(last_login="now"),
+                 r"^accounts\[0\]: bad last_login 'now'"),
+                (lambda o: o["accounts"][1].update(password="hunter22"),
+                 r"^accounts\[1\]: bad password hash$"),
+                (lambda o: o["accounts"][1].update(key=["bob"]), r"^accounts\[1\]: bad name"),
+                (lambda o: o["accounts"].append(o["accounts"][0]),
+                 r"^accounts\[2\]: a second account 'bob'"),
+                (lambda o: o["accounts"].append("bob"), r"^accounts\[2\]: not an object"),
+                (lambda o: o.update(accounts={}), r"^accounts: not a list"),
+                (lambda o: o.update(version=2), r"^version 2")]:
+            obj = json.loads(json.dumps(good))
+            damage(obj)
+            with self.assertRaisesRegex(ValueError, message):
+                Accounts.from_json(obj)
+        with self.assertRaisesRegex(ValueError, "not a JSON object"):
+            Accounts.from_json([])
+
+    def test_pickling_keeps_the_state_and_is_small(self):
+        a = sample()
+        data = pickle.dumps(a)
+        strings = {arg for opcode, arg, _ in pickletools.genops(data) if isinstance(arg, str)}
+        self.assertNotIn("Account", strings)        # ops, plain tuples: no record class
+        self.assertLess(len(data), 500)
+        self.assertEqual(pickle.loads(data).to_json(), a.to_json())
+        self.assertFalse(pickle.loads(pickle.dumps(Accounts())))
+
+
+
+if __name__ == "__main__":
+    unittest.main()
