@@ -9,23 +9,27 @@ The rules this module keeps:
    message; neither is a stored hash.
 2. Checking a password costs tens of milliseconds of CPU and 16 MiB:
    :func:`hash_password` and :func:`verify_password` run only in worker
-   threads, never on an event loop. A stored hash is read as from a
+   threads, never on an event loop, and only once :class:`Throttle`
+   allowed the guess. A stored hash is read as from a
    stranger (Redis may have been written by anyone): a malformed one, or one
    whose cost is absurd, fails the check before any memory is taken.
 3. Every change is an operation, a small tuple (:meth:`Accounts.apply`),
    that travels as a line of tab-separated text (:func:`encode_op`), never a
    pickle, as for the bans (:mod:`chatlib.moderation`); :func:`decode_op`
    checks every field, the hash's shape too.
-4. Times are wall-clock seconds, passed in (they outlive restarts and
-   travel between nodes).
+4. Times in records are wall-clock seconds, passed in (they outlive restarts
+   and travel between nodes); the throttle's are any clock that does not go
+   back (``time.monotonic()``), passed in too.
 
 Nothing here reads a clock, a file or a socket, nor starts a thread:
 :mod:`chatlib.statefile` keeps the accounts on disk (:meth:`Accounts.to_json`).
 """
 
 import base64
+import collections
 import hashlib
 import hmac
+import ipaddress
 import math
 import os
 import re
@@ -351,3 +355,81 @@ class Accounts:
                 raise ValueError("accounts[%d]: %s" % (i, e)) from None
         return accounts
 
+
+# --- Guesses --------------------------------------------------------------------
+
+MAX_FAILURES = 5        # failed checks per address, and per name, in WINDOW...
+WINDOW = 60.0           # ...seconds; then no more guesses until the oldest is that old
+MAX_TRACKED = 50_000    # addresses, and names: 36 MB at most for both, if all full
+
+
+class Throttle:
+    """Failed password checks per client address and per name, so that a
+    guess is refused (:meth:`allowed`) before any hashing is done.
+
+    Each address (an IPv6 one by its /64: one host has a whole /64) and
+    each name may fail MAX_FAILURES times in WINDOW seconds. Memory is
+    bounded: an address or a name goes once its failures are all older than
+    the window, so when failures are only recorded after a hash, the tables
+    hold at most the checks of one window (about 1,400 a hasher thread);
+    and whatever the caller does, at most ``max_tracked`` addresses and as
+    many names, whichever failed least recently dropped first.
+    """
+
+    def __init__(self, max_failures=MAX_FAILURES, window=WINDOW, max_tracked=MAX_TRACKED):
+        self.max_failures = max_failures
+        self.window = window
+        self.max_tracked = max_tracked
+        # Address group or key: the times of its last failures (at most
+        # max_failures, oldest first), least recently failed first.
+        self._addresses = collections.OrderedDict()
+        self._names = collections.OrderedDict()
+
+    def __len__(self):
+        """How many addresses and names are tracked."""
+        return len(self._addresses) + len(self._names)
+
+    def allowed(self, address, key, now):
+        """True if client ``address`` (as accept() gives it) may try a
+        password for the user ``key`` (lower-case name) at ``now``."""
+        return self.retry_after(address, key, now) == 0
+
+    def retry_after(self, address, key, now):
+        """Seconds from ``now`` until such a try is allowed; 0 if it is."""
+        return max(self._wait(self._addresses.get(address_group(address)), now),
+                   self._wait(self._names.get(key), now))
+
+    def failed(self, address, key, now):
+        """A password tried by client ``address`` for ``key`` at ``now`` was wrong."""
+        for table, index in ((self._addresses, address_group(address)), (self._names, key)):
+            times = table.pop(index, ())
+            table[index] = (times + (now,))[-self.max_failures:]
+            while table and (len(table) > self.max_tracked
+                             or next(iter(table.values()))[-1] <= now - self.window):
+                table.popitem(last=False)
+
+    def succeeded(self, address, key):
+        """The right password for ``key``: its failures are forgotten. Not
+        the address's: else one who owns an account could guess others'
+        passwords from one address, logging in to their own between tries."""
+        self._names.pop(key, None)
+
+    def _wait(self, times, now):
+        if times is None or len(times) < self.max_failures:
+            return 0
+        return max(0, times[0] + self.window - now)
+
+
+def address_group(address):
+    """What :class:`Throttle` counts a client address ``address`` by: an
+    IPv4 address as itself (an IPv4-mapped one too), an IPv6 address by its
+    /64, anything else (a Unix socket's) as it is."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))

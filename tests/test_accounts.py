@@ -1,5 +1,6 @@
 """Unit tests of accounts (chatlib/accounts.py): passwords and their
-hashes, the state and its operations. Hashes use a cheap cost (CHEAP)."""
+hashes, the state and its operations, the throttle of guesses. Hashes use
+a cheap cost (CHEAP); the clock is the test's own."""
 
 import base64
 import json
@@ -12,9 +13,10 @@ from unittest import mock
 from support import UnitTestCase
 
 from chatlib import accounts as accounts_module
-from chatlib.accounts import (DEFAULT_COST, MAX_OP_BYTES, MAX_PASSWORD_BYTES, MIN_PASSWORD,
-                              Account, Accounts, ScryptCost, check_new_password, decode_op,
-                              encode_op, hash_password, needs_rehash, verify_password)
+from chatlib.accounts import (DEFAULT_COST, MAX_FAILURES, MAX_OP_BYTES, MAX_PASSWORD_BYTES,
+                              MIN_PASSWORD, WINDOW, Account, Accounts, ScryptCost, Throttle,
+                              address_group, check_new_password, decode_op, encode_op,
+                              hash_password, needs_rehash, verify_password)
 
 NOW = 1_700_000_000.0
 CHEAP = ScryptCost(n=16, r=1, p=1, dklen=32)
@@ -243,6 +245,76 @@ class WholeState(UnitTestCase):
         self.assertLess(len(data), 500)
         self.assertEqual(pickle.loads(data).to_json(), a.to_json())
         self.assertFalse(pickle.loads(pickle.dumps(Accounts())))
+
+
+class Throttling(UnitTestCase):
+
+    def test_an_address_may_fail_a_few_times_a_window(self):
+        t = Throttle()
+        for i in range(MAX_FAILURES):
+            self.assertTrue(t.allowed("192.0.2.1", "user%d" % i, NOW + i))
+            t.failed("192.0.2.1", "user%d" % i, NOW + i)
+        self.assertFalse(t.allowed("192.0.2.1", "someone", NOW + 10))
+        self.assertEqual(t.retry_after("192.0.2.1", "someone", NOW + 10), WINDOW - 10)
+        self.assertTrue(t.allowed("192.0.2.2", "someone", NOW + 10))
+        self.assertFalse(t.allowed("::ffff:192.0.2.1", "someone", NOW + 10))   # the same client
+        self.assertFalse(t.allowed("192.0.2.1", "someone", NOW + WINDOW - 0.001))
+        self.assertTrue(t.allowed("192.0.2.1", "someone", NOW + WINDOW))       # the first expired
+        t.failed("192.0.2.1", "someone", NOW + WINDOW)
+        self.assertFalse(t.allowed("192.0.2.1", "someone", NOW + WINDOW))      # five in the window
+        self.assertTrue(t.allowed("192.0.2.1", "someone", NOW + WINDOW + 1))
+
+    def test_a_name_may_fail_a_few_times_a_window_from_anywhere(self):
+        t = Throttle()
+        for i in range(MAX_FAILURES):
+            t.failed("198.51.100.%d" % i, "bob", NOW)
+        self.assertFalse(t.allowed("203.0.113.9", "bob", NOW + 1))
+        self.assertTrue(t.allowed("203.0.113.9", "alice", NOW + 1))
+        self.assertTrue(t.allowed("203.0.113.9", "bob", NOW + WINDOW))
+
+    def test_success_clears_the_name_not_the_address(self):
+        t = Throttle()
+        for i in range(MAX_FAILURES):
+            t.failed("192.0.2.1", "bob", NOW)
+        t.succeeded("192.0.2.1", "bob")
+        self.assertTrue(t.allowed("192.0.2.2", "bob", NOW))
+        self.assertFalse(t.allowed("192.0.2.1", "mallory", NOW))
+
+    def test_ipv6_clients_count_by_their_64(self):
+        t = Throttle()
+        for i in range(MAX_FAILURES):
+            t.failed("2001:db8:1:2::%x" % i, "user%d" % i, NOW)
+        for same in ["2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:DB8:1:2::99"]:
+            self.assertFalse(t.allowed(same, "x", NOW), same)
+        self.assertTrue(t.allowed("2001:db8:1:3::1", "x", NOW))
+        self.assertEqual(address_group("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(address_group("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(address_group("192.0.2.1"), "192.0.2.1")
+        self.assertEqual(address_group("fe80::1%eth0"), "fe80::/64")
+        self.assertEqual(address_group("not:an address"), "not:an address")
+        self.assertEqual(address_group(""), "")
+
+    def test_memory_is_bounded_oldest_first(self):
+        t = Throttle(max_tracked=100)
+        for i in range(1000):
+            t.failed("10.0.%d.%d" % (i // 256, i % 256), "user%d" % i, NOW + i / 1000)
+        self.assertEqual(len(t), 200)
+        self.assertEqual(len(t._addresses), 100)
+        for i in range(MAX_FAILURES):
+            t.failed("10.9.9.9", "bob", NOW + 2)
+        self.assertFalse(t.allowed("10.9.9.9", "x", NOW + 2))
+        for i in range(99):
+            t.failed("10.1.0.%d" % i, "user%d" % i, NOW + 3)
+        self.assertFalse(t.allowed("10.9.9.9", "x", NOW + 3))    # failed recently: kept
+        t.failed("10.1.1.1", "z", NOW + 3)
+        self.assertTrue(t.allowed("10.9.9.9", "x", NOW + 3))     # now the oldest: dropped
+
+    def test_expired_entries_go_as_failures_come(self):
+        t = Throttle()
+        for i in range(50):
+            t.failed("10.0.0.%d" % i, "user%d" % i, NOW)
+        t.failed("10.0.1.1", "bob", NOW + WINDOW + 1)
+        self.assertEqual(len(t), 2)
 
 
 
