@@ -8,9 +8,9 @@ The rules this module keeps:
    (:func:`needs_rehash`). A password is never logged nor put in an error
    message; neither is a stored hash.
 2. Checking a password costs tens of milliseconds of CPU and 16 MiB:
-   :func:`hash_password` and :func:`verify_password` run only in worker
-   threads, never on an event loop, and only once :class:`Throttle`
-   allowed the guess. A stored hash is read as from a
+   :func:`hash_password` and :func:`verify_password` run only in
+   :mod:`chatlib.hasher`'s threads, never on an event loop, and only once
+   :class:`Throttle` allowed the guess. A stored hash is read as from a
    stranger (Redis may have been written by anyone): a malformed one, or one
    whose cost is absurd, fails the check before any memory is taken.
 3. Every change is an operation, a small tuple (:meth:`Accounts.apply`),

@@ -1,12 +1,18 @@
 """Unit tests of accounts (chatlib/accounts.py): passwords and their
-hashes, the state and its operations, the throttle of guesses. Hashes use
-a cheap cost (CHEAP); the clock is the test's own."""
+hashes, the state and its operations, the throttle of guesses; and of the
+threads that hash off the event loop (chatlib/hasher.py). Hashes use a
+cheap cost (CHEAP), but for one test at DEFAULT_COST; the clock is the
+test's own."""
 
 import base64
 import json
 import os
 import pickle
 import pickletools
+import selectors
+import sys
+import threading
+import time
 import unittest
 from unittest import mock
 
@@ -17,6 +23,7 @@ from chatlib.accounts import (DEFAULT_COST, MAX_FAILURES, MAX_OP_BYTES, MAX_PASS
                               MIN_PASSWORD, WINDOW, Account, Accounts, ScryptCost, Throttle,
                               address_group, check_new_password, decode_op, encode_op,
                               hash_password, needs_rehash, verify_password)
+from chatlib.hasher import Hasher
 
 NOW = 1_700_000_000.0
 CHEAP = ScryptCost(n=16, r=1, p=1, dklen=32)
@@ -316,6 +323,117 @@ class Throttling(UnitTestCase):
         t.failed("10.0.1.1", "bob", NOW + WINDOW + 1)
         self.assertEqual(len(t), 2)
 
+
+class Hashing(UnitTestCase):
+
+    def hasher(self, **kwargs):
+        h = Hasher(**kwargs)
+        self.addCleanup(h.close)
+        return h
+
+    def collect(self, hasher, count, within=10):
+        """``count`` results, waiting for them on a selector as a loop would."""
+        got = []
+        with selectors.DefaultSelector() as selector:
+            selector.register(hasher, selectors.EVENT_READ)
+            deadline = time.monotonic() + within
+            while len(got) < count:
+                self.assertTrue(selector.select(deadline - time.monotonic()), "no wake-up")
+                got += hasher.results()
+        return got
+
+    def test_results_come_back_through_the_socket(self):
+        h = self.hasher()
+        self.assertEqual(h.results(), [])
+        self.assertTrue(h.submit(("login", 1), verify_password, "correct horse", HASH))
+        self.assertTrue(h.submit(("login", 2), verify_password, "wrong horse", HASH))
+        self.assertTrue(h.submit("register", hash_password, "new one!", None, CHEAP))
+        self.assertEqual(h.pending, 3)
+        got = dict(self.collect(h, 3))
+        self.assertEqual((got[("login", 1)], got[("login", 2)]), (True, False))
+        self.assertTrue(verify_password("new one!", got["register"]))
+        self.assertEqual((h.pending, h.results()), (0, []))
+
+    def test_no_thread_until_the_first_job(self):
+        h = self.hasher(max_in_flight=2)
+        self.assertEqual(self.hasher_threads(), [])
+        h.submit(1, int, "1")
+        self.assertEqual(self.collect(h, 1), [(1, 1)])
+        self.assertEqual(len(self.hasher_threads()), 2)
+
+    @staticmethod
+    def hasher_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("hasher-")]
+
+    def test_a_full_queue_refuses(self):
+        h = self.hasher(max_in_flight=1, max_queued=2)
+        started, release = threading.Event(), threading.Event()
+
+        def busy():
+            started.set()
+            return release.wait(10)
+        self.assertTrue(h.submit("busy", busy))
+        self.assertTrue(started.wait(10))
+        self.assertTrue(h.submit(1, int, "1"))
+        self.assertTrue(h.submit(2, int, "2"))
+        self.assertFalse(h.submit(3, int, "3"))
+        self.assertEqual(h.pending, 3)
+        release.set()
+        self.assertEqual(self.collect(h, 3), [("busy", True), (1, 1), (2, 2)])
+        self.assertTrue(h.submit(3, int, "3"))
+
+    def test_an_exception_is_a_value(self):
+        h = self.hasher()
+        h.submit("bad", int, "not a number")
+        h.submit("good", int, "7")
+        (job, error), after = self.collect(h, 2)
+        self.assertEqual(job, "bad")
+        self.assertIsInstance(error, ValueError)
+        self.assertIsNone(error.__traceback__)      # its frames would keep the arguments
+        self.assertEqual(after, ("good", 7))
+
+    def test_close_joins_the_threads(self):
+        h = Hasher(max_in_flight=2)
+        h.submit(1, int, "1")
+        self.collect(h, 1)
+        h.submit(2, time.sleep, 0.05)
+        h.close()
+        self.assertEqual(self.hasher_threads(), [])
+        with self.assertRaises(RuntimeError):
+            h.submit(3, int, "3")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "a thread's own niceness: Linux")
+    def test_workers_run_at_the_lowest_priority(self):
+        def niceness():
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        own = niceness()
+        for idle, wanted in [(True, 19), (False, own)]:
+            h = self.hasher(idle_priority=idle)
+            h.submit("nice", niceness)
+            self.assertEqual(self.collect(h, 1), [("nice", wanted)])
+        self.assertEqual(niceness(), own)       # the loop's thread is left as it was
+
+    def test_a_hash_does_not_block_the_loop(self):
+        # The one hash at DEFAULT_COST: tens of milliseconds, in which the
+        # loop's thread must run on (hashlib.scrypt lets go of the GIL). If
+        # it did not, no iteration would fall within the hash.
+        def timed():
+            start = time.perf_counter()
+            stored = hash_password("correct horse", cost=DEFAULT_COST)
+            return start, time.perf_counter(), stored
+        h = self.hasher()
+        ticks = []
+        h.submit("default", timed)
+        with selectors.DefaultSelector() as selector:
+            selector.register(h, selectors.EVENT_READ)
+            while not selector.select(0):
+                ticks.append(time.perf_counter())
+        [(_, (start, end, stored))] = h.results()
+        during = sum(start < tick < end for tick in ticks)
+        self.assertGreater(during, 100, "%d loop turns in a hash of %.0f ms"
+                           % (during, (end - start) * 1000))
+        self.assertFalse(needs_rehash(stored))
+        self.assertRegex(stored, r"^scrypt\$n=16384,r=8,p=1\$")
 
 
 if __name__ == "__main__":
