@@ -45,8 +45,8 @@ from chatlib.handoff import TLS
 from chatlib.intake import Intake
 from chatlib.metrics import BROADCAST_BOUNDS, Histogram
 from chatlib.moderation import Moderation
-from chatlib.protocol import (TOO_LONG, Dm, Hangup, Login, Msg, Ping, Quit,
-                              Reply, Who, parse_line)
+from chatlib.protocol import (TOO_LONG, Dm, Hangup, Login, Msg, Password, Ping, Quit,
+                              Register, Reply, Who, parse_line)
 from chatlib.service import Service
 from chatlib.stats import COUNTERS
 from chatlib.telnet import Answer, Interrupt
@@ -498,7 +498,10 @@ class Worker(Service):
     def ask_broker(self, c, cmd):
         kind = type(cmd)
         if kind is Login:
-            request = (link.LOGIN, c.cid, cmd.name, self.peer(c))
+            request = (link.LOGIN, c.cid, cmd.name, self.peer(c), cmd.password)
+        elif kind is Register or kind is Password:
+            request = (link.REGISTER if kind is Register else link.PASSWORD, c.cid,
+                       cmd.password, over_tls(c))
         elif kind is Who:
             request = (link.WHO, c.cid)
         elif kind is Dm:
@@ -610,7 +613,7 @@ class Worker(Service):
     def peer(c):
         """(address, port, TLS or not), for the operator; the port costs a
         system call, made only when asked (a LOGIN, the operator's ``users``)."""
-        tls = not isinstance(c.sock, socket.socket)     # a chatlib.tls.TlsStream
+        tls = over_tls(c)
         try:
             port = (c.sock.sock if tls else c.sock).getpeername()[1]
         except OSError:
@@ -740,3 +743,8 @@ class Worker(Service):
             self.log.info("%s disconnected (%s)", c.name, reason)
         else:
             self.log.debug("%s disconnected before login (%s)", c.ip, reason)
+
+
+def over_tls(c):
+    """Is ``c`` a TLS connection? Its socket is then a chatlib.tls.TlsStream."""
+    return not isinstance(c.sock, socket.socket)

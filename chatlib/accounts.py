@@ -95,8 +95,18 @@ def hash_password(password, salt=None, cost=DEFAULT_COST):
     cost = ScryptCost(*cost)
     if not (isinstance(salt, bytes) and _salt_ok(salt) and _cost_ok(cost)):
         raise ValueError("bad salt or cost")
-    digest = _scrypt(_normalised(password).encode("utf-8"), salt, cost)
+    return _stored(cost, salt, _scrypt(_normalised(password).encode("utf-8"), salt, cost))
+
+
+def _stored(cost, salt, digest):
     return "scrypt$n=%d,r=%d,p=%d$%s$%s" % (cost.n, cost.r, cost.p, _b64(salt), _b64(digest))
+
+
+def decoy_hash():
+    """A stored form no password matches, made without hashing: checking a
+    guess against it costs what checking a real account costs, so that on
+    a closed server the time of an answer does not tell which names exist."""
+    return _stored(DEFAULT_COST, os.urandom(SALT_BYTES), os.urandom(DEFAULT_COST.dklen))
 
 
 def verify_password(password, stored):

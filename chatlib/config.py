@@ -170,6 +170,19 @@ def build_parser():
                    help="serve the statistics at http://HOST:PORT/metrics in the "
                         "Prometheus text format; a port alone listens on loopback "
                         "(default: off)")
+    a = p.add_argument_group(
+        "accounts",
+        "Registered names need their password: `LOGIN NAME PASSWORD`. Users "
+        "register with `REGISTER PASSWORD`; the operator with `ctl account add "
+        "NAME`. Without any account the chat is as open as ever.")
+    a.add_argument("--closed", action="store_true",
+                   help="only registered names may log in (and users cannot register)")
+    a.add_argument("--no-register", action="store_true",
+                   help="users cannot register their names; the operator still can")
+    a.add_argument("--accounts-tls-only", action="store_true",
+                   help="registered names log in, register and change passwords over "
+                        "TLS only (ERR tls-required): a password sent in plaintext "
+                        "can be read by anyone on the path")
     c = p.add_argument_group(
         "cluster mode",
         "Several servers, each on its own host, form one chat through a shared "

@@ -107,10 +107,11 @@ class Router:
         from bus entry ``number``."""
         raise NotImplementedError
 
-    def restore_moderation(self, ops, kept):
-        """Joined: the bans and mutes Redis holds (``ops``); ``kept``: Redis
-        had lost them, and this node's are the chat's again. Returns the
-        ops to give back to Redis, or None."""
+    def restore_state(self, kind, ops, kept):
+        """Joined: the bans and mutes (``kind`` "moderation") or the
+        accounts ("account") Redis holds (``ops``); ``kept``: Redis had lost
+        them, and this node's are the chat's again. Returns the ops to give
+        back to Redis, or None."""
         raise NotImplementedError
 
 

@@ -10,9 +10,15 @@ Worker -> broker
                                 batch number ``n`` (numbers only grow, across
                                 restarts of the worker too)
     (BROADCAST, blob)           ready-made ``MSG`` lines, to every other worker
-    (LOGIN, cid, name, peer)    claim a name; answered by GRANTED or ANSWER.
+    (LOGIN, cid, name, peer, password)
+                                claim a name; answered by GRANTED or ANSWER.
                                 ``peer``: (address, port, TLS or not), which
-                                a cluster keeps for the operator's ``users``
+                                a cluster keeps for the operator's ``users``;
+                                ``password``: the rest of the line, or None
+    (REGISTER, cid, password, tls)
+    (PASSWORD, cid, password, tls)
+                                a logged-in user registers its name, or
+                                changes its password; answered by ANSWER
     (WHO, cid)                  answered by ANSWER with the ``USER`` lines
     (DM, cid, key, line, awaited)
                                 deliver ``line`` to user ``key`` (lower-case
@@ -114,3 +120,5 @@ CURSOR = "C"
 EVICT = "E"
 LEASE = "T"
 MODERATION = "O"
+REGISTER = "R"
+PASSWORD = "P"

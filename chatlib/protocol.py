@@ -17,7 +17,10 @@ from chatlib import telnet
 
 # --- Commands a client line can turn into --------------------------------
 
-Login = namedtuple("Login", "name")            # name: str, already validated
+Login = namedtuple("Login", "name password", defaults=(None,))   # name: str, validated;
+                                               # password: str or None
+Register = namedtuple("Register", "password")  # password: str, not yet judged
+Password = namedtuple("Password", "password")  # a new one, the same
 Msg = namedtuple("Msg", "text")                # text: bytes, cleaned, non-empty
 Dm = namedtuple("Dm", "target text")           # target: str (valid name), text: bytes
 Who = namedtuple("Who", "")
@@ -51,6 +54,13 @@ ERR_NOT_A_CHAT_CLIENT = b"ERR not-a-chat-client\n"
 ERR_UNAVAILABLE = b"ERR unavailable\n"      # cluster mode: Redis cannot be reached
 ERR_BANNED = b"ERR banned\n"
 ERR_MUTED = b"ERR muted\n"
+ERR_BAD_PASSWORD = b"ERR bad-password\n"
+ERR_TOO_MANY_ATTEMPTS = b"ERR too-many-attempts\n"
+ERR_TLS_REQUIRED = b"ERR tls-required\n"
+ERR_ALREADY_REGISTERED = b"ERR already-registered\n"
+ERR_WEAK_PASSWORD = b"ERR weak-password\n"
+ERR_REGISTRATION_CLOSED = b"ERR registration-closed\n"
+ERR_NOT_REGISTERED = b"ERR not-registered\n"
 
 
 def msg_line(sender, text):
@@ -174,15 +184,28 @@ def parse_line(line, logged_in):
     if verb == b"LOGIN":
         if logged_in:
             return Reply(ERR_ALREADY_LOGGED_IN)
-        name = rest.rstrip(_WS)
+        # A second word is a password (the rest of the line, trimmed); the
+        # broker decides whether one means anything (README: "Accounts").
+        name, password = _SPLIT_WORD.match(rest).groups()
         if not valid_name(name):
             return Reply(ERR_INVALID_USERNAME)
-        return Login(name.decode("ascii"))
+        password = password.rstrip(_WS)
+        return Login(name.decode("ascii"), _secret(password) if password else None)
+    if verb == b"REGISTER" or verb == b"PASSWORD":
+        if not logged_in:
+            return Reply(ERR_NOT_LOGGED_IN)
+        password = rest.rstrip(_WS)
+        return (Register if verb == b"REGISTER" else Password)(_secret(password))
     if verb == b"QUIT":
         return QUIT
     if not logged_in and (_HTTP_REQUEST.match(line) or looks_like_tls(line)):
         return Hangup(ERR_NOT_A_CHAT_CLIENT)
     return Reply(ERR_UNKNOWN_COMMAND)
+
+
+def _secret(data):
+    """A password's bytes as text (bytes that are not UTF-8 as U+FFFD)."""
+    return data.decode("utf-8", "replace")
 
 
 # What a line that needs no cleaning is made of: printable ASCII and TAB

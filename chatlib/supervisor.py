@@ -50,6 +50,7 @@ from multiprocessing.connection import wait
 from multiprocessing.reduction import send_handle
 
 from chatlib import logs, statefile
+from chatlib.accounts import ACCOUNTS_FILE, Accounts
 from chatlib.acceptor import Acceptor
 from chatlib.control import commands
 from chatlib.control.relay import Relay
@@ -187,6 +188,7 @@ class Supervisor:
         self.listener = None          # the first of:
         self.listeners = []           # [(socket, PLAIN or TLS)]
         self.moderation = Moderation()  # the chat's bans and mutes, as last saved
+        self.accounts = Accounts()    # and its accounts
         self.control = None           # chatlib.control.server.ControlServer
         self.metrics = None           # chatlib.metrics.MetricsEndpoint, with --metrics
         self.relay = Relay()          # operator commands awaiting other processes
@@ -222,7 +224,7 @@ class Supervisor:
         log.info("starting: %d workers, start method %s, open-file limit %d",
                  cfg.workers, self.ctx.get_start_method(), nofile)
         try:
-            if not self.load_bans() or not self.open_endpoints():
+            if not self.load_state() or not self.open_endpoints():
                 return 2
             self.start_all()
             if self.wait_ready():
@@ -249,26 +251,33 @@ class Supervisor:
         cfg.node_token = secrets.token_hex(8)
         log.info("cluster %r on %s, node %s", cfg.cluster, cfg.redis, cfg.node_id)
 
-    def load_bans(self):
-        """The bans and mutes saved in the state directory (by default one
-        per port, so that two servers on one host keep their own). One
-        that does not parse stops the server, as a bad option does."""
+    def load_state(self):
+        """The bans and mutes, and the accounts, saved in the state
+        directory (by default one per port, so that two servers on one
+        host keep their own). A file that does not parse stops the server,
+        as a bad option does."""
         cfg = self.config
-        port = self.listener.getsockname()[1]
         if cfg.state_dir is None:
-            cfg.state_dir = statefile.default_state_dir(port)
-        path = os.path.join(cfg.state_dir, BANS_FILE)
-        try:
-            saved = statefile.load_json(path)
-            if saved is not None:
-                self.moderation = Moderation.from_json(saved)
-        except ValueError as exc:
-            log.error("cannot start: the bans file %s: %s", path, exc)
-            return False
-        if saved is not None:
-            log.info("bans and mutes from %s: %d bans, %d mutes", path,
-                     len(self.moderation.bans_listing(time.time())),
-                     len(self.moderation.mutes_listing(time.time())))
+            cfg.state_dir = statefile.default_state_dir(self.listener.getsockname()[1])
+        for name, kind in ((BANS_FILE, Moderation), (ACCOUNTS_FILE, Accounts)):
+            path = os.path.join(cfg.state_dir, name)
+            try:
+                saved = statefile.load_json(path)
+            except ValueError as exc:
+                log.error("cannot start: %s", exc)
+                return False
+            if saved is None:
+                continue
+            try:
+                state = kind.from_json(saved)
+            except ValueError as exc:
+                log.error("cannot start: %s: %s", path, exc)
+                return False
+            if kind is Moderation:
+                self.moderation = state
+            else:
+                self.accounts = state
+            log.info("%s from %s", state, path)
         return True
 
     def open_endpoints(self):
@@ -355,7 +364,7 @@ class Supervisor:
         self.connect(slot, "acceptor")
 
     def start_broker(self):
-        self.spawn(self.broker_class, None, self.worker_slots(), self.moderation)
+        self.spawn(self.broker_class, None, self.worker_slots(), self.moderation, self.accounts)
         for slot in self.worker_slots():
             self.connect(slot, "broker")
 
@@ -474,6 +483,8 @@ class Supervisor:
             child.info = message[1]
         elif message[0] == "answer":        # to an operator's command
             self.relay.answered(message[1], (child.role, child.slot), message[2:])
+        elif message[0] == "accounts":      # the broker changed them
+            self.accounts = message[1]
         elif message[0] == "moderation":    # the broker changed the bans and mutes
             self.moderation = message[1]
             acceptor = self.children.get(("acceptor", None))

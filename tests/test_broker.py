@@ -120,7 +120,7 @@ class RestartedBroker(UnitTestCase):
             self.assertEqual(self.lines(slot), "")
 
     def test_a_login_granted_during_the_recovery_stays_in_the_directory(self):
-        self.send(1, sync(), (link.LOGIN, 5, "Bob", PEER))    # held until all synced
+        self.send(1, sync(), (link.LOGIN, 5, "Bob", PEER, None))    # held until all synced
         self.send(0, sync())
         self.send(2, sync())
         self.assertIn((link.GRANTED, 5, "Bob", self.broker.users["bob"].stamp), self.events(1))
@@ -134,7 +134,7 @@ class RestartedBroker(UnitTestCase):
         self.broker.directory = claims = ClaimsInFlight(self.broker)
         self.send(0, sync(listed={"bob": "Bob"}))
         self.send(2, sync())
-        self.send(1, sync(claims=["bob"]), (link.LOGIN, 5, "Bob", PEER))
+        self.send(1, sync(claims=["bob"]), (link.LOGIN, 5, "Bob", PEER, None))
         self.assertEqual(claims.pending, [(1, 5, "Bob")])
         self.broker.grant(1, 5, "Bob", STAMP + 5)
         self.broker.send_lazy()                 # a new name goes after LAZY_DELAY

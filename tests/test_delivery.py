@@ -13,7 +13,7 @@ BYE = (link.BYE, 3, "a", 17)
 DM_FIRE = (link.DM, 3, "b", b"DM a x\n", False)
 DM_AWAITED = (link.DM, 3, "zed", b"DM a x\n", True)
 WHO = (link.WHO, 3)
-LOGIN = (link.LOGIN, 4, "c", ("127.0.0.1", 40000, False))
+LOGIN = (link.LOGIN, 4, "c", ("127.0.0.1", 40000, False), None)
 
 
 class Resent(UnitTestCase):

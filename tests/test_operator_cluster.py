@@ -87,7 +87,7 @@ class OperatorClusterTest(TestCase):
         # Redis loses everything: the nodes give their bans back.
         self.redis.restart()
         for node in (a, b):
-            node.wait_log("giving redis back this node's 2 bans")
+            node.wait_log("giving redis back this node's 2 moderation records")
         fresh = self.node("C")
         wait_until(lambda: [line.split()[1] for line in self.ok(fresh, "bans")]
                         == ["127.0.0.2", "127.0.3.0/24"])

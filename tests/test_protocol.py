@@ -11,7 +11,7 @@ from support import UnitTestCase
 
 from chatlib import protocol
 from chatlib.protocol import (PING, QUIT, TOO_LONG, WHO, Dm, LineReader,
-                              Login, Msg, Reply, clean_text, parse_line,
+                              Login, Msg, Password, Register, Reply, clean_text, parse_line,
                               valid_name)
 
 FFFD = "\ufffd".encode()
@@ -68,16 +68,27 @@ class ParseCommands(UnitTestCase):
 
     def test_login_invalid_names(self):
         for line in (b"LOGIN", b"LOGIN ", b"LOGIN  \t ", b"LOGIN " + b"x" * 33,
-                     b"LOGIN a b", b"LOGIN a\tb", b"LOGIN a  b  c", b"LOGIN a!",
+                     b"LOGIN a!",
                      b"LOGIN a/b", b"LOGIN a:b", b"LOGIN a,b", b"LOGIN @a", b"LOGIN a+b",
                      b"LOGIN \xc3\xa9", b"LOGIN caf\xc3\xa9", b"LOGIN a\xff",
                      b"LOGIN a\x00", b"LOGIN a\x0bb", b"LOGIN a\x1b", b"LOGIN a\r"):
             with self.subTest(line=line):
                 self.assertEqual(parse_line(line, False), err("invalid-username"))
 
-    def test_login_exactly_one_word(self):
-        self.assertEqual(parse_line(b"LOGIN a b", False), err("invalid-username"))
+    def test_login_with_a_password(self):
+        # The rest of the line, trimmed; the broker decides what it means
+        # (without accounts, LOGIN a b is ERR invalid-username: test_accounts_live).
+        self.assertEqual(parse_line(b"LOGIN a b", False), Login("a", "b"))
+        self.assertEqual(parse_line(b"LOGIN a\tb", False), Login("a", "b"))
+        self.assertEqual(parse_line(b"LOGIN a  b  c \t", False), Login("a", "b  c"))
         self.assertEqual(parse_line(b"LOGIN bob   ", False), Login("bob"))
+        self.assertEqual(parse_line(b"LOGIN bob! pw", False), err("invalid-username"))
+
+    def test_register_and_password(self):
+        self.assertEqual(parse_line(b"REGISTER  s3cret pass ", True), Register("s3cret pass"))
+        self.assertEqual(parse_line(b"password new one", True), Password("new one"))
+        self.assertEqual(parse_line(b"REGISTER x", False), err("not-logged-in"))
+        self.assertEqual(parse_line(b"PASSWORD x", False), err("not-logged-in"))
         self.assertEqual(parse_line(b"LOGIN bob \t", False), Login("bob"))
 
     def test_msg(self):

@@ -73,7 +73,7 @@ class FencingToken(TestCase):
         self.assertEqual(self.publish("run1.a"), b"lapsed")
         # Joining again: the node is reaped (its users announced gone), and
         # gets none of them back: they are all conflicts, for it to close.
-        status, _, _, keys, conflicts, lapsed, _ = self.join("run1.b", [("ada", "A 0 1")],
+        status, _, _, keys, conflicts, lapsed, _, _ = self.join("run1.b", [("ada", "A 0 1")],
                                                           first="0")
         self.assertEqual((status, keys, conflicts, lapsed), (b"ok", [], [b"ada"], 1))
         last = self.call("XREVRANGE", P + ":bus", "+", "-", "COUNT", 1)[0][1]

@@ -17,13 +17,14 @@ field (:func:`encode_control`):
     (NOTICE, text)        ``NOTICE text`` for every user
     (MODERATION, op)      a change of the bans and mutes
                           (:func:`chatlib.moderation.encode_op`)
+    (ACCOUNT, op)         a change of the accounts (:func:`chatlib.accounts.encode_op`)
 
 Each record is a tag byte, then its fields, each a 4-byte length and the
 bytes: no pickle, since anyone who can write to Redis could make a pickle
 run code on every node. Sans-IO, tested in ``tests/test_bus.py``.
 """
 
-from chatlib import moderation
+from chatlib import accounts, moderation
 
 ORIGIN = b"B"
 BROADCAST = b"M"
@@ -31,7 +32,8 @@ DM = b"D"
 KICK = b"K"
 NOTICE = b"N"
 MODERATION = b"O"
-_FIELDS = {ORIGIN: 2, BROADCAST: 1, DM: 2, KICK: 2, NOTICE: 1, MODERATION: 1}
+ACCOUNT = b"A"
+_FIELDS = {ORIGIN: 2, BROADCAST: 1, DM: 2, KICK: 2, NOTICE: 1, MODERATION: 1, ACCOUNT: 1}
 
 
 class Records:
@@ -68,7 +70,7 @@ class Records:
 
     def control(self, record):
         """One of the operator's commands: ``("kick", key, reason)``,
-        ``("announce", text)`` or ``("moderation", op)``."""
+        ``("announce", text)``, ``("moderation", op)`` or ``("account", op)``."""
         kind = record[0]
         if kind == "kick":
             self.parts.append(KICK)
@@ -77,6 +79,9 @@ class Records:
         elif kind == "announce":
             self.parts.append(NOTICE)
             self._field(record[1].encode())
+        elif kind == "account":
+            self.parts.append(ACCOUNT)
+            self._field(accounts.encode_op(record[1]))
         else:
             self.parts.append(MODERATION)
             self._field(moderation.encode_op(record[1]))
@@ -105,6 +110,8 @@ def decode_control(data):
             records.append(("announce", record[1].decode()))
         elif record[0] == MODERATION:
             records.append(("moderation", moderation.decode_op(record[1])))
+        elif record[0] == ACCOUNT:
+            records.append(("account", accounts.decode_op(record[1])))
         else:
             raise ValueError("not an operator's command: %r" % record[0])
     return records

@@ -42,7 +42,7 @@ import os
 import time
 from functools import partial
 
-from chatlib import moderation, protocol
+from chatlib import accounts, moderation, protocol
 from chatlib.cluster import bus, registry
 from chatlib.cluster.lease import Lease
 from chatlib.cluster.publisher import Op, Publisher
@@ -213,7 +213,7 @@ class Cluster:
                                  len(self.router.local_users()))
             self.join("restore")
             return
-        _, epoch, last_id, keys, conflicts, lapsed, moderated = reply
+        _, epoch, last_id, keys, conflicts, lapsed, moderated, registered = reply
         if not self.epoch:
             self.log.info("joined cluster %r as node %s", self.prefix, self.node)
         self.epoch = epoch.decode()
@@ -228,25 +228,27 @@ class Cluster:
         elif conflicts:
             self.router.evict([k.decode() for k in conflicts])
         self.renewed(sent)
-        self.restore_moderation(moderated, mode == "restore")
+        self.restore_state(moderated, registered, mode == "restore")
         self.reader.mirror = {k.decode() for k in keys} - set(self.router.local_users())
         self.router.directory_changed()
         self.serve(last_id)
         self.send()
 
-    def restore_moderation(self, values, lost):
-        """The bans and mutes as Redis holds them; if Redis had ``lost``
-        them, ours go back (and to the other nodes)."""
-        ops = []
-        for value in values:
-            try:
-                ops.append(moderation.decode_op(value))
-            except ValueError as exc:
-                self.log.error("skipping a malformed ban in redis %r: %s", value, exc)
-        back = self.router.restore_moderation(ops, lost)
-        if back:
-            self.log.info("giving redis back this node's %d bans and mutes", len(back))
-            self.control([("moderation", op) for op in back])
+    def restore_state(self, moderated, registered, lost):
+        """The bans and mutes, and the accounts, as Redis holds them; if
+        Redis had ``lost`` them, ours go back (and to the other nodes)."""
+        for kind, values, module in (("moderation", moderated, moderation),
+                                     ("account", registered, accounts)):
+            ops = []
+            for value in values:
+                try:
+                    ops.append(module.decode_op(value))
+                except ValueError as exc:
+                    self.log.error("skipping a malformed %s record in redis: %s", kind, exc)
+            back = self.router.restore_state(kind, ops, lost)
+            if back:
+                self.log.info("giving redis back this node's %d %s records", len(back), kind)
+                self.control([(kind, op) for op in back])
 
     def serve(self, join_cursor):
         """Registered, so every worker had synced (a restarted broker has
@@ -467,11 +469,14 @@ class Cluster:
         changed in Redis, and one bus entry for the other nodes."""
         changes = []
         for record in records:
+            op = record[1]
             if record[0] == "moderation":
-                op = record[1]
                 kind = "ban" if op[0] in ("ban", "unban") else "mute"
                 kept = op[0] in ("ban", "mute")
-                changes += ["%s %s" % (kind, op[1]), moderation.encode_op(op) if kept else ""]
+                changes += ["moderation", "%s %s" % (kind, op[1]),
+                            moderation.encode_op(op) if kept else ""]
+            elif record[0] == "account" and op[0] in ("account", "unregister"):
+                changes += ["accounts", op[1], accounts.encode_op(op) if op[0] == "account" else ""]
         self.publisher.request(Op(registry.CONTROL,
                                   [registry.STREAM_MAXLEN, bus.encode_control(records)] + changes,
                                   self.on_control))

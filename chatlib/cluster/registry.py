@@ -28,6 +28,8 @@ Keys, all under the cluster's prefix ``P`` (``--cluster``, default ``chat``):
     P:moderation   hash   "ban <target>" or "mute <name>" -> the change that made it
                           (:func:`chatlib.moderation.encode_op`): the chat's bans
                           and mutes, which every node also keeps on disk
+    P:accounts     hash   name (lower case) -> the change that made the account
+                          (:func:`chatlib.accounts.encode_op`), kept on disk too
     P:bus          stream what nodes tell each other, one entry per broker turn
 
 A bus entry has the fields ``o`` (origin node, or ``reaper``), ``d`` (the
@@ -123,7 +125,7 @@ end
 #
 # Returns {'duplicate', ms left} | {'epoch', epoch} (call again to restore)
 # | {'ok', epoch, bus id to read after, every key in P:users, conflicts,
-# 1 if the lease had lapsed, the values of P:moderation}. The bus id is the last entry for a new run of
+# 1 if the lease had lapsed, the values of P:moderation, of P:accounts}. The bus id is the last entry for a new run of
 # the node, and the saved cursor when its lease ran on.
 JOIN = Script(_PRELUDE + r"""
 local node, value, lease_ms, maxlen = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -190,7 +192,7 @@ if not start then
   redis.call('SET', cursor(node), start, 'PX', lease_ms * 3)
 end
 return {'ok', epoch, start, redis.call('HKEYS', USERS), conflicts, lapsed and 1 or 0,
-        redis.call('HVALS', P .. ':moderation')}
+        redis.call('HVALS', P .. ':moderation'), redis.call('HVALS', P .. ':accounts')}
 """)
 
 # ARGV: P node lease lease_ms epoch maxlen retention_ms cursor.
@@ -291,17 +293,19 @@ announce_reaped(ARGV[4], names)
 return #names
 """)
 
-# ARGV: P node lease maxlen records, then (field value) pairs for
-# P:moderation, an empty value deleting the field. The operator's commands
-# for every node: the bans and mutes changed, and one bus entry (field
-# ``c``) with the records. Returns 'ok' or 'lapsed'.
+# ARGV: P node lease maxlen records, then (hash field value) triples, the
+# hash 'moderation' or 'accounts' (P:moderation, P:accounts), an empty value
+# deleting the field. The operator's commands for every node: the bans,
+# mutes and accounts changed, and one bus entry (field ``c``) with the
+# records. Returns 'ok' or 'lapsed'.
 CONTROL = Script(_PRELUDE + r"""
 if not holds(ARGV[2], ARGV[3]) then return 'lapsed' end
-for i = 6, #ARGV, 2 do
-  if ARGV[i + 1] == '' then
-    redis.call('HDEL', P .. ':moderation', ARGV[i])
+for i = 6, #ARGV, 3 do
+  local hash = P .. ':' .. ARGV[i]
+  if ARGV[i + 2] == '' then
+    redis.call('HDEL', hash, ARGV[i + 1])
   else
-    redis.call('HSET', P .. ':moderation', ARGV[i], ARGV[i + 1])
+    redis.call('HSET', hash, ARGV[i + 1], ARGV[i + 2])
   end
 end
 if ARGV[5] ~= '' then publish(ARGV[4], {'o', ARGV[2], 'c', ARGV[5]}) end

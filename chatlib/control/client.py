@@ -110,11 +110,26 @@ def _script(args, parser):
         stdin = getattr(sys.stdin, "buffer", sys.stdin)
         lines = (line.strip() for line in stdin)
         return (line for line in lines if line)     # a blank line gets no answer
-    line = " ".join([args.command] + args.args)
+    words = [args.command] + args.args
+    if commands.takes_secret(words):
+        if len(words) > 3:
+            parser.error("a password is never given on the command line (ps shows it to "
+                         "everyone): ctl asks for it, or reads it from stdin")
+        words.append(read_secret("password for %s: " % words[2]))
+    line = " ".join(words)
     if "\n" in line or "\r" in line or not line.strip():
         parser.error("a command is one line, and not blank")
     # Arguments that are not UTF-8 go as they are: the server says bad-encoding.
     return [line.encode("utf-8", "surrogateescape")]
+
+
+def read_secret(prompt):
+    """A password: asked without echo at a terminal, else the first line of
+    stdin (for scripts: ``printf '%s\\n' "$PW" | chat-server ctl account add bob``)."""
+    if sys.stdin.isatty():
+        import getpass
+        return getpass.getpass(prompt)
+    return sys.stdin.readline().rstrip("\r\n")
 
 
 def connect(paths, timeout):

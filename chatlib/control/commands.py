@@ -33,7 +33,20 @@ COMMANDS = (
     Command("stats", "the statistics, one `name value` per line"),
     Command("metrics", "the statistics in the Prometheus text format"),
     Command("reload", "reopen the log file and reload the TLS certificate, as SIGHUP does"),
+    Command("account add NAME", "register NAME (ctl asks for its password)"),
+    Command("account password NAME", "set NAME's password (ctl asks for it)"),
+    Command("account remove NAME", "NAME is not registered any more (its user stays on)"),
+    Command("accounts", "registered names, when created, when last logged in"),
 )
+
+# The commands whose last argument is a password, which ctl reads itself:
+# never on its command line, where ps shows it to every user of the host.
+_SECRET_FORMS = (("account", "add"), ("account", "password"))
+
+
+def takes_secret(words):
+    """Does the command ``words`` (as typed, no password yet) need a password?"""
+    return tuple(word.lower() for word in words[:2]) in _SECRET_FORMS and len(words) >= 3
 
 _NAMES = frozenset(command.name for command in COMMANDS)
 
