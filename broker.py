@@ -497,11 +497,12 @@ class Broker(Service, Router):
             self.answer(slot, cid, protocol.ERR_BAD_PASSWORD)
 
     def guess(self, slot, cid, address, key, then, check, *args):
-        """A password check, throttled before it costs anything: one at a
-        time per address and per name, none after too many failures, and a
-        bounded queue. False if refused."""
+        """A password check, throttled before it costs anything: no more
+        under way per address and per name than failures are allowed a
+        minute, none after too many failures, and a bounded queue. False if
+        refused."""
         group = accounting.address_group(address)
-        if self.guessing[group] or self.guessing[key] or \
+        if max(self.guessing[group], self.guessing[key]) >= accounting.MAX_FAILURES or \
                 not self.throttle.allowed(address, key, time.monotonic()):
             return False
         return self.off_loop((slot, cid), then, check, *args, counted=(group, key))
