@@ -19,6 +19,12 @@ def answer(client, line):
     return client.read_line(IO_TIMEOUT)
 
 
+def attempt(server, line):
+    """The answer to ``line`` on a new connection, closed at once after it."""
+    with server.client() as client:
+        return answer(client, line)
+
+
 class OneHost(TestCase):
 
     def start(self, *options, state=None, **kwargs):
@@ -141,7 +147,7 @@ class OneHost(TestCase):
         self.assertNotIn("last-login=never", lines[0])
         # Removing an account does not disconnect its user.
         self.assertEqual(control(self.path, "account remove yudi")[1], "OK")
-        self.assertEqual(said(yudi, "WHO"), ["USER Yudi"])
+        self.assertEqual(said(yudi, "WHO"), ["USER yudi"])      # as typed at LOGIN
         self.assertEqual(control(self.path, "accounts")[0], [])
         # A password is never an argument of ctl.
         code, out, err = run_to_exit(sys.executable, BROKER, "ctl", "--control", self.path,
@@ -205,14 +211,14 @@ class TwoNodes(TestCase):
         self.assertEqual(answer(ada, "REGISTER ada's password"), "OK")
         ada.send("QUIT")
         ada.expect_closed()
-        wait_until(lambda: answer(self.client(b), "LOGIN ada ada's password") == "OK",
+        wait_until(lambda: attempt(b, "LOGIN ada ada's password") == "OK",
                    what="the account reaching B")
         # Redis restarted empty: the nodes give it their accounts back.
         redis.restart()
         a.wait_log("giving redis back this node's 1 account records")
         c = self.node("C", redis)
-        wait_until(lambda: answer(self.client(c), "LOGIN ada nope-nope") == "ERR bad-password",
+        wait_until(lambda: attempt(c, "LOGIN ada nope-nope") == "ERR bad-password",
                    what="the account reaching a new node")
         self.assertEqual(control(b.control, "account remove ada")[1], "OK")
-        wait_until(lambda: answer(self.client(a), "LOGIN ada") == "OK",
+        wait_until(lambda: attempt(a, "LOGIN ada") == "OK",
                    what="the removal reaching A")
