@@ -53,6 +53,7 @@ UNAVAILABLE = "cluster unavailable"
 # and waiting; past that a LOGIN with a password gets ERR too-many-attempts.
 HASHERS = 2
 HASH_QUEUE = 64
+REFUSED = object()      # a guess refused before its check (ERR too-many-attempts)
 SEEN_SAVE_DELAY = 5.0   # seconds a last-login time may wait to be saved (not worth an fsync each)
 
 LAZY_DELAY = 0.02   # seconds an acknowledgement or a new name waits for a batch to ride on
@@ -489,23 +490,44 @@ class Broker(Service, Router):
                 self.answer(slot, cid, protocol.ERR_TOO_MANY_ATTEMPTS)
 
     def login_checked(self, slot, cid, name, peer, registered, right):
-        if right is True and registered:
-            self.throttle.succeeded(peer[0], name.lower())
+        key = name.lower()
+        if right is REFUSED:
+            self.answer(slot, cid, protocol.ERR_TOO_MANY_ATTEMPTS)
+        elif right is True and registered:
+            self.throttle.succeeded(peer[0], key)
             self.claim_name(slot, cid, name, peer)
         else:
-            self.throttle.failed(peer[0], name.lower(), time.monotonic())
+            self.throttle.failed(peer[0], key, time.monotonic())
+            self.directory.guess_failed(accounting.address_group(peer[0]), key)
             self.answer(slot, cid, protocol.ERR_BAD_PASSWORD)
 
     def guess(self, slot, cid, address, key, then, check, *args):
         """A password check, throttled before it costs anything: no more
         under way per address and per name than failures are allowed a
-        minute, none after too many failures, and a bounded queue. False if
-        refused."""
+        minute, none after too many failures here or (in cluster mode) on
+        any node, and a bounded queue. False if refused at once; ``then``
+        gets REFUSED if the cluster refuses it."""
         group = accounting.address_group(address)
         if max(self.guessing[group], self.guessing[key]) >= accounting.MAX_FAILURES or \
                 not self.throttle.allowed(address, key, time.monotonic()):
             return False
-        return self.off_loop((slot, cid), then, check, *args, counted=(group, key))
+        counted = (group, key)
+        self.guessing.update(counted)
+        self.directory.check_guess(group, key, partial(
+            self.guess_allowed, (slot, cid), counted, then, check, args))
+        return True
+
+    def guess_allowed(self, owner, counted, then, check, args, allowed):
+        if not (allowed and self.off_loop(owner, then, check, *args, counted=counted)):
+            self.guessed(counted)
+            then(REFUSED)
+
+    def guessed(self, counted):
+        """The guesses ``counted`` are not under way any more."""
+        self.guessing.subtract(counted)
+        for key in counted:
+            if self.guessing[key] <= 0:
+                del self.guessing[key]
 
     def off_loop(self, owner, then, func, *args, counted=()):
         """Run ``func(*args)`` (a password's hash) in a hasher thread; its
@@ -519,16 +541,12 @@ class Broker(Service, Router):
         self.jobs += 1
         if not self.hasher.submit((owner, self.jobs, counted), func, *args):
             return False
-        self.guessing.update(counted)
         self.checking[owner] = (self.jobs, then)
         return True
 
     def on_hashed(self, mask=None):
         for (owner, job, counted), result in self.hasher.results():
-            self.guessing.subtract(counted)
-            for key in counted:
-                if self.guessing[key] <= 0:
-                    del self.guessing[key]
+            self.guessed(counted)
             waiting = self.checking.get(owner)
             if waiting is not None and waiting[0] == job:
                 del self.checking[owner]
@@ -882,7 +900,7 @@ class Broker(Service, Router):
                 if self.moderate([record[1]], publish=False):
                     self.log.info("operator, on another node: %s %s", *record[1][:2])
             elif kind == "account":
-                if self.change_accounts([record[1]], publish=False):
+                if self.change_accounts([record[1]], publish=False) and record[1][0] != "seen":
                     self.log.info("accounts, on another node: %s %s", *record[1][:2])
 
     def restore_state(self, kind, ops, kept):

@@ -196,6 +196,16 @@ class LocalDirectory:
         of the bans and mutes, :meth:`chatlib.moderation.Moderation.apply`).
         On one host there are none."""
 
+    def check_guess(self, group, key, callback):
+        """``callback(allowed)``: may a password be checked for ``key``
+        from the address group ``group``? On one host the broker's own
+        throttle said so already; a cluster asks every node's failures."""
+        callback(True)
+
+    def guess_failed(self, group, key):
+        """A wrong password for ``key`` from ``group``: for the other nodes'
+        throttles (on one host, nobody else)."""
+
     def user_rows(self, callback):
         """``callback(rows)``: the users of the other nodes, as
         :class:`chatlib.control.users.UserRow` (none, on one host)."""

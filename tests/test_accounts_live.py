@@ -215,10 +215,23 @@ class TwoNodes(TestCase):
                    what="the account reaching B")
         # Redis restarted empty: the nodes give it their accounts back.
         redis.restart()
-        a.wait_log("giving redis back this node's 1 account records")
+        a.wait_log(r"giving redis back this node's \d+ account records")
         c = self.node("C", redis)
         wait_until(lambda: attempt(c, "LOGIN ada nope-nope") == "ERR bad-password",
                    what="the account reaching a new node")
         self.assertEqual(control(b.control, "account remove ada")[1], "OK")
         wait_until(lambda: attempt(a, "LOGIN ada") == "OK",
                    what="the removal reaching A")
+
+    def test_the_throttle_holds_across_nodes(self):
+        self.dir = self.tmpdir("accounts-cluster")
+        redis = RedisServer().start()
+        self.addCleanup(redis.stop)
+        a, b = self.node("A", redis), self.node("B", redis)
+        eve = self.client(a, "eve")
+        self.assertEqual(answer(eve, "REGISTER eve's password"), "OK")
+        wait_until(lambda: attempt(b, "LOGIN eve wrong") == "ERR bad-password",
+                   what="the account reaching B")
+        answers = [attempt(node, "LOGIN eve guess") for node in (a, b, a, b, a, b)]
+        self.assertEqual(answers[-1], "ERR too-many-attempts", answers)
+        self.assertLessEqual(answers.count("ERR bad-password"), 4)   # 5 failures, one above

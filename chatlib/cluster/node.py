@@ -485,6 +485,14 @@ class Cluster:
         if reply == b"lapsed":
             self.log.error("redis refused the operator's command: this node's lease had run out")
 
+    def check_guess(self, group, key, callback):
+        self.publisher.request(Op(registry.GUESSES, [group, key, accounts.MAX_FAILURES],
+                                  lambda reply: callback(reply == 1)))
+
+    def guess_failed(self, group, key):
+        self.publisher.request(Op(registry.FAILED, [group, key, int(accounts.WINDOW * 1000)],
+                                  self.on_control))
+
     def user_rows(self, callback):
         """The other nodes' users, as Redis lists them."""
         self.publisher.request(Op(registry.USERS, [], partial(self.on_users, callback)))

@@ -30,6 +30,8 @@ Keys, all under the cluster's prefix ``P`` (``--cluster``, default ``chat``):
                           and mutes, which every node also keeps on disk
     P:accounts     hash   name (lower case) -> the change that made the account
                           (:func:`chatlib.accounts.encode_op`), kept on disk too
+    P:failed:a:<g> string wrong passwords from address group <g>, and
+    P:failed:n:<k> string at name <k>, in a window that expires (the throttle)
     P:bus          stream what nodes tell each other, one entry per broker turn
 
 A bus entry has the fields ``o`` (origin node, or ``reaper``), ``d`` (the
@@ -327,7 +329,28 @@ end
 return rows
 """)
 
-SCRIPTS = (JOIN, HEARTBEAT, CLAIM, PUBLISH, DM, LEAVE, CONTROL, USERS)
+# ARGV: P node lease group key max. May a password be checked for a guess
+# from the address group `group` at the name `key`? 1 unless either has
+# failed `max` times in the current window (FAILED), on any node.
+GUESSES = Script(_PRELUDE + r"""
+if not holds(ARGV[2], ARGV[3]) then return 0 end
+local max = tonumber(ARGV[6])
+if tonumber(redis.call('GET', P .. ':failed:a:' .. ARGV[4]) or '0') >= max then return 0 end
+if tonumber(redis.call('GET', P .. ':failed:n:' .. ARGV[5]) or '0') >= max then return 0 end
+return 1
+""")
+
+# ARGV: P node lease group key window_ms. A wrong password: counted for the
+# address group and the name, in a window that starts with the first.
+FAILED = Script(_PRELUDE + r"""
+if not holds(ARGV[2], ARGV[3]) then return 'lapsed' end
+for _, counter in ipairs({P .. ':failed:a:' .. ARGV[4], P .. ':failed:n:' .. ARGV[5]}) do
+  if redis.call('INCR', counter) == 1 then redis.call('PEXPIRE', counter, ARGV[6]) end
+end
+return 'ok'
+""")
+
+SCRIPTS = (JOIN, HEARTBEAT, CLAIM, PUBLISH, DM, LEAVE, CONTROL, USERS, GUESSES, FAILED)
 
 
 def who_command(prefix):
