@@ -30,12 +30,12 @@ import collections
 import hashlib
 import hmac
 import ipaddress
-import math
 import os
 import re
 import unicodedata
 from typing import NamedTuple, Optional
 
+from chatlib import textops
 from chatlib.protocol import valid_name
 
 ACCOUNTS_FILE = "accounts.json"     # in the state directory (--state-dir), beside bans.json
@@ -221,13 +221,6 @@ def _key(text):
     return text
 
 
-def _time(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value < 0:
-        raise ValueError("bad %s %r" % (what, value))
-    return float(value)
-
-
 def _checked(op):
     """``op`` as :meth:`Accounts.apply` takes it, every field checked;
     ValueError if it is not an operation."""
@@ -239,34 +232,21 @@ def _checked(op):
         if _key(key) != _name(name).lower():
             raise ValueError("key %r is not name %r in lower case" % (key, name))
         _parse_hash(stored)
-        return (kind, key, name, stored, _time(created, "created"))
+        return (kind, key, name, stored, textops.time_field(created, "created"))
     if kind == "unregister":
         return (kind, _key(op[1]))
-    return (kind, _key(op[1]), _time(op[2], "time"))
+    return (kind, _key(op[1]), textops.time_field(op[2], "time"))
 
 
 def encode_op(op):
-    """Operation ``op`` as one line of tab-separated text, without its end of line."""
-    fields = [repr(value) if isinstance(value, float) else value for value in _checked(op)]
-    return "\t".join(fields).encode()
+    """Operation ``op`` as one line of tab-separated text (:mod:`chatlib.textops`)."""
+    return textops.encode(_checked(op))
 
 
 def decode_op(data):
     """The operation encoded in ``data``; ValueError if it is not one (it
     may come from anyone who can write to Redis)."""
-    if len(data) > MAX_OP_BYTES:
-        raise ValueError("operation of %d bytes: at most %d" % (len(data), MAX_OP_BYTES))
-    try:
-        fields = data.decode("utf-8").split("\t")
-    except UnicodeDecodeError:
-        raise ValueError("operation not in UTF-8") from None
-    for i in _OP_NUMBERS.get(fields[0], ()):
-        if i < len(fields):
-            try:
-                fields[i] = float(fields[i])
-            except ValueError:
-                raise ValueError("bad number %r" % fields[i]) from None
-    return _checked(tuple(fields))
+    return _checked(textops.decode(data, MAX_OP_BYTES, _OP_NUMBERS))
 
 
 # --- The state ------------------------------------------------------------------
@@ -355,7 +335,7 @@ class Accounts:
                 account = Account._make(entry.get(field) for field in Account._fields)
                 op = _checked(account.op)
                 if account.last_login is not None:
-                    _time(account.last_login, "last_login")
+                    textops.time_field(account.last_login, "last_login")
                 if account.key in accounts:
                     raise ValueError("a second account %r" % (account.key,))
                 accounts.apply(op)

@@ -25,10 +25,10 @@ keeps the state on disk (:meth:`Moderation.to_json`).
 """
 
 import ipaddress
-import math
 import re
 from typing import NamedTuple, Optional
 
+from chatlib import textops
 from chatlib.protocol import valid_name
 
 BANS_FILE = "bans.json"     # in the state directory (--state-dir)
@@ -133,15 +133,8 @@ def _clean_reason(text):
     return " ".join(text.split())[:MAX_REASON]
 
 
-def _time(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value < 0:
-        raise ValueError("bad %s %r" % (what, value))
-    return float(value)
-
-
 def _expiry(value):
-    return None if value is None else _time(value, "expiry")
+    return None if value is None else textops.time_field(value, "expiry")
 
 
 # --- Records and operations -----------------------------------------------------
@@ -190,35 +183,21 @@ def _checked(op):
             raise ValueError("bad target %r" % (op[1],)) from None
         if kind == "unban":
             return (kind, target)
-        return (kind, target, _expiry(op[2]), _clean_reason(op[3]), _time(op[4], "since"))
+        return (kind, target, _expiry(op[2]), _clean_reason(op[3]), textops.time_field(op[4], "since"))
     if kind == "unmute":
         return (kind, _name_key(op[1]))
-    return (kind, _name_key(op[1]), _expiry(op[2]), _time(op[3], "since"))
+    return (kind, _name_key(op[1]), _expiry(op[2]), textops.time_field(op[3], "since"))
 
 
 def encode_op(op):
-    """Operation ``op`` as one line of tab-separated text, without its end of line."""
-    fields = ["-" if value is None else repr(value) if isinstance(value, float) else value
-              for value in _checked(op)]
-    return "\t".join(fields).encode()
+    """Operation ``op`` as one line of tab-separated text (:mod:`chatlib.textops`)."""
+    return textops.encode(_checked(op))
 
 
 def decode_op(data):
     """The operation encoded in ``data``; ValueError if it is not one (it
     may come from anyone who can write to Redis)."""
-    if len(data) > MAX_OP_BYTES:
-        raise ValueError("operation of %d bytes: at most %d" % (len(data), MAX_OP_BYTES))
-    try:
-        fields = data.decode("utf-8").split("\t")
-    except UnicodeDecodeError:
-        raise ValueError("operation not in UTF-8") from None
-    for i in _OP_NUMBERS.get(fields[0], ()):
-        if i < len(fields):
-            try:
-                fields[i] = None if fields[i] == "-" else float(fields[i])
-            except ValueError:
-                raise ValueError("bad number %r" % fields[i]) from None
-    return _checked(tuple(fields))
+    return _checked(textops.decode(data, MAX_OP_BYTES, _OP_NUMBERS))
 
 
 def _live(record, now):
