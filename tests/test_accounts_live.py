@@ -194,11 +194,11 @@ class OneHost(TestCase):
 class TwoNodes(TestCase):
     timeout = 90
 
-    def node(self, node_id, redis):
+    def node(self, node_id, redis, *options):
         path = os.path.join(self.dir, node_id + ".sock")
         srv = self.server("--redis", redis.url, "--node-id", node_id, "--node-lease", 3.0,
                           "--control", path, "--state-dir", os.path.join(self.dir, node_id),
-                          workers=1)
+                          *options, workers=1)
         srv.control = path
         return srv
 
@@ -206,21 +206,18 @@ class TwoNodes(TestCase):
         self.dir = self.tmpdir("accounts-cluster")
         redis = RedisServer().start()
         self.addCleanup(redis.stop)
-        a, b = self.node("A", redis), self.node("B", redis)
-        ada = self.client(a, "ada")
-        self.assertEqual(answer(ada, "REGISTER ada's password"), "OK")
-        ada.send("QUIT")
-        ada.expect_closed()
+        a, b = self.node("A", redis, "--closed"), self.node("B", redis, "--closed")
+        self.assertEqual(control(a.control, "account add ada ada's password")[1], "OK")
         wait_until(lambda: attempt(b, "LOGIN ada ada's password") == "OK",
                    what="the account reaching B")
         # Redis restarted empty: the nodes give it their accounts back.
         redis.restart()
         a.wait_log(r"giving redis back this node's \d+ account records")
-        c = self.node("C", redis)
-        wait_until(lambda: attempt(c, "LOGIN ada nope-nope") == "ERR bad-password",
+        c = self.node("C", redis, "--closed")
+        wait_until(lambda: attempt(c, "LOGIN ada ada's password") == "OK",
                    what="the account reaching a new node")
         self.assertEqual(control(b.control, "account remove ada")[1], "OK")
-        wait_until(lambda: attempt(a, "LOGIN ada") == "OK",
+        wait_until(lambda: attempt(a, "LOGIN ada ada's password") == "ERR bad-password",
                    what="the removal reaching A")
 
     def test_the_throttle_holds_across_nodes(self):
