@@ -24,10 +24,11 @@ The hot path, per loop turn:
   lines at most every BROADCAST_EVERY under load;
 * the broker's ``MSG`` blobs are fanned out the same way.
 
-A client that has asked the broker something (``LOGIN``, ``WHO``, ``DM``) has
-its later lines held until the answer comes, which keeps its answers in the
-order of its commands; a client with held lines is not read any further, so a
-worker holds at most one read's worth of unprocessed input per client.
+A client that has asked the broker something (``LOGIN``, ``WHO``, ``DM``,
+``REGISTER``, ``PASSWORD``) has its later lines held until the answer comes,
+which keeps its answers in the order of its commands; a client with held
+lines is not read any further, so a worker holds at most one read's worth of
+unprocessed input per client.
 """
 
 import socket
@@ -97,8 +98,8 @@ class Worker(Service):
         self.stalled = set()       # clients holding lines until the link drains
         self.flood = FloodControl(config.rate, config.burst) if config.rate else None  # --rate 0: none
         self.counters = dict.fromkeys(COUNTERS, 0)   # for --stats-interval
-        self.logins = Counter()    # by result, and disconnections by reason
-        self.disconnects = Counter()   # (DISCONNECT_LABELS): for the metrics
+        self.logins = Counter()        # LOGINs by result, and connections closed
+        self.disconnects = Counter()   # by reason (DISCONNECT_LABELS): for the metrics
         self.broadcast_seconds = Histogram(BROADCAST_BOUNDS)
         self.first_unwritten = None    # when the oldest MSG not yet written was read
         self.moderation = Moderation()  # the chat's bans and mutes (link.MODERATION)
