@@ -20,7 +20,8 @@ It is also the operator's hand on the chat (``broker.py ctl``, relayed by
 the supervisor): it kicks, keeps the chat's bans and mutes
 (:mod:`chatlib.moderation`), saves them in the state directory, and hands
 them to its workers, which enforce them, and to the supervisor, for the
-acceptor.
+acceptor. A LOGIN of a registered name passes its gate first
+(:mod:`chatlib.gate`: the accounts, and passwords checked off the loop).
 
 Names beyond this host's users are a directory's (:mod:`chatlib.directory`):
 on one host every claim is granted at once; in cluster mode (``--redis``) a
@@ -31,30 +32,21 @@ host's users only.
 """
 
 import os
-import selectors
 import sys
 import time
-from collections import Counter
 from functools import partial
 from multiprocessing.connection import Connection
 
-from chatlib import accounts as accounting
 from chatlib import link, moderation, protocol, statefile
 from chatlib.channel import Channel
 from chatlib.control.users import utc
 from chatlib.directory import LocalDirectory, Router, User
+from chatlib.gate import Gate
 from chatlib.service import Service
 
 # Why a worker cuts a user when told to (it logs and counts it: worker.DISCONNECT_LABELS).
 KICKED = "kicked"
 UNAVAILABLE = "cluster unavailable"
-
-# Password checks at once (each takes a core for ~40 ms and 16 MiB: chatlib.accounts),
-# and waiting; past that a LOGIN with a password gets ERR too-many-attempts.
-HASHERS = 2
-HASH_QUEUE = 64
-REFUSED = object()      # a guess refused before its check (ERR too-many-attempts)
-SEEN_SAVE_DELAY = 5.0   # seconds a last-login time may wait to be saved (not worth an fsync each)
 
 LAZY_DELAY = 0.02   # seconds an acknowledgement or a new name waits for a batch to ride on
 NO_ORIGIN = (link.SEQ, None)
@@ -88,13 +80,7 @@ class Broker(Service, Router):
     def __init__(self, config, pipes, expected=(), bans=None, accounts=None):
         super().__init__(config, pipes)
         self.moderation = bans or moderation.Moderation()   # the chat's bans and mutes
-        self.accounts = accounts or accounting.Accounts()  # registered names
-        self.throttle = accounting.Throttle()   # failed guesses per address, per name
-        self.guessing = Counter()       # checks under way per address group, per name
-        self.hasher = None              # chatlib.hasher.Hasher, from the first password on
-        self.checking = {}              # (slot, cid) or ("ctl", request) -> (job, then)
-        self.jobs = 0
-        self.seen_save_due = None       # when the last-login times are saved
+        self.gate = Gate(config, accounts, self.log, self)   # accounts, passwords
         self.links = {}                 # slot -> WorkerLink
         self.lazy_due = None            # when acknowledgements and new names go
                                         # without a batch
@@ -137,8 +123,7 @@ class Broker(Service, Router):
         self.unsynced.discard(slot)
         self.deferred = [(s, event) for s, event in self.deferred if s != slot]
         self.directory.cancel(slot)
-        for owner in [owner for owner in self.checking if owner[0] == slot]:
-            del self.checking[owner]
+        self.gate.forget(slot)
         self.origin = None                      # its departures come from no batch
         for key in [k for k, user in self.users.items() if user.slot == slot]:
             self.log_out(slot, self.users[key].cid)
@@ -150,6 +135,7 @@ class Broker(Service, Router):
             self.directory = Cluster(self.config, self.sel, self.log, self)
         else:
             self.directory = LocalDirectory(self)
+        self.gate.start(self.sel, self.directory)
         self.ready_when_started = self.directory.ready_at_start
         self.registered = self.directory.routes_at_once
         self.directory.start()
@@ -186,10 +172,7 @@ class Broker(Service, Router):
         for worker in self.links.values():
             worker.channel.close()
         self.directory.close()
-        if self.seen_save_due is not None:
-            self.save_accounts()
-        if self.hasher is not None:
-            self.hasher.close()
+        self.gate.close()
 
     # -- the loop -------------------------------------------------------------
 
@@ -212,8 +195,7 @@ class Broker(Service, Router):
         """Backpressure: while a worker (or Redis) cannot take more, read from nobody."""
         if self.lazy_due is not None and now >= self.lazy_due:
             self.send_lazy()
-        if self.seen_save_due is not None and now >= self.seen_save_due:
-            self.save_accounts()
+        self.gate.tick(now)
         self.directory.tick(now)
         if any(worker.outbox for worker in self.links.values()):
             self.end_turn()                     # answers to requests that waited too long
@@ -318,10 +300,12 @@ class Broker(Service, Router):
             self.directory.publish(slot, self.origin[1], blob)
         elif tag == link.LOGIN:
             _, cid, name, peer, password = event
-            self.log_in(slot, cid, name, peer, password)
+            self.gate.log_in(slot, cid, name, peer, password)
         elif tag == link.REGISTER or tag == link.PASSWORD:
             _, cid, password, tls = event
-            self.register_account(slot, cid, password, tls, tag == link.PASSWORD)
+            key = self.owner.get((slot, cid))
+            user = (key, self.users[key].name) if key is not None else None
+            self.gate.register(slot, cid, user, password, tls, tag == link.PASSWORD)
         elif tag == link.WHO:
             _, cid = event
             self.directory.who(slot, cid)
@@ -467,91 +451,6 @@ class Broker(Service, Router):
                 self.box(slot).append((link.BROADCAST, blob))
         self.origin = origin
 
-    def log_in(self, slot, cid, name, peer, password):
-        """A registered name (or any, on a closed server) needs its password
-        checked first, off the loop (README: "Accounts"); without accounts,
-        a password is a second word in a name, as ever."""
-        key = name.lower()
-        account = self.accounts.get(key)
-        if account is None and not self.config.closed:
-            if password is not None and not self.accounts:
-                self.answer(slot, cid, protocol.ERR_INVALID_USERNAME)
-            else:
-                self.claim_name(slot, cid, name, peer)
-        elif account is not None and self.config.accounts_tls_only and not peer[2]:
-            self.answer(slot, cid, protocol.ERR_TLS_REQUIRED)
-        elif password is None:
-            self.answer(slot, cid, protocol.ERR_BAD_PASSWORD)
-        else:
-            stored = account.password if account is not None else accounting.decoy_hash()
-            if not self.guess(slot, cid, peer[0], key, partial(
-                    self.login_checked, slot, cid, name, peer, account is not None),
-                    accounting.verify_password, password, stored):
-                self.answer(slot, cid, protocol.ERR_TOO_MANY_ATTEMPTS)
-
-    def login_checked(self, slot, cid, name, peer, registered, right):
-        key = name.lower()
-        if right is REFUSED:
-            self.answer(slot, cid, protocol.ERR_TOO_MANY_ATTEMPTS)
-        elif right is True and registered:
-            self.throttle.succeeded(peer[0], key)
-            self.claim_name(slot, cid, name, peer)
-        else:
-            self.throttle.failed(peer[0], key, time.monotonic())
-            self.directory.guess_failed(accounting.address_group(peer[0]), key)
-            self.answer(slot, cid, protocol.ERR_BAD_PASSWORD)
-
-    def guess(self, slot, cid, address, key, then, check, *args):
-        """A password check, throttled before it costs anything: no more
-        under way per address and per name than failures are allowed a
-        minute, none after too many failures here or (in cluster mode) on
-        any node, and a bounded queue. False if refused at once; ``then``
-        gets REFUSED if the cluster refuses it."""
-        group = accounting.address_group(address)
-        if max(self.guessing[group], self.guessing[key]) >= accounting.MAX_FAILURES or \
-                not self.throttle.allowed(address, key, time.monotonic()):
-            return False
-        counted = (group, key)
-        self.guessing.update(counted)
-        self.directory.check_guess(group, key, partial(
-            self.guess_allowed, (slot, cid), counted, then, check, args))
-        return True
-
-    def guess_allowed(self, owner, counted, then, check, args, allowed):
-        if not (allowed and self.off_loop(owner, then, check, *args, counted=counted)):
-            self.guessed(counted)
-            then(REFUSED)
-
-    def guessed(self, counted):
-        """The guesses ``counted`` are not under way any more."""
-        self.guessing.subtract(counted)
-        for key in counted:
-            if self.guessing[key] <= 0:
-                del self.guessing[key]
-
-    def off_loop(self, owner, then, func, *args, counted=()):
-        """Run ``func(*args)`` (a password's hash) in a hasher thread; its
-        result goes to ``then`` unless ``owner`` (a connection, or an
-        operator's request) is gone by then. ``counted``: the guesses under
-        way it is one of. False if too many wait."""
-        if self.hasher is None:
-            from chatlib.hasher import Hasher
-            self.hasher = Hasher(max_in_flight=HASHERS, max_queued=HASH_QUEUE)
-            self.sel.register(self.hasher.fileno(), selectors.EVENT_READ, self.on_hashed)
-        self.jobs += 1
-        if not self.hasher.submit((owner, self.jobs, counted), func, *args):
-            return False
-        self.checking[owner] = (self.jobs, then)
-        return True
-
-    def on_hashed(self, mask=None):
-        for (owner, job, counted), result in self.hasher.results():
-            self.guessed(counted)
-            waiting = self.checking.get(owner)
-            if waiting is not None and waiting[0] == job:
-                del self.checking[owner]
-                waiting[1](False if isinstance(result, Exception) else result)
-
     def claim_name(self, slot, cid, name, peer):
         """Atomic across workers: the broker is the only one who decides
         (in cluster mode, Redis decides for the whole cluster). A name
@@ -567,76 +466,13 @@ class Broker(Service, Router):
         key = self.owner.pop((slot, cid), None)
         if key is None:                         # never logged in
             self.directory.cancel(slot, cid)    # a claim it was waiting for
-            self.checking.pop((slot, cid), None)    # or a password check
+            self.gate.forget(slot, cid)         # or a password check
             return
         name = self.users.pop(key).name
         self.who_cache = None
         self.tell_all((link.LEFT, key))
         self.broadcast(protocol.info_disconnected(name))
         self.directory.release(key, slot, cid)
-
-    def register_account(self, slot, cid, password, tls, change):
-        """``REGISTER`` (or with ``change``, ``PASSWORD``) from a logged-in
-        user: checked here, hashed off the loop, then the name is theirs."""
-        key = self.owner.get((slot, cid))
-        account = self.accounts.get(key)
-        error = None
-        if key is None:
-            error = protocol.ERR_NOT_LOGGED_IN
-        elif change and account is None:
-            error = protocol.ERR_NOT_REGISTERED
-        elif not change and (self.config.closed or self.config.no_register):
-            error = protocol.ERR_REGISTRATION_CLOSED
-        elif not change and account is not None:
-            error = protocol.ERR_ALREADY_REGISTERED
-        elif self.config.accounts_tls_only and not tls:
-            error = protocol.ERR_TLS_REQUIRED
-        else:
-            try:
-                accounting.check_new_password(password)
-            except ValueError as exc:
-                error = b"ERR %s\n" % str(exc).encode()
-        if error is None:
-            name = self.users[key].name
-            created = account.created if account is not None else time.time()
-            if not self.off_loop((slot, cid), partial(self.account_hashed, slot, cid, key, name,
-                                                      created, change),
-                                 accounting.hash_password, password):
-                error = protocol.ERR_TOO_MANY_ATTEMPTS
-        if error is not None:
-            self.answer(slot, cid, error)
-
-    def account_hashed(self, slot, cid, key, name, created, change, stored):
-        if not stored:
-            self.answer(slot, cid, protocol.ERR_WEAK_PASSWORD)
-            return
-        self.change_accounts([("account", key, name, stored, created)])
-        self.log.info("%s %s", name, "changed its password" if change else "registered its name")
-        self.answer(slot, cid, protocol.OK)
-
-    def change_accounts(self, ops, publish=True):
-        """Apply changes of the accounts: saved, kept by the supervisor (for
-        a broker that replaces this one) and (``publish``) sent to the other
-        nodes. True if anything changed."""
-        changed = [op for op in ops if self.accounts.apply(op)]
-        if changed:
-            self.accounts_changed()
-            if publish:
-                self.directory.control([("account", op) for op in changed])
-        return bool(changed)
-
-    def accounts_changed(self):
-        self.save_accounts()
-        self._report(("accounts", self.accounts))
-
-    def save_accounts(self):
-        self.seen_save_due = None
-        path = os.path.join(self.config.state_dir, accounting.ACCOUNTS_FILE)
-        try:
-            statefile.save_json(path, self.accounts.to_json())
-        except OSError as exc:
-            self.log.error("cannot save the accounts in %s (changes hold until a restart): %s",
-                           path, exc.strerror or exc)
 
     # -- the operator's commands (``ctl``, relayed by the supervisor) ---------
 
@@ -725,50 +561,15 @@ class Broker(Service, Router):
         self.reply(request)
 
     def handle_account(self, request, rest):
-        """``account add|password NAME PASSWORD`` (ctl read the password),
-        ``account remove NAME``."""
-        words = rest.split(None, 2)
-        if len(words) < 2 or words[0] not in ("add", "password", "remove") \
-                or not protocol.valid_name(words[1].encode()):
-            raise ValueError("usage: account add|password|remove NAME")
-        action, name = words[0], words[1]
-        key = name.lower()
-        account = self.accounts.get(key)
-        if action == "add" and account is not None:
-            self.reply(request, [], "already-registered")
-        elif action != "add" and account is None:
-            self.reply(request, [], "not-registered")
-        elif action == "remove":
-            self.change_accounts([("unregister", key)])
-            self.log.info("operator: removed the account %s", account.name)
-            self.reply(request)
-        else:
-            password = words[2] if len(words) > 2 else ""
-            try:
-                accounting.check_new_password(password)
-            except ValueError as exc:
-                self.reply(request, [], str(exc))
-                return
-            name, created = (name, time.time()) if account is None else \
-                (account.name, account.created)
-            if not self.off_loop(("ctl", request), partial(self.operator_hashed, request, key,
-                                                           name, created, action),
-                                 accounting.hash_password, password):
-                self.reply(request, [], "busy too many password checks under way")
-
-    def operator_hashed(self, request, key, name, created, action, stored):
-        if not stored:
-            self.reply(request, [], "weak-password")
-            return
-        self.change_accounts([("account", key, name, stored, created)])
-        self.log.info("operator: %s %s", "registered" if action == "add" else
-                      "set the password of", name)
-        self.reply(request)
+        self.gate.handle_account(request, rest)
 
     def handle_accounts(self, request, rest):
-        self.reply(request, ["%s created=%s last-login=%s" % (
-            account.name, utc(account.created), utc(account.last_login))
-            for account in self.accounts.listing()])
+        self.gate.handle_accounts(request, rest)
+
+    def accounts_changed(self, accounts):
+        """The gate's accounts changed: the supervisor keeps them for a
+        broker that replaces this one."""
+        self._report(("accounts", accounts))
 
     def handle_announce(self, request, rest):
         text = rest.strip()
@@ -841,10 +642,7 @@ class Broker(Service, Router):
             return
         self.register(name, slot, cid, stamp)
         self.links[slot].outbox.append((link.GRANTED, cid, name, stamp))
-        if name.lower() in self.accounts:       # its last login, saved a little later
-            self.accounts.apply(("seen", name.lower(), time.time()))
-            if self.seen_save_due is None:
-                self.seen_save_due = time.monotonic() + SEEN_SAVE_DELAY
+        self.gate.logged_in(name.lower())
         self.tell_all((link.JOINED, name.lower()))
 
     def who_lines(self):
@@ -900,24 +698,20 @@ class Broker(Service, Router):
                 if self.moderate([record[1]], publish=False):
                     self.log.info("operator, on another node: %s %s", *record[1][:2])
             elif kind == "account":
-                if self.change_accounts([record[1]], publish=False) and record[1][0] != "seen":
-                    self.log.info("accounts, on another node: %s %s", *record[1][:2])
+                self.gate.remote(record[1])
 
     def restore_state(self, kind, ops, kept):
         """Joined: the chat's bans and mutes (``kind`` "moderation") or
         accounts ("account") as Redis holds them, or, when Redis had lost
         them (``kept``), ours, which the directory gives back to Redis."""
-        ours = self.moderation if kind == "moderation" else self.accounts
+        if kind != "moderation":
+            return self.gate.restore(ops, kept)
         if kept:
-            return ours.ops()
-        fresh = type(ours)(ops)
-        if fresh.ops() != ours.ops():
-            if kind == "moderation":
-                self.moderation = fresh
-                self.moderation_changed(())
-            else:
-                self.accounts = fresh
-                self.accounts_changed()
+            return self.moderation.ops()
+        fresh = moderation.Moderation(ops)
+        if fresh.ops() != self.moderation.ops():
+            self.moderation = fresh
+            self.moderation_changed(())
         return None
 
     def tell_cursor(self, cursor):
