@@ -60,6 +60,7 @@ if not __package__:     # run as a file, python3 scripts/stress.py: see __init__
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
 
+from chatlib.control.commands import takes_secret  # noqa: E402
 from chatlib.supervisor import raise_nofile_limit  # noqa: E402
 
 from .harness import BROKER, OPENSSL_HINT, Server, StartError, percentile, self_signed, start_cluster  # noqa: E402
@@ -80,6 +81,7 @@ EXPECT_BLOCK = 256          # expected MSG lines built at a time, per sender
 TOOL_BOUND = 0.85           # of its cores: the tool, not the server, was the limit
 BIG = 1 << 62               # "no constraint" in shared progress slots
 CTL_TIMEOUT = 10.0          # seconds a --ctl command may take to be answered
+CTL_AHEAD = 8               # commands sent ahead of their answers on the control socket
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 # Board slots per process (shared memory the coordinator reads for progress).
@@ -1561,25 +1563,49 @@ def spawn(args, tls=None, control=None):
     return [], None
 
 
-def operate(path, command):
-    """Send the operator's ``command`` over the control socket at ``path``
-    and read its answer, lines until ``OK`` or ``ERR ...``; StressError
-    unless ``OK``."""
+def operate(path, commands):
+    """Send the operator's ``commands`` over one connection to the control
+    socket at ``path`` and read each answer, lines until ``OK`` or ``ERR
+    ...``, as it comes; StressError at the first that is not ``OK``. The
+    server takes one command at a time, in order: CTL_AHEAD more wait in the
+    socket, so that it never waits for the next."""
+    commands = list(commands)
+    if not commands:
+        return
+    command, sent = commands[0], 0
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(CTL_TIMEOUT)
         try:
             sock.connect(path)
-            sock.sendall(command.encode() + b"\n")
-            with sock.makefile("rb") as answer:
-                for raw in answer:
-                    line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-                    if line == "OK":
-                        return
-                    if line == "ERR" or line.startswith("ERR "):
-                        raise StressError("--ctl %r: %s" % (command, line))
+            with sock.makefile("rb") as answers:
+                for done, command in enumerate(commands):
+                    ahead = commands[sent:done + 1 + CTL_AHEAD]
+                    if ahead:
+                        sock.sendall(b"".join(line.encode() + b"\n" for line in ahead))
+                        sent += len(ahead)
+                    answer = last_line(answers)
+                    if answer != "OK":
+                        raise StressError("--ctl %r: %s" % (
+                            shown(command),
+                            answer or "the server closed the control socket unanswered"))
         except OSError as exc:
-            raise StressError("--ctl %r: %s" % (command, exc))
-    raise StressError("--ctl %r: the server closed the control socket unanswered" % command)
+            raise StressError("--ctl %r: %s" % (shown(command), exc))
+
+
+def last_line(answers):
+    """The line that ends the next answer read from ``answers``, ``OK`` or
+    ``ERR ...`` (the lines before it skipped); None at the end of the stream."""
+    for raw in answers:
+        line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        if line == "OK" or line == "ERR" or line.startswith("ERR "):
+            return line
+    return None
+
+
+def shown(command):
+    """``command`` as an error message may show it: without its password."""
+    words = command.split(None, 3)
+    return " ".join(words[:3]) if takes_secret(words[:3]) else command
 
 
 def one_or_all(values):
@@ -1602,8 +1628,7 @@ def run(args):
         servers, cluster = spawn(args, tls, control)
         # A ban reaches the acceptor a moment after its OK: the stress
         # processes start long after that (and the run 0.2 s later still).
-        for command in args.ctl:
-            operate(control, command)
+        operate(control, args.ctl)
         if args.ctl:
             result["ctl"] = args.ctl
         if servers:
