@@ -32,6 +32,11 @@ mixed into a scenario only for a TLS run.
 server ``--spawn-server`` starts, before the load: ``--ctl 'ban 127.0.0.0/8'``
 for ``refused``, whose every connection must get ``ERR banned`` and EOF.
 
+``connect --password PW`` logs every client in with ``LOGIN NAME PW``;
+with ``--spawn-server`` the tool first registers their names through the
+same control socket (``account add``, ~40 ms of hashing each), so that
+``logins_per_s`` measures password logins.
+
 Standard library only; Linux for the server figures (read from /proc).
 """
 
@@ -60,6 +65,7 @@ if not __package__:     # run as a file, python3 scripts/stress.py: see __init__
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
 
+from chatlib.accounts import MAX_FAILURES  # noqa: E402
 from chatlib.control.commands import takes_secret  # noqa: E402
 from chatlib.supervisor import raise_nofile_limit  # noqa: E402
 
@@ -82,6 +88,7 @@ TOOL_BOUND = 0.85           # of its cores: the tool, not the server, was the li
 BIG = 1 << 62               # "no constraint" in shared progress slots
 CTL_TIMEOUT = 10.0          # seconds a --ctl command may take to be answered
 CTL_AHEAD = 8               # commands sent ahead of their answers on the control socket
+CONCURRENCY = 200           # connects + logins in flight per process, by default
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 # Board slots per process (shared memory the coordinator reads for progress).
@@ -828,12 +835,24 @@ class Dm(Load):
 
 
 class Connect(Load):
-    """Log in many idle clients; during the hold, nothing may arrive."""
+    """Log in many idle clients; during the hold, nothing may arrive. With
+    ``--password`` each logs in with it (its name registered beforehand:
+    :func:`accounts_to_register`)."""
+
+    @staticmethod
+    def client_name(prefix, i):
+        return b"%sc%d" % (prefix, i)
 
     def make_clients(self):
         cfg = self.cfg
-        return [Client(i, b"%sc%d" % (cfg["prefix"], i))
+        return [Client(i, self.client_name(cfg["prefix"], i))
                 for i in range(self.proc, cfg["clients"], cfg["procs"])]
+
+    def start_session(self, c):
+        if self.cfg["password"] is None:
+            super().start_session(c)
+        else:
+            self.write(c, b"LOGIN %s %s\n" % (c.name, self.cfg["password"].encode()))
 
     def on_lines(self, c, lines):
         for line in lines:
@@ -1528,6 +1547,14 @@ def config_for(args, targets, spread):
     population = {"dm": 2 * getattr(args, "pairs", 0),
                   "churn": getattr(args, "observers", 0) + getattr(args, "clients", 0)}
     cfg["procs"] = max(1, min(args.procs, population.get(args.scenario) or args.clients))
+    if args.concurrency is None and cfg.get("password"):
+        # The server checks at most MAX_FAILURES passwords at once per
+        # address (README: "Accounts"), the next get ERR too-many-attempts,
+        # and PER_ADDRESS clients in a row share one.
+        cfg["procs"] = min(cfg["procs"], MAX_FAILURES)
+        cfg["concurrency"] = MAX_FAILURES // cfg["procs"]
+    elif args.concurrency is None:
+        cfg["concurrency"] = CONCURRENCY
     return cfg
 
 
@@ -1561,6 +1588,15 @@ def spawn(args, tls=None, control=None):
                        die_with_parent=True, tls=tls, tls_only=bool(tls),
                        broker=args.broker).start()], None
     return [], None
+
+
+def accounts_to_register(cfg):
+    """``account add NAME PASSWORD`` for each name the run logs in to with
+    a password (``connect --password``)."""
+    if not cfg.get("password"):
+        return []
+    return ["account add %s %s" % (Connect.client_name(cfg["prefix"], i).decode(),
+                                   cfg["password"]) for i in range(cfg["clients"])]
 
 
 def operate(path, commands):
@@ -1608,6 +1644,11 @@ def shown(command):
     return " ".join(words[:3]) if takes_secret(words[:3]) else command
 
 
+def registering(args):
+    """Whether the tool registers the names it needs on the server it spawns."""
+    return args.spawn_server and bool(getattr(args, "password", None))
+
+
 def one_or_all(values):
     return values[0] if len(values) == 1 else values
 
@@ -1621,14 +1662,12 @@ def run(args):
     tool_cpu0 = own_cpu()
     try:
         spawning = args.spawn_server or args.spawn_cluster
-        if spawning and (args.tls or args.ctl):     # the certificate, the control socket
+        operator = args.ctl or registering(args)
+        if spawning and (args.tls or operator):     # the certificate, the control socket
             scratch = tempfile.mkdtemp(prefix="chat-stress-")
         tls = self_signed(scratch) if spawning and args.tls else None
-        control = os.path.join(scratch, "control.sock") if args.ctl else None
+        control = os.path.join(scratch, "control.sock") if operator else None
         servers, cluster = spawn(args, tls, control)
-        # A ban reaches the acceptor a moment after its OK: the stress
-        # processes start long after that (and the run 0.2 s later still).
-        operate(control, args.ctl)
         if args.ctl:
             result["ctl"] = args.ctl
         if servers:
@@ -1643,6 +1682,12 @@ def run(args):
                       server_pid=one_or_all(args.server_pid or [0]))
         cfg = config_for(args, targets, spread)
         result["procs"] = cfg["procs"]
+        # A ban reaches the acceptor a moment after its OK: the stress
+        # processes start long after that (and the run 0.2 s later still).
+        accounts = accounts_to_register(cfg) if registering(args) else []
+        operate(control, args.ctl + accounts)
+        if accounts:
+            result["registered"] = len(accounts)
         live = not args.quiet and not args.json and sys.stderr.isatty()
         monitor = Monitor(args.server_pid, live)
         fleet = Fleet(cfg, monitor)
@@ -1716,7 +1761,8 @@ EXAMPLES = {
           "  stress.py dm --tls --port 6697 --server-pid 1234 --pairs 50",
     "connect": "examples:\n"
                "  stress.py connect --spawn-server --workers 2 --clients 10000 --hold 2\n"
-               "  stress.py connect --port 4000 --server-pid 1234 --clients 2000",
+               "  stress.py connect --port 4000 --server-pid 1234 --clients 2000\n"
+               "  stress.py connect --spawn-server --workers 2 --clients 200 --password hunter22",
     "churn": "examples:\n"
              "  stress.py churn --spawn-server --clients 100 --duration 5\n"
              "  stress.py churn --port 4000 --clients 50 --observers 5 --msgs 5",
@@ -1778,8 +1824,9 @@ def build_parser():
     g = common.add_argument_group("tool")
     g.add_argument("--procs", type=int, default=os.cpu_count() or 1,
                    help="stress processes (default: number of CPUs, %(default)s)")
-    g.add_argument("--concurrency", type=int, default=200,
-                   help="connects + logins in flight per process (default %(default)s)")
+    g.add_argument("--concurrency", type=int, default=None,
+                   help="connects + logins in flight per process (default %d; with "
+                        "--password, %d in all)" % (CONCURRENCY, MAX_FAILURES))
     g.add_argument("--setup-timeout", type=float, default=120, help="seconds (default %(default)s)")
     g.add_argument("--drain-timeout", type=float, default=20,
                    help="seconds to wait for lines in flight at the end (default %(default)s)")
@@ -1829,6 +1876,11 @@ def build_parser():
     c.add_argument("--hold", type=float, default=1.0, help="seconds to stay connected")
     c.add_argument("--settle", type=float, default=1.0,
                    help="seconds after the last login before reading the server's RSS")
+    c.add_argument("--password", metavar="PW",
+                   help="log in with LOGIN NAME PW; --spawn-server registers every "
+                        "client's name first (account add, ~40 ms each: keep --clients "
+                        "small); against a running server, register PREFIXc0, PREFIXc1... "
+                        "(--prefix) with broker.py ctl account add")
 
     i = scenario("ping", "N clients, each with one PING in flight; PONGs/s, round trips")
     i.add_argument("--clients", type=int, default=100)
@@ -1893,6 +1945,10 @@ def check_args(parser, args):
         parser.error("refused: the server refuses a TLS client without a word; no --tls")
     if args.spawn_server and args.spawn_cluster:
         parser.error("--spawn-server or --spawn-cluster, not both")
+    if getattr(args, "password", None) and args.spawn_cluster:
+        parser.error("--password: the tool registers the names on the server --spawn-server "
+                     "starts; for a cluster, start it with scripts/cluster.py, register "
+                     "them with broker.py ctl account add, and give --port and --prefix")
     if args.ctl and not args.spawn_server:
         parser.error("--ctl talks to the server --spawn-server starts: for a running "
                      "server, use 'broker.py ctl' before the run")

@@ -182,6 +182,17 @@ class StressScenarios(support.TestCase):
         self.assertIn("server_kb_per_client", r)
         self.assertGreater(r["server_cpu_us_per_login"], 0)
 
+    def test_connect_with_a_password(self):
+        """--password: the spawned server has every name registered first
+        (a wrong or missing password would be ERR bad-password, an
+        unregistered name ERR invalid-username); each login is a check."""
+        status, r = stress("connect", "--spawn-server", "--clients", 6,
+                           "--password", "correct horse", "--hold", 0, "--settle", 0)
+        self.assertPassed(status, r)
+        self.assertEqual((r["registered"], r["logged_in"]), (6, 6))
+        self.assertGreater(r["logins_per_s"], 0)
+        self.assertGreater(r["server_cpu_us_per_login"], 5000)     # scrypt: ~40 ms
+
     def test_churn(self):
         status, r = stress("churn", "--spawn-server", "--clients", 12, "--observers", 4,
                            "--duration", 1)
