@@ -37,6 +37,11 @@ with ``--spawn-server`` the tool first registers their names through the
 same control socket (``account add``, ~40 ms of hashing each), so that
 ``logins_per_s`` measures password logins.
 
+``dm --attack N`` and ``ping --attack N`` add N connections that guess
+the passwords of registered names, as fast as the answers come, through
+the run (see ``UnderAttack``); the scenario's figures are those a run
+without reports, for a direct comparison.
+
 Standard library only; Linux for the server figures (read from /proc).
 """
 
@@ -48,6 +53,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import secrets
 import selectors
 import shutil
 import signal
@@ -94,7 +100,7 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 # Board slots per process (shared memory the coordinator reads for progress).
 CONNECTED, SENT, RECEIVED, SLOW_CLOSED, BOARD_SLOTS = range(5)
 # Client states.
-CONNECTING, LOGGING_IN, READY, LEAVING, CLOSED = range(5)
+CONNECTING, LOGGING_IN, READY, LEAVING, CLOSED, GUESSING = range(6)
 
 
 # -- machine and /proc ---------------------------------------------------------
@@ -1149,6 +1155,80 @@ class Churn(Load):
                 self.fail("unknown-user", b"%s heard of %s" % (o.name, name))
 
 
+class UnderAttack:
+    """Mixed in before a scenario's class with ``--attack N`` (dm, ping): N
+    more connections, opened as the run begins, each guessing the password
+    of a registered name (:meth:`victim_name`) as fast as its answers come,
+    one guess in flight, until the run ends; then they close. An answer must
+    be ``ERR bad-password`` or ``ERR too-many-attempts`` (counted in the run
+    window): ``OK``, or anything else, is a failure. The scenario's own
+    clients, their addresses and their figures are those of a run without,
+    so that the two compare directly; the guessers' addresses come after."""
+
+    VICTIMS = 5
+    WRONG_PASSWORD = b"wrongpassword"
+    ANSWERS = {b"ERR bad-password": "guesses_bad_password",
+               b"ERR too-many-attempts": "guesses_too_many_attempts"}
+
+    @staticmethod
+    def victim_name(prefix, k):
+        return b"%svictim%d" % (prefix, k)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        cfg = self.cfg
+        self.guesses = [b"LOGIN %s %s\n" % (self.victim_name(cfg["prefix"], k),
+                                            self.WRONG_PASSWORD) for k in range(self.VICTIMS)]
+        self.guessers = [Client(cfg["first_guesser"] + k, b"%sg%d" % (cfg["prefix"], k))
+                         for k in range(self.proc, cfg["attack"], cfg["procs"])]
+        self.answers = Counter()
+
+    def run_window(self, t_start, t_end, begin, done=lambda: False):
+        def begin_attack():
+            for c in self.guessers:
+                self.open(c)
+            begin()
+
+        super().run_window(t_start, t_end, begin_attack, done)
+        for c in self.guessers:
+            self.close(c)
+
+    def phase_run(self, t_start, t_end):
+        reply = super().phase_run(t_start, t_end)
+        reply["guesses"] = dict(self.answers)
+        return reply
+
+    def start_session(self, c):
+        if c.idx < self.cfg["first_guesser"]:
+            super().start_session(c)
+            return
+        self.logins_pending -= 1        # it never logs in
+        c.state = GUESSING
+        self.write(c, self.guess_of(c))
+
+    def guess_of(self, c):
+        """The line guesser ``c`` sends, again and again."""
+        return self.guesses[c.idx % self.VICTIMS]
+
+    def received(self, c, data):
+        if c.state != GUESSING:
+            super().received(c, data)
+            return
+        lines = (c.carry + data).split(b"\n")
+        c.carry = lines.pop()
+        for line in lines:
+            answer = self.ANSWERS.get(line)
+            if answer is None:
+                self.fail("guess-accepted" if line == b"OK" else "unexpected-line",
+                          b"%s got %r to %r" % (c.name, line[:100], self.guess_of(c).strip()))
+                self.close(c)
+                return
+            if self.running:
+                self.answers[answer] += 1
+        if lines and self.running:
+            self.write(c, self.guess_of(c))
+
+
 LOADS = {"fanout": Broadcast, "slow": Broadcast, "dm": Dm, "connect": Connect, "churn": Churn,
          "ping": Ping, "handshake": Handshake, "refused": Refused}
 
@@ -1218,8 +1298,10 @@ class OverTls:
 
 
 def load_class(cfg):
-    """The scenario's class, over TLS with ``--tls``."""
+    """The scenario's class, under attack with ``--attack``, over TLS with ``--tls``."""
     cls = LOADS[cfg["scenario"]]
+    if cfg.get("attack"):
+        cls = type("Attacked" + cls.__name__, (UnderAttack, cls), {})
     if cfg.get("tls"):
         cls = type("Tls" + cls.__name__, (OverTls, cls), {})
     return cls
@@ -1459,6 +1541,8 @@ def drive(args, cfg, fleet, monitor, redis=None):
     deadline = time.monotonic_ns() + int(args.drain_timeout * 1e9)
     fins = fleet.command("finish", expect, deadline, timeout=args.drain_timeout + 30)
     result.update(scenario_figures(args, runs, fins, window))
+    if cfg.get("attack"):
+        result.update(attack_figures(cfg["attack"], runs, window))
     if redis_start:
         result.update(redis_figures(redis_start, redis.usage(),
                                     sum(f["lines_sent"] - r["lines_sent"]
@@ -1475,6 +1559,18 @@ def drive(args, cfg, fleet, monitor, redis=None):
         for kind, texts in f["examples"].items():
             examples.setdefault(kind, []).extend(texts[:SAMPLES_PER_KIND - len(examples.get(kind, []))])
     return result, failures, examples
+
+
+def attack_figures(attackers, runs, window):
+    """--attack: the guesses answered in the run window, a second, and how."""
+    answers = Counter()
+    for r in runs:
+        answers.update(r["guesses"])
+    guesses = sum(answers.values())
+    figures = {"attackers": attackers, "guesses": guesses,
+               "guesses_per_s": round(guesses / window, 1)}
+    figures.update((name, answers[name]) for name in UnderAttack.ANSWERS.values())
+    return figures
 
 
 def cpu_per_unit(result):
@@ -1545,8 +1641,11 @@ def config_for(args, targets, spread):
         cfg["slow_set"] = frozenset()
     cfg.setdefault("check", "all")
     population = {"dm": 2 * getattr(args, "pairs", 0),
-                  "churn": getattr(args, "observers", 0) + getattr(args, "clients", 0)}
-    cfg["procs"] = max(1, min(args.procs, population.get(args.scenario) or args.clients))
+                  "churn": getattr(args, "observers", 0) + getattr(args, "clients", 0)
+                  }.get(args.scenario) or args.clients
+    cfg["procs"] = max(1, min(args.procs, population))
+    # --attack: the guessers' indexes come after, from addresses of their own.
+    cfg["first_guesser"] = -(-population // PER_ADDRESS) * PER_ADDRESS
     if args.concurrency is None and cfg.get("password"):
         # The server checks at most MAX_FAILURES passwords at once per
         # address (README: "Accounts"), the next get ERR too-many-attempts,
@@ -1592,11 +1691,17 @@ def spawn(args, tls=None, control=None):
 
 def accounts_to_register(cfg):
     """``account add NAME PASSWORD`` for each name the run logs in to with
-    a password (``connect --password``)."""
-    if not cfg.get("password"):
-        return []
-    return ["account add %s %s" % (Connect.client_name(cfg["prefix"], i).decode(),
-                                   cfg["password"]) for i in range(cfg["clients"])]
+    a password (``connect --password``) or guesses the password of
+    (``--attack``: one nobody knows)."""
+    prefix, accounts = cfg["prefix"], []
+    if cfg.get("password"):
+        accounts += [(Connect.client_name(prefix, i), cfg["password"])
+                     for i in range(cfg["clients"])]
+    if cfg.get("attack"):
+        unknown = secrets.token_urlsafe(16)
+        accounts += [(UnderAttack.victim_name(prefix, k), unknown)
+                     for k in range(UnderAttack.VICTIMS)]
+    return ["account add %s %s" % (name.decode(), password) for name, password in accounts]
 
 
 def operate(path, commands):
@@ -1646,7 +1751,8 @@ def shown(command):
 
 def registering(args):
     """Whether the tool registers the names it needs on the server it spawns."""
-    return args.spawn_server and bool(getattr(args, "password", None))
+    return args.spawn_server and bool(getattr(args, "password", None)
+                                      or getattr(args, "attack", 0))
 
 
 def one_or_all(values):
@@ -1758,7 +1864,8 @@ EXAMPLES = {
           "  stress.py dm --spawn-server --workers 2 --pairs 50 --duration 5\n"
           "  stress.py dm --port 4000 --server-pid $(pgrep -of 'broker.py') --pairs 10\n"
           "  stress.py dm --port 4000,4001 --server-pid 1234,1240 --pairs 50\n"
-          "  stress.py dm --tls --port 6697 --server-pid 1234 --pairs 50",
+          "  stress.py dm --tls --port 6697 --server-pid 1234 --pairs 50\n"
+          "  stress.py dm --spawn-server --workers 2 --pairs 50 --duration 10 --attack 200",
     "connect": "examples:\n"
                "  stress.py connect --spawn-server --workers 2 --clients 10000 --hold 2\n"
                "  stress.py connect --port 4000 --server-pid 1234 --clients 2000\n"
@@ -1768,7 +1875,8 @@ EXAMPLES = {
              "  stress.py churn --port 4000 --clients 50 --observers 5 --msgs 5",
     "ping": "examples:\n"
             "  stress.py ping --spawn-server --workers 4 --clients 100 --duration 5\n"
-            "  stress.py ping --port 4000 --server-pid 1234 --clients 100",
+            "  stress.py ping --port 4000 --server-pid 1234 --clients 100\n"
+            "  stress.py ping --spawn-server --workers 2 --clients 100 --attack 200",
     "handshake": "examples:\n"
                  "  stress.py handshake --spawn-server --workers 2 --clients 20 --duration 10\n"
                  "  stress.py handshake --port 6697 --server-pid 1234 --clients 20",
@@ -1870,6 +1978,7 @@ def build_parser():
     d = scenario("dm", "P pairs bounce a DM; round trips/s, RTT percentiles")
     d.add_argument("--pairs", type=int, default=50)
     d.add_argument("--duration", type=float, default=5.0)
+    attack_option(d)
 
     c = scenario("connect", "open and log in N clients; logins/s, server memory per client")
     c.add_argument("--clients", type=int, default=1000)
@@ -1885,6 +1994,7 @@ def build_parser():
     i = scenario("ping", "N clients, each with one PING in flight; PONGs/s, round trips")
     i.add_argument("--clients", type=int, default=100)
     i.add_argument("--duration", type=float, default=5.0)
+    attack_option(i)
 
     k = scenario("handshake", "TLS (implies --tls): N at a time connect, shake hands, "
                               "PING and close; handshakes/s, server CPU per handshake")
@@ -1923,6 +2033,15 @@ def build_parser():
     return p
 
 
+def attack_option(parser):
+    parser.add_argument("--attack", type=int, default=0, metavar="N",
+                        help="N more connections guess passwords all through the run, as "
+                             "fast as answered: guesses/s and the answers' split beside the "
+                             "figures, which are as without (victims PREFIXvictim0..%d: "
+                             "--spawn-server registers them; else register them and give "
+                             "--prefix)" % (UnderAttack.VICTIMS - 1))
+
+
 def number_list(text):
     """``4000,4001`` -> [4000, 4001]"""
     try:
@@ -1945,10 +2064,10 @@ def check_args(parser, args):
         parser.error("refused: the server refuses a TLS client without a word; no --tls")
     if args.spawn_server and args.spawn_cluster:
         parser.error("--spawn-server or --spawn-cluster, not both")
-    if getattr(args, "password", None) and args.spawn_cluster:
-        parser.error("--password: the tool registers the names on the server --spawn-server "
-                     "starts; for a cluster, start it with scripts/cluster.py, register "
-                     "them with broker.py ctl account add, and give --port and --prefix")
+    if (getattr(args, "password", None) or getattr(args, "attack", 0)) and args.spawn_cluster:
+        parser.error("--password, --attack: the tool registers the names on the server "
+                     "--spawn-server starts; for a cluster, start it with scripts/cluster.py, "
+                     "register them with broker.py ctl account add, give --port and --prefix")
     if args.ctl and not args.spawn_server:
         parser.error("--ctl talks to the server --spawn-server starts: for a running "
                      "server, use 'broker.py ctl' before the run")

@@ -193,6 +193,22 @@ class StressScenarios(support.TestCase):
         self.assertGreater(r["logins_per_s"], 0)
         self.assertGreater(r["server_cpu_us_per_login"], 5000)     # scrypt: ~40 ms
 
+    def test_dm_under_attack(self):
+        """--attack: the victims registered, every guess refused (the first
+        few after a check, the rest before one), the pairs' figures as ever."""
+        status, r = stress("dm", "--spawn-server", "--workers", 2, "--pairs", 6,
+                           "--duration", 1, "--attack", 20)
+        self.assertPassed(status, r)
+        self.assertEqual((r["registered"], r["attackers"]), (5, 20))
+        self.assertGreater(r["round_trips"], 0)
+        self.assertLessEqual(r["rtt_p50_ms"], r["rtt_p99_ms"])
+        self.assertEqual(r["guesses"],
+                         r["guesses_bad_password"] + r["guesses_too_many_attempts"])
+        self.assertGreater(r["guesses_bad_password"], 0)
+        self.assertGreater(r["guesses_too_many_attempts"], 0)
+        self.assertGreater(r["guesses_per_s"], 0)
+        self.assertGreater(r["server_peak_rss_mb"], 0)
+
     def test_churn(self):
         status, r = stress("churn", "--spawn-server", "--clients", 12, "--observers", 4,
                            "--duration", 1)
@@ -454,6 +470,15 @@ class OracleCanFail(support.TestCase):
         status, r = self.run_against("echo")
         self.assertEqual(status, 1)
         self.assertGreater(r["failures"].get("echo-to-sender", 0), 0, r["failures"])
+
+    def test_a_guess_let_in_is_a_failure(self):
+        """--attack: an OK to a guess is a failure (this server takes any LOGIN)."""
+        with FaultyServer("none") as server:
+            status, r = stress("ping", "--port", server.port, "--clients", 2,
+                               "--duration", 0.3, "--attack", 4)
+        self.assertEqual(status, 1)
+        self.assertEqual(r["failures"].get("guess-accepted"), 4, r["failures"])
+        self.assertIn("victim0 wrongpassword", r["examples"]["guess-accepted"][0])
 
     def test_refused_logins_are_failures(self):
         status, r = stress("connect", "--spawn-server", "--ctl", "ban 127.0.0.0/8",
