@@ -184,9 +184,9 @@ class Broker(Service, Router):
 
     def poll_timeout(self):
         due = self.lazy_due
-        wakeup = self.directory.next_wakeup()
-        if wakeup is not None:
-            due = wakeup if due is None else min(due, wakeup)
+        for wakeup in (self.directory.next_wakeup(), self.gate.next_wakeup()):
+            if wakeup is not None:
+                due = wakeup if due is None else min(due, wakeup)
         if due is None:
             return self.heartbeat_interval
         return max(0.0, min(self.heartbeat_interval, due - time.monotonic()))

@@ -389,6 +389,13 @@ class Throttle:
         return max(self._wait(self._addresses.get(address_group(address)), now),
                    self._wait(self._names.get(key), now))
 
+    def left(self, address, key, now):
+        """How many more failures client ``address``, and name ``key``, may
+        have in the window at ``now``: (for the address, for the name)."""
+        return tuple(self.max_failures - sum(1 for t in table.get(index, ()) if t > now - self.window)
+                     for table, index in ((self._addresses, address_group(address)),
+                                          (self._names, key)))
+
     def failed(self, address, key, now):
         """A password tried by client ``address`` for ``key`` at ``now`` was wrong."""
         for table, index in ((self._addresses, address_group(address)), (self._names, key)):

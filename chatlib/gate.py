@@ -25,7 +25,7 @@ operator's command) and ``accounts_changed(accounts)``.
 import os
 import selectors
 import time
-from collections import Counter
+from collections import Counter, deque
 from functools import partial
 
 from chatlib import accounts as accounting
@@ -38,6 +38,10 @@ HASHERS = 2
 HASH_QUEUE = 64
 SEEN_SAVE_DELAY = 5.0   # seconds a last-login time may wait to be saved (not worth an fsync each)
 REFUSED = object()      # a guess refused before its check (ERR too-many-attempts)
+# ERR too-many-attempts comes this late: a guesser waits for its answer, so a
+# crowd of them costs the chat a few answers a second, not tens of thousands
+# (figures: docs/BENCHMARKS.md, "Accounts").
+TARPIT = 1.0
 
 
 class Gate:
@@ -54,6 +58,7 @@ class Gate:
         self.checking = {}              # (slot, cid) or ("ctl", request) -> (job, then)
         self.jobs = 0
         self.seen_save_due = None       # when the last-login times are saved
+        self.tarpit = deque()           # (when, slot, cid): refusals still to answer
 
     # -- life ---------------------------------------------------------------------
 
@@ -61,9 +66,20 @@ class Gate:
         self.sel = sel
         self.directory = directory
 
+    def next_wakeup(self):
+        return self.tarpit[0][0] if self.tarpit else None
+
     def tick(self, now):
         if self.seen_save_due is not None and now >= self.seen_save_due:
             self.save()
+        while self.tarpit and self.tarpit[0][0] <= now:
+            _, slot, cid = self.tarpit.popleft()
+            self.broker.answer(slot, cid, protocol.ERR_TOO_MANY_ATTEMPTS)
+
+    def refuse(self, slot, cid):
+        """ERR too-many-attempts, TARPIT seconds from now. A connection that
+        goes meanwhile is answered anyway: nobody hears it."""
+        self.tarpit.append((time.monotonic() + TARPIT, slot, cid))
 
     def close(self):
         if self.seen_save_due is not None:
@@ -100,12 +116,12 @@ class Gate:
             if not self.guess(slot, cid, peer[0], key, partial(
                     self.login_checked, slot, cid, name, peer, account is not None),
                     accounting.verify_password, password, stored):
-                self.broker.answer(slot, cid, protocol.ERR_TOO_MANY_ATTEMPTS)
+                self.refuse(slot, cid)
 
     def login_checked(self, slot, cid, name, peer, registered, right):
         key = name.lower()
         if right is REFUSED:
-            self.broker.answer(slot, cid, protocol.ERR_TOO_MANY_ATTEMPTS)
+            self.refuse(slot, cid)
         elif right is True and registered:
             self.throttle.succeeded(peer[0], key)
             self.broker.claim_name(slot, cid, name, peer)
@@ -127,9 +143,9 @@ class Gate:
         """A password check, throttled before it costs anything. False if
         refused at once; ``then`` gets REFUSED if the cluster refuses it."""
         group = accounting.address_group(address)
-        if max(self.guessing[group], self.guessing[key]) >= accounting.MAX_FAILURES or \
-                not self.throttle.allowed(address, key, time.monotonic()):
-            return False
+        left_for_address, left_for_name = self.throttle.left(address, key, time.monotonic())
+        if self.guessing[group] >= left_for_address or self.guessing[key] >= left_for_name:
+            return False                # each check under way may be one more failure
         counted = (group, key)
         self.guessing.update(counted)
         self.directory.check_guess(group, key, partial(
