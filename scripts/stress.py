@@ -73,6 +73,7 @@ if not __package__:     # run as a file, python3 scripts/stress.py: see __init__
 
 from chatlib.accounts import MAX_FAILURES  # noqa: E402
 from chatlib.control.commands import takes_secret  # noqa: E402
+from chatlib.control.server import is_last_line  # noqa: E402
 from chatlib.supervisor import raise_nofile_limit  # noqa: E402
 
 from .harness import BROKER, OPENSSL_HINT, Server, StartError, percentile, self_signed, start_cluster  # noqa: E402
@@ -1724,21 +1725,21 @@ def operate(path, commands):
                     if ahead:
                         sock.sendall(b"".join(line.encode() + b"\n" for line in ahead))
                         sent += len(ahead)
-                    answer = last_line(answers)
+                    answer = answer_end(answers)
                     if answer != "OK":
-                        raise StressError("--ctl %r: %s" % (
+                        raise StressError("control socket: %r: %s" % (
                             shown(command),
                             answer or "the server closed the control socket unanswered"))
         except OSError as exc:
-            raise StressError("--ctl %r: %s" % (shown(command), exc))
+            raise StressError("control socket: %r: %s" % (shown(command), exc))
 
 
-def last_line(answers):
+def answer_end(answers):
     """The line that ends the next answer read from ``answers``, ``OK`` or
     ``ERR ...`` (the lines before it skipped); None at the end of the stream."""
     for raw in answers:
         line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-        if line == "OK" or line == "ERR" or line.startswith("ERR "):
+        if is_last_line(line):
             return line
     return None
 
