@@ -35,7 +35,7 @@ import re
 import unicodedata
 from typing import NamedTuple, Optional
 
-from chatlib import textops
+from chatlib import statefile, textops
 from chatlib.protocol import valid_name
 
 ACCOUNTS_FILE = "accounts.json"     # in the state directory (--state-dir), beside bans.json
@@ -320,10 +320,7 @@ class Accounts:
     def from_json(cls, obj):
         """The state :meth:`to_json` gave; ValueError naming the entry and
         field if ``obj`` is not one (the file may have been edited by hand)."""
-        if not isinstance(obj, dict):
-            raise ValueError("not a JSON object")
-        if obj.get("version") != 1:
-            raise ValueError("version %r: this server reads version 1" % (obj.get("version"),))
+        statefile.check_version(obj, 1)
         entries = obj.get("accounts", [])
         if not isinstance(entries, list):
             raise ValueError("accounts: not a list")

@@ -28,7 +28,7 @@ import ipaddress
 import re
 from typing import NamedTuple, Optional
 
-from chatlib import textops
+from chatlib import statefile, textops
 from chatlib.protocol import valid_name
 
 BANS_FILE = "bans.json"     # in the state directory (--state-dir)
@@ -377,10 +377,7 @@ class Moderation:
     def from_json(cls, obj):
         """The state :meth:`to_json` gave; ValueError naming the entry and
         field if ``obj`` is not one (the file may have been edited by hand)."""
-        if not isinstance(obj, dict):
-            raise ValueError("not a JSON object")
-        if obj.get("version") != 1:
-            raise ValueError("version %r: this server reads version 1" % (obj.get("version"),))
+        statefile.check_version(obj, 1)
         moderation = cls()
         for section, record in (("bans", Ban), ("mutes", Mute)):
             entries = obj.get(section, [])

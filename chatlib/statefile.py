@@ -89,3 +89,12 @@ def default_state_dir(port):
     if not os.path.isabs(base):      # the XDG spec: a relative path is invalid, ignored
         base = os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, _APP, str(port))
+
+
+def check_version(obj, version):
+    """A state file's object is a JSON object of ``version``; ValueError
+    saying which it is not."""
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    if obj.get("version") != version:
+        raise ValueError("version %r: this server reads version %d" % (obj.get("version"), version))
