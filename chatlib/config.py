@@ -162,7 +162,7 @@ def build_parser():
                         "systemd, else $XDG_RUNTIME_DIR/chat-server/PORT.sock, else "
                         "/tmp/chat-server-UID/PORT.sock); give ctl the same")
     o.add_argument("--state-dir", default=None, metavar="DIR",
-                   help="where the bans and mutes are kept across restarts "
+                   help="where the bans, mutes and accounts are kept across restarts "
                         "(default: $STATE_DIRECTORY under systemd, else "
                         "$XDG_STATE_HOME/chat-server/PORT, else "
                         "~/.local/state/chat-server/PORT)")
@@ -176,13 +176,15 @@ def build_parser():
         "register with `REGISTER PASSWORD`; the operator with `ctl account add "
         "NAME`. Without any account the chat is as open as ever.")
     a.add_argument("--closed", action="store_true",
-                   help="only registered names may log in (and users cannot register)")
+                   help="only registered names may log in, and users cannot register "
+                        "(default: open to every free name)")
     a.add_argument("--no-register", action="store_true",
-                   help="users cannot register their names; the operator still can")
+                   help="users cannot register their names; the operator still can "
+                        "(default: they can)")
     a.add_argument("--accounts-tls-only", action="store_true",
                    help="registered names log in, register and change passwords over "
                         "TLS only (ERR tls-required): a password sent in plaintext "
-                        "can be read by anyone on the path")
+                        "can be read by anyone on the path (default: off)")
     c = p.add_argument_group(
         "cluster mode",
         "Several servers, each on its own host, form one chat through a shared "
