@@ -8,6 +8,8 @@ port: the figures go to the log, where only the operator looks.
 
 import time
 
+from chatlib.metrics import Histogram
+
 # What every worker counts from its start, and the report sums over them.
 COUNTERS = ("msgs", "deliveries", "bytes_in", "bytes_out", "slow_cuts",
             "flood_cuts", "batches", "events")
@@ -83,7 +85,6 @@ class StatsReport:
 def snapshot(workers, acceptor, users, cluster, restarts, uptime, tls):
     """Every figure of one node, from its processes' last heartbeats, in
     the shape :func:`chatlib.metrics.render` takes."""
-    from chatlib.metrics import Histogram
 
     def summed(key):
         total = {}

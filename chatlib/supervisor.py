@@ -57,6 +57,7 @@ from chatlib.control.relay import Relay
 from chatlib.control.server import ControlError, ControlServer, default_socket_path
 from chatlib.control.users import user_line
 from chatlib.handoff import PLAIN, TLS, inherited_by_fork
+from chatlib.metrics import MetricsEndpoint, render
 from chatlib.moderation import BANS_FILE, Moderation
 from chatlib.service import run_service
 from chatlib.stats import StatsReport, snapshot
@@ -293,7 +294,6 @@ class Supervisor:
             return False
         log.info("control socket %s", path)
         if cfg.metrics:
-            from chatlib.metrics import MetricsEndpoint, render
             host, port = cfg.metrics
             self.metrics = MetricsEndpoint(host, port, lambda: render(self.snapshot()), log)
             try:
@@ -560,7 +560,6 @@ class Supervisor:
         reply(["%s %s" % pair for pair in self.stats.figures(*self.figures_now())], None)
 
     def command_metrics(self, rest, reply):
-        from chatlib.metrics import render
         reply(render(self.snapshot()).splitlines(), None)
 
     def command_reload(self, rest, reply):
