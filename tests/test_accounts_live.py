@@ -169,16 +169,6 @@ class OneHost(TestCase):
         srv = self.start(state=self.state)
         self.assertEqual(answer(self.client(srv), "LOGIN erin erin's password"), "OK")
 
-    def test_a_broken_accounts_file_stops_the_server(self):
-        state = os.path.join(self.tmpdir("accounts"), "state")
-        os.makedirs(state, 0o700)
-        with open(os.path.join(state, "accounts.json"), "w") as f:
-            f.write("{not json")
-        code, out, err = run_to_exit(sys.executable, BROKER, "--port", "0", "--state-dir", state,
-                                     "--control", os.path.join(state, "c.sock"))
-        self.assertEqual(code, 2)
-        self.assertIn("accounts.json", out + err)
-
     # -- helpers ----------------------------------------------------------------
 
     def ctl_add(self, name, password):

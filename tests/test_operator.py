@@ -295,13 +295,17 @@ class StateTest(TestCase):
         bob.send("MSG hi")
         bob.expect("ERR muted")
 
-    def test_a_bans_file_that_does_not_parse_stops_the_server(self):
-        dir = self.tmpdir("state")
-        state = os.path.join(dir, "state")
-        os.makedirs(state, 0o700)
-        with open(os.path.join(state, "bans.json"), "w") as f:
-            f.write('{"bans": [ {"target": "300.1.1.1"')
-        code, out, err = run_to_exit(sys.executable, BROKER, "--port", "0", "--state-dir", state,
-                                     "--control", os.path.join(dir, "c.sock"))
-        self.assertEqual(code, 2)
-        self.assertIn("bans.json", out + err)
+    def test_a_state_file_that_does_not_parse_stops_the_server(self):
+        for name, text in (("bans.json", '{"bans": [ {"target": "300.1.1.1"'),
+                           ("accounts.json", "{not json")):
+            with self.subTest(name=name):
+                dir = self.tmpdir("state")
+                state = os.path.join(dir, "state")
+                os.makedirs(state, 0o700)
+                with open(os.path.join(state, name), "w") as f:
+                    f.write(text)
+                code, out, err = run_to_exit(sys.executable, BROKER, "--port", "0",
+                                             "--state-dir", state,
+                                             "--control", os.path.join(dir, "c.sock"))
+                self.assertEqual(code, 2)
+                self.assertIn(name, out + err)
