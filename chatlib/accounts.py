@@ -4,8 +4,8 @@ The rules this module keeps:
 
 1. A password is kept only as a salted ``hashlib.scrypt`` hash, in a
    self-describing form (:func:`hash_password`) that carries its own cost,
-   so that the cost can be raised later without breaking the old hashes
-   (:func:`needs_rehash`). A password is never logged nor put in an error
+   so that the cost can be raised later without breaking the old hashes.
+   A password is never logged nor put in an error
    message; neither is a stored hash.
 2. Checking a password costs tens of milliseconds of CPU and 16 MiB:
    :func:`hash_password` and :func:`verify_password` run only in
@@ -123,17 +123,6 @@ def verify_password(password, stored):
     except (ValueError, TypeError, MemoryError):
         return False
     return hmac.compare_digest(digest, expected)
-
-
-def needs_rehash(stored):
-    """True if ``stored`` should be replaced by a new hash of the same
-    password (it was just verified): its cost is below DEFAULT_COST, or it
-    cannot be read."""
-    try:
-        cost = _parse_hash(stored)[0]
-    except ValueError:
-        return True
-    return any(mine < default for mine, default in zip(cost, DEFAULT_COST))
 
 
 def _scrypt(data, salt, cost):
@@ -379,12 +368,7 @@ class Throttle:
     def allowed(self, address, key, now):
         """True if client ``address`` (as accept() gives it) may try a
         password for the user ``key`` (lower-case name) at ``now``."""
-        return self.retry_after(address, key, now) == 0
-
-    def retry_after(self, address, key, now):
-        """Seconds from ``now`` until such a try is allowed; 0 if it is."""
-        return max(self._wait(self._addresses.get(address_group(address)), now),
-                   self._wait(self._names.get(key), now))
+        return min(self.left(address, key, now)) > 0
 
     def left(self, address, key, now):
         """How many more failures client ``address``, and name ``key``, may
@@ -407,11 +391,6 @@ class Throttle:
         the address's: else one who owns an account could guess others'
         passwords from one address, logging in to their own between tries."""
         self._names.pop(key, None)
-
-    def _wait(self, times, now):
-        if times is None or len(times) < self.max_failures:
-            return 0
-        return max(0, times[0] + self.window - now)
 
 
 def address_group(address):

@@ -339,11 +339,6 @@ class Moderation:
         mute = self._mutes.get(key)
         return mute is not None and _live(mute, now)
 
-    def next_expiry(self):
-        """When the first entry expires (None: none ever does): when to prune."""
-        return min((record.expires for record in self._records()
-                    if record.expires is not None), default=None)
-
     def bans_listing(self, now):
         """The live bans, oldest first."""
         return [ban for ban in self._sorted_bans() if _live(ban, now)]
