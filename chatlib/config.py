@@ -95,9 +95,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser():
+def build_parser(parser_class=argparse.ArgumentParser):
     methods = multiprocessing.get_all_start_methods()
-    p = argparse.ArgumentParser(
+    p = parser_class(
         prog=program_name(),
         description="Multi-process TCP chat server: one acceptor, N workers "
                     "running the client connections, one broker routing "
@@ -233,19 +233,69 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
-    _check_tls(args)
+# What the server listens on, and where its state and control live: an
+# upgrade (``ctl upgrade OPTIONS``) cannot change them, a restart can.
+FIXED_BY_UPGRADE = ("host", "port", "tls_port", "tls_cert", "tls_key", "tls_only", "redis",
+                    "cluster", "node_id", "control", "state_dir", "metrics", "log_file",
+                    "start_method")
+
+
+class OptionError(ValueError):
+    """A command line that does not parse, for a caller that must not exit."""
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise OptionError(message)
+
+    def exit(self, status=0, message=None):     # --help, --version
+        raise OptionError("not an option of a running server")
+
+
+def upgraded(config, words):
+    """The configuration an upgrade with options ``words`` runs with: the
+    command line the server was started with, then ``words``, which win.
+    OptionError: they do not parse, or change one of FIXED_BY_UPGRADE."""
+    before = parse_args(config.argv, raising=True)     # as the server parsed it
+    after = parse_args(config.argv + list(words), raising=True)
+    for name in FIXED_BY_UPGRADE:
+        if getattr(before, name, None) != getattr(after, name, None):
+            raise OptionError("--%s changes what the server listens on or keeps: "
+                              "that takes a restart" % name.replace("_", "-"))
+    new = argparse.Namespace(**vars(config))
+    for name, value in vars(after).items():
+        if name not in FIXED_BY_UPGRADE:
+            setattr(new, name, value)
+    return new
+
+
+def completed(config):
+    """``config`` as this code knows it: an upgrade hands the new code the
+    options the old one parsed; an option new since then is at its default."""
+    for name, value in vars(build_parser().parse_args([])).items():
+        if not hasattr(config, name):
+            setattr(config, name, value)
+    return config
+
+
+def parse_args(argv=None, raising=False):
+    """The options; ``raising``: OptionError for a bad one, rather than a
+    usage message and exit status 2 (``ctl upgrade`` OPTIONS)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_RaisingParser if raising else argparse.ArgumentParser)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    _check_tls(args, parser.error)
     if args.port is None:
         try:
             args.port = _default_port()
         except (ValueError, argparse.ArgumentTypeError):
-            build_parser().error("PORT environment variable is not a valid port")
-    _check_log_file(args)
+            parser.error("PORT environment variable is not a valid port")
+    _check_log_file(args, parser.error)
     return args
 
 
-def _check_log_file(args):
+def _check_log_file(args, error):
     """Every process appends to --log-file: one that cannot be opened (no
     such directory, a directory, no permission) stops the server here, with
     one line, rather than with the main process's traceback."""
@@ -255,13 +305,12 @@ def _check_log_file(args):
         with open(args.log_file, "a"):
             pass
     except OSError as exc:
-        build_parser().error("--log-file %s: %s" % (args.log_file, exc.strerror or exc))
+        error("--log-file %s: %s" % (args.log_file, exc.strerror or exc))
 
 
-def _check_tls(args):
+def _check_tls(args, error):
     """The TLS options agree, and the certificate and key load: a bad one
     stops the server here, before anything listens."""
-    error = build_parser().error
     if args.tls_cert is None:
         given = [option for option, value in (
             ("--tls-key", args.tls_key), ("--tls-port", args.tls_port),
