@@ -32,7 +32,8 @@ class Client:
     __slots__ = ("sock", "cid", "ip", "name", "name_b", "login_stamp", "reader",
                  "out", "out_bytes", "midline", "connected", "last_line", "held",
                  "waiting", "request", "closing", "interest", "tokens",
-                 "refilled", "throttled_since", "logged_in_at", "bytes_in", "bytes_out")
+                 "refilled", "throttled_since", "logged_in_at", "bytes_in", "bytes_out",
+                 "port", "relayed")
 
     def __init__(self, sock, cid, ip, max_line, now, burst):
         self.sock = sock
@@ -58,6 +59,8 @@ class Client:
         self.logged_in_at = None   # wall-clock time of the login, for the operator
         self.bytes_in = 0          # received and sent on this connection
         self.bytes_out = 0
+        self.port = None           # the peer's port, where the socket cannot say:
+        self.relayed = False       # a TLS connection an old worker relays (chatlib.upgrade)
 
     # -- writing --------------------------------------------------------------
 
@@ -126,6 +129,8 @@ class Client:
     def watch(self, sel, write):
         """Register on ``sel`` for what the connection waits for: reading,
         unless it has lines held or is closing; and ``write`` (WRITE or 0)."""
+        if sel is None:            # an upgrade is taking it: watched by nobody
+            return
         want = (0 if (self.held is not None or self.closing) else READ) | write
         have = self.interest
         if want == have:

@@ -105,6 +105,13 @@ class BrokerLink:
         """Events the broker has not acknowledged, or not been sent yet."""
         return self.sent.replay() + self.outbox
 
+    def unrouted(self):
+        """The events a retired broker did not route (it acknowledged all it
+        did), for an upgrade's new worker to send again under new numbers;
+        the requests among them go again from the clients that await them."""
+        return [e for _, kept in self.sent.unacked for e in kept] + [
+            e for e in self.outbox if resent(e)]
+
     def congested(self):
         """True while the broker cannot take more from us."""
         if self.channel is None:

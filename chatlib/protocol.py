@@ -332,6 +332,13 @@ class LineReader:
         self._partial = text + unfinished
         return items
 
+    def state(self):
+        """What it holds between reads, as plain data (chatlib.upgrade.state)."""
+        return self._partial, self._discarding, self._scanned
+
+    def restore(self, state):
+        self._partial, self._discarding, self._scanned = state
+
     @property
     def buffered(self):
         """Bytes held for a line not yet complete (and a telnet command cut

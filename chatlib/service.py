@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import selectors
 import signal
+import socket
 import sys
 import time
 
@@ -109,8 +110,11 @@ class Service:
             self._on_parent_gone()
 
     def report_ready(self):
-        """Tell the supervisor we can serve (it says ``listening on`` once all can)."""
-        self._report(("ready",))
+        """Tell the supervisor we can serve (it says ``listening on`` once all
+        can), and which code we run: the supervisor's may be older (an upgrade)."""
+        from chatlib import __version__
+        from chatlib.upgrade import state
+        self._report(("ready", {"version": __version__, "state": state.VERSION}))
 
     def fatal(self, message):
         """A condition no restart can cure (a duplicate cluster node id): the
@@ -121,6 +125,9 @@ class Service:
     def received_fd(self):
         """The descriptor the supervisor sends right after an order that needs one."""
         return recv_handle(self.orders)
+
+    def received_socket(self):
+        return socket.socket(fileno=self.received_fd())
 
     # -- hooks ----------------------------------------------------------------
 
@@ -173,6 +180,7 @@ def prefer_batching():
             pass
 
 
-def run_service(service_cls, *args):
+def run_service(service_cls, config, *args):
     """Process target: build the service in the child and run it."""
-    service_cls(*args).main()
+    from chatlib.config import completed
+    service_cls(completed(config), *args).main()
