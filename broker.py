@@ -48,6 +48,8 @@ from chatlib.service import Service
 KICKED = "kicked"
 UNAVAILABLE = "cluster unavailable"
 
+RETIRE_TIMEOUT = 1.0  # seconds a retiring broker waits for Redis to confirm what it routed
+RETIRE_POLL = 0.002   # ...looking this often
 LAZY_DELAY = 0.02   # seconds an acknowledgement or a new name waits for a batch to ride on
 NO_ORIGIN = (link.SEQ, None)
 
@@ -77,8 +79,12 @@ class WorkerLink:
 class Broker(Service, Router):
     role = "broker"
 
-    def __init__(self, config, pipes, expected=(), bans=None, accounts=None):
+    def __init__(self, config, pipes, expected=(), bans=None, accounts=None, standby=False):
+        """``standby``: an upgrade's broker, which starts its directory (joins
+        the cluster) only when told to ``begin``, once its predecessor retired."""
         super().__init__(config, pipes)
+        self.standby = standby
+        self.retiring = None            # an upgrade: until when we wait to acknowledge all
         self.moderation = bans or moderation.Moderation()   # the chat's bans and mutes
         self.gate = Gate(config, accounts, self.log, self)   # accounts, passwords
         self.links = {}                 # slot -> WorkerLink
@@ -136,9 +142,10 @@ class Broker(Service, Router):
         else:
             self.directory = LocalDirectory(self)
         self.gate.start(self.sel, self.directory)
-        self.ready_when_started = self.directory.ready_at_start
+        self.ready_when_started = self.directory.ready_at_start or self.standby
         self.registered = self.directory.routes_at_once
-        self.directory.start()
+        if not self.standby:
+            self.directory.start()
 
     def stop(self):
         self.directory.leave(self.stopped)
@@ -158,6 +165,12 @@ class Broker(Service, Router):
         elif order[0] == "control":
             _, request, command, words = order
             self.control(request, command, words)
+        elif order[0] == "begin":         # an upgrade: our predecessor is gone
+            _, self.moderation, self.gate.accounts = order
+            self.standby = False
+            self.directory.start()
+        elif order[0] == "retire":        # an upgrade: our successor is waiting
+            self.retire()
         else:
             super().on_order(order)
 
@@ -183,6 +196,8 @@ class Broker(Service, Router):
         self.end_turn()
 
     def poll_timeout(self):
+        if self.retiring is not None:
+            return RETIRE_POLL
         due = self.lazy_due
         for wakeup in (self.directory.next_wakeup(), self.gate.next_wakeup()):
             if wakeup is not None:
@@ -193,6 +208,11 @@ class Broker(Service, Router):
 
     def tick(self, now):
         """Backpressure: while a worker (or Redis) cannot take more, read from nobody."""
+        if self.retiring is not None:
+            self.check_retired(now)
+            return
+        if self.standby:
+            return
         if self.lazy_due is not None and now >= self.lazy_due:
             self.send_lazy()
         self.gate.tick(now)
@@ -265,6 +285,34 @@ class Broker(Service, Router):
             worker.cursor_told = self.cursor
             events.append((link.CURSOR, self.cursor))
         return events
+
+    def retire(self):
+        """An upgrade: read no more from the workers, acknowledge everything
+        routed (in cluster mode, once Redis has it), then leave, without
+        leaving the cluster: our successor keeps the node's lease and names.
+        What we did not route, the workers give our successor."""
+        self.retiring = time.monotonic() + RETIRE_TIMEOUT
+        for worker in self.links.values():
+            worker.channel.set_reading(False)
+        self.end_turn()
+
+    def check_retired(self, now):
+        self.directory.tick(now)
+        self.end_turn()
+        settled = all(worker.ackable == worker.received for worker in self.links.values())
+        if not settled and now < self.retiring:
+            return
+        if not settled:
+            self.log.warning("upgrade: retiring with batches Redis did not confirm; "
+                             "the new broker gets them again")
+        for worker in self.links.values():
+            if worker.ackable != worker.acked:
+                worker.acked = worker.ackable
+                worker.outbox.append((link.ACK, worker.acked))
+        self.end_turn()
+        for worker in self.links.values():
+            worker.channel.flush_blocking(1.0)
+        self.running = False
 
     def on_batches(self, slot, batches):
         for batch in batches:

@@ -53,6 +53,8 @@ from chatlib.stats import COUNTERS
 from chatlib.telnet import Answer, Interrupt
 
 RECV_SIZE = 65536
+CID_STRIDE = 1 << 20       # connection ids: a count, times this, plus the worker's slot
+PAUSE_TLS_WAIT = 0.5       # an upgrade waits this long for TLS handshakes under way
 PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
@@ -110,11 +112,17 @@ class Worker(Service):
         self.stopping = False
         self.lingering = {}        # Client -> when to close it, cut but draining
         self.tls = None            # chatlib.tls.TlsServer, with --tls-cert
+        self.client_sel = None     # the selector clients are watched on: None
+                                   # while an upgrade takes them (pause)
+        self.pausing = False       # an upgrade: stopped reading, the broker retiring
+        self.drained = False       # ...and its link is gone: ready to hand over
+        self.relay = None          # chatlib.upgrade.relay.TlsRelay, after the hand-over
 
     # -- set-up and control ---------------------------------------------------
 
     def start(self):
         cfg = self.config
+        self.client_sel = self.sel
         self.intake = Intake(self.sel, self.on_connection, self.log)
         shortest = min(cfg.idle_timeout, cfg.login_timeout or cfg.idle_timeout)
         if cfg.tls_cert:
@@ -151,6 +159,8 @@ class Worker(Service):
     def on_link_lost(self):
         self.log.debug("broker link lost; holding requests until a new broker")
         self.broker.lost()
+        if self.pausing:
+            self.check_drained()
 
     def congested(self):
         """True while the broker cannot take more from us: hold client lines."""
@@ -170,6 +180,12 @@ class Worker(Service):
         elif order[0] == "tls-reload":    # SIGHUP: the certificate may be new
             if self.tls is not None and self.tls.reload():
                 self.log.debug("TLS certificate reloaded")
+        elif order[0] == "pause":         # an upgrade (chatlib.upgrade)
+            self.pause()
+        elif order[0] == "export":        # ...our connections, to our successor
+            self.export(self.received_socket())
+        elif order[0] == "adopt":         # ...a predecessor's connections
+            self.adopt(self.received_socket())
         else:
             super().on_order(order)
 
@@ -182,6 +198,8 @@ class Worker(Service):
                     broadcast_seconds=self.broadcast_seconds.state())
         if self.tls is not None:
             info.update(self.tls.figures())
+        if self.relay is not None:
+            info["relayed"] = len(self.relay)
         return info
 
     def poll_timeout(self):
@@ -196,6 +214,8 @@ class Worker(Service):
     def stop(self):
         """Shutdown: every client gets ``ERR server-shutdown``, then we exit."""
         self.stopping = True
+        if self.relay is not None:
+            self.relay.close_all()
         if self.tls is not None:
             self.tls.close_all()
         for c in list(self.clients.values()):
@@ -225,6 +245,8 @@ class Worker(Service):
         self.now = now
         if self.broadcast_due and now >= self.next_broadcast:
             self.end_turn()
+        if self.relay is not None and not self.relay:
+            self.running = False           # the last relayed TLS user has left
         if self.stalled and not self.congested():
             waiting, self.stalled = self.stalled, set()
             self.resume(waiting)
@@ -235,9 +257,13 @@ class Worker(Service):
                 if c is not None and c.held:
                     self.pump(c)
             self.end_turn()
-        if now >= self.next_sweep:
+        if now >= self.next_sweep and not self.pausing:
             self.next_sweep = now + self.sweep_every
             self.sweep_idle(now)
+        elif self.pausing and not self.drained and now >= self.pause_deadline:
+            if self.tls is not None:
+                self.tls.close_all()       # handshakes that would not finish
+            self.check_drained()
 
     def end_turn(self):
         """Fan out this turn's MSG lines, write each socket that is due once,
@@ -307,10 +333,12 @@ class Worker(Service):
         self.on_readable(c)
 
     def new_client(self, sock, ip, since):
-        cid, self.next_cid = self.next_cid, self.next_cid + 1
+        # Unique across workers, so that connections moved from several
+        # workers into one (an upgrade to fewer workers) keep theirs.
+        cid, self.next_cid = self.next_cid * CID_STRIDE + self.slot, self.next_cid + 1
         c = Client(sock, cid, ip, self.config.max_line, since, self.config.burst)
         self.clients[cid] = c
-        c.watch(self.sel, 0)
+        c.watch(self.client_sel, 0)
         return c
 
     def tls_ready(self, handshake, stream):
@@ -338,7 +366,7 @@ class Worker(Service):
         if not data:
             # Half-close: finish what it sent, deliver the answers, then close.
             c.closing = c.closing or "closed by client"
-            c.update_interest(self.sel)
+            c.update_interest(self.client_sel)
             self.dirty.add(c)
             return
         if c.name is None and not c.reader.buffered and protocol.looks_like_tls(data):
@@ -347,7 +375,7 @@ class Worker(Service):
             # 0xff bytes it would take for telnet's commands.
             self.owe(c, protocol.ERR_NOT_A_CHAT_CLIENT)
             c.closing = HANGUP_REASON
-            c.update_interest(self.sel)
+            c.update_interest(self.client_sel)
             return
         lines = c.reader.feed(data)
         if lines:
@@ -402,7 +430,7 @@ class Worker(Service):
         elif fresh and flood is not None:
             flood.caught_up(c)
         if c.sock is not None:
-            c.update_interest(self.sel)
+            c.update_interest(self.client_sel)
 
     def run_lines(self, c, lines):
         """Run lines in order until one needs the broker; return the rest."""
@@ -523,6 +551,117 @@ class Worker(Service):
         run, self.msg_run = self.msg_run, []
         self.broker.outbox.append((link.BROADCAST, b"".join(run)))
 
+    # -- the upgrade (chatlib.upgrade) ----------------------------------------
+
+    def pause(self):
+        """Stop reading the clients; their output goes on being written.
+        The broker retires meanwhile: once its link is gone, everything it
+        routed to us is here, and what it acknowledged of ours is known."""
+        self.pausing = True
+        self.pause_deadline = time.monotonic() + PAUSE_TLS_WAIT
+        for c in self.clients.values():
+            if c.interest:
+                self.sel.unregister(c.sock)
+                c.interest = 0
+        self.client_sel = None
+        self.check_drained()
+
+    def check_drained(self):
+        """Tell the supervisor once nothing more can come: no broker, and
+        no TLS handshake under way (a handshake cannot move)."""
+        if self.drained or self.broker.channel is not None or (
+                self.tls is not None and self.tls.pending):
+            return
+        self.drained = True
+        self._report(("drained",))
+
+    def export(self, pipe):
+        """Hand every connection to our successor over ``pipe``, with its
+        state (chatlib.upgrade.state); then leave, or stay as the relay of
+        the TLS ones (chatlib.upgrade.relay)."""
+        from chatlib.upgrade import handover, state
+        from chatlib.upgrade.relay import TlsRelay
+        pipe.setblocking(True)
+        connections, relayed, moved = [], [], []
+        for c in self.clients.values():
+            port = self.peer(c)[1]
+            if not isinstance(c.sock, socket.socket):   # a TLS stream
+                c.consume(c.sock.covered)      # encrypted already: the relay sends it
+                c.sock.covered = 0
+                ours, theirs = socket.socketpair()
+                relayed.append((c, ours))
+                moved.append(theirs)
+                fd = theirs.fileno()
+            else:
+                moved.append(c.sock)
+                fd = c.sock.fileno()
+            connections.append((state.record(c, port), fd))
+        header = {"version": state.VERSION, "events": self.broker.unrouted(),
+                  "cursor": self.broker.cursor, "directory": self.directory,
+                  "moderation": self.moderation}
+        try:
+            handover.send(pipe, header, connections)
+        except OSError as exc:
+            self.log.error("upgrade: hand-over failed: %s", exc.strerror or exc)
+        pipe.close()
+        for sock in moved:
+            sock.close()
+        for c in list(self.lingering):
+            c.close(self.sel)
+        self.clients, self.users, self.local_names, self.lingering = {}, {}, {}, {}
+        self.log.info("upgrade: %d connections handed over%s", len(connections),
+                      " (%d TLS ones relayed)" % len(relayed) if relayed else "")
+        if relayed:
+            self.relay = TlsRelay(self.sel, relayed, self.log)
+            self._report(("relaying", len(relayed)))
+        else:
+            self.running = False
+
+    def adopt(self, pipe):
+        """A predecessor's connections, over ``pipe``: they carry on here
+        as they were; its events the old broker never routed go to the new."""
+        from chatlib.upgrade import handover, state
+        pipe.setblocking(True)
+        try:
+            header, connections = handover.receive(pipe)
+        except (OSError, EOFError) as exc:
+            self.log.error("upgrade: hand-over failed: %s", exc)
+            self._report(("adopted", 0, 0))
+            return
+        finally:
+            pipe.close()
+        if header["version"] not in state.READS:    # the probe checked: never seen
+            self.log.error("upgrade: state version %r is not one this code reads %r",
+                           header["version"], state.READS)
+            for _, fd in connections:
+                socket.close(fd)
+            self._report(("adopted", 0, 0))
+            return
+        self.broker.outbox.extend(header["events"])
+        self.broker.cursor = header["cursor"] or self.broker.cursor
+        self.directory.update(header["directory"])
+        self.moderation = header["moderation"]
+        self.mutes = self.moderation.has_mutes
+        self.now = time.monotonic()
+        for fields, fd in connections:
+            c = state.client(fields, socket.socket(fileno=fd), self.config.max_line,
+                             self.config.burst)
+            c.sock.setblocking(False)
+            self.next_cid = max(self.next_cid, c.cid // CID_STRIDE + 1)
+            self.clients[c.cid] = c
+            if c.name is not None:
+                self.users[c.cid] = c
+                self.local_names[c.name.lower()] = c
+            if c.out:
+                self.dirty.add(c)
+            c.watch(self.sel, WRITE if c.out else 0)
+        for c in list(self.clients.values()):
+            if c.held and not c.waiting and c.sock is not None:
+                self.pump(c)
+        self.end_turn()
+        self._report(("adopted", len(connections),
+                      sum(1 for fields, _ in connections if fields["relayed"])))
+
     # -- what the broker sends ------------------------------------------------
 
     def on_batches(self, batches):
@@ -614,12 +753,13 @@ class Worker(Service):
     def peer(c):
         """(address, port, TLS or not), for the operator; the port costs a
         system call, made only when asked (a LOGIN, the operator's ``users``)."""
-        tls = over_tls(c)
+        if c.port is not None:
+            return c.ip, c.port, over_tls(c)
         try:
-            port = (c.sock.sock if tls else c.sock).getpeername()[1]
-        except OSError:
+            port = getattr(c.sock, "sock", c.sock).getpeername()[1]
+        except (OSError, IndexError):
             port = 0
-        return c.ip, port, tls
+        return c.ip, port, over_tls(c)
 
     def vouched(self, until):
         """Cluster mode: the node's lease holds until ``until``; users'
@@ -700,7 +840,7 @@ class Worker(Service):
             self.drop(c, c.closing)
             return
         # Output left over means the socket is full: wait until it is writable.
-        c.watch(self.sel, WRITE if c.out else 0)
+        c.watch(self.client_sel, WRITE if c.out else 0)
 
     # -- closing --------------------------------------------------------------
 
@@ -716,14 +856,14 @@ class Worker(Service):
             return
         self.forget(c, reason)
         c.closing = reason
-        c.watch(self.sel, WRITE)
+        c.watch(self.client_sel, WRITE)
         self.lingering[c] = self.now + LINGER
 
     def drop(self, c, reason):
         """Close the connection and forget it; the broker announces the user."""
         self.forget(c, reason)
         self.lingering.pop(c, None)
-        c.close(self.sel)
+        c.close(self.client_sel)
 
     def forget(self, c, reason):
         """Take ``c`` out of service (once): no more lines in or out but its last."""
@@ -747,5 +887,6 @@ class Worker(Service):
 
 
 def over_tls(c):
-    """Is ``c`` a TLS connection? Its socket is then a chatlib.tls.TlsStream."""
-    return not isinstance(c.sock, socket.socket)
+    """Is ``c`` a TLS connection? Its socket is then a chatlib.tls.TlsStream,
+    or a socket pair to the old worker that relays it (chatlib.upgrade)."""
+    return c.relayed or not isinstance(c.sock, socket.socket)

@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import resource
 import secrets
+import shlex
 import signal
 import socket
 import time
@@ -49,18 +50,20 @@ from multiprocessing import resource_tracker, util
 from multiprocessing.connection import wait
 from multiprocessing.reduction import send_handle
 
-from chatlib import logs, statefile
+from chatlib import __version__, logs, statefile
 from chatlib.accounts import ACCOUNTS_FILE, Accounts
 from chatlib.acceptor import Acceptor
 from chatlib.control import commands
 from chatlib.control.relay import Relay
 from chatlib.control.server import ControlError, ControlServer, default_socket_path
-from chatlib.control.users import user_line
+from chatlib.config import OptionError, upgraded
+from chatlib.control.users import user_line, utc
 from chatlib.handoff import PLAIN, TLS, inherited_by_fork
 from chatlib.metrics import MetricsEndpoint, render
 from chatlib.moderation import BANS_FILE, Moderation
 from chatlib.service import run_service
 from chatlib.stats import StatsReport, snapshot
+from chatlib.upgrade import probe
 
 log = logging.getLogger("supervisor")
 
@@ -76,6 +79,27 @@ LOOP_TIMEOUT = 0.25
 # quarter of the timeout old (chatlib.service sends four per timeout).
 PAUSE_NOTICED = 1.0
 WRITE_POLL = 0.01             # the loop's sleep while the control socket has output waiting
+SWITCH_TIMEOUT = 5.0          # an upgrade's old processes get this long to hand over
+
+
+class Upgrade:
+    """One ``ctl upgrade`` under way (chatlib.upgrade): who asked, with what
+    options, and the processes on either side of the switch."""
+
+    def __init__(self, reply, config, probing):
+        self.reply = reply            # reply(lines, error), once
+        self.config = config          # the new processes'
+        self.probe = probing          # the probe, until it has answered
+        self.started = time.monotonic()
+        self.phase = "probe"          # probe, start, drain, move, finish
+        self.deadline = self.started + probe.TIMEOUT
+        self.version = None           # the new code's, as the probe found it
+        self.successors = {}          # (role, slot) -> Child: the new processes
+        self.old = {}                 # (role, slot) -> Child: the ones they replace
+        self.adoptions = {}           # (role, slot) of a successor -> hand-overs it awaits
+
+    def children(self):
+        return list(self.successors.values()) + list(self.old.values())
 
 
 class Child:
@@ -91,6 +115,10 @@ class Child:
         self.last_heartbeat = self.started    # when it last reported anything
         self.ready = False
         self.info = None
+        self.code = None              # {"version", "state"}: what it runs, from its ready
+        self.drained = False          # an upgrade: an old worker ready to hand over,
+        self.adopted = None           # a new one that took its predecessor's (count),
+        self.relaying = 0             # an old one still relaying TLS connections
 
     @property
     def name(self):
@@ -193,6 +221,11 @@ class Supervisor:
         self.control = None           # chatlib.control.server.ControlServer
         self.metrics = None           # chatlib.metrics.MetricsEndpoint, with --metrics
         self.relay = Relay()          # operator commands awaiting other processes
+        self.upgrade = None           # the Upgrade under way
+        self.version = __version__    # the children's code, and since when
+        self.version_since = time.time()
+        self.upgrades = 0
+        self.relays = 0               # old workers that stayed on as TLS relays, ever
 
     # -- the whole life -------------------------------------------------------
 
@@ -326,7 +359,11 @@ class Supervisor:
 
     # -- starting -------------------------------------------------------------
 
-    def spawn(self, cls, slot, *args):
+    def spawn(self, cls, slot, *args, config=None, into=None):
+        """Start ``cls`` in a new process, as ``slot`` of its role in
+        ``into`` (default: the running children); ``config``: an upgrade's."""
+        config = config or self.config
+        into = self.children if into is None else into
         orders, their_orders = self.ctx.Pipe()       # a socket pair: can carry descriptors
         reports, their_reports = self.ctx.Pipe(duplex=False)
         inherited_by_fork(orders)
@@ -335,9 +372,9 @@ class Supervisor:
         role = cls.role
         name = role if slot is None else "%s-%d" % (role, slot)
         if slot is None:
-            target_args = (cls, self.config, pipes) + args
+            target_args = (cls, config, pipes) + args
         else:
-            target_args = (cls, self.config, pipes, slot) + args
+            target_args = (cls, config, pipes, slot) + args
         process = self.ctx.Process(target=run_service, args=target_args, name=name)
         with operator_signals_deferred(self.ctx.get_start_method()):
             process.start()
@@ -345,7 +382,7 @@ class Supervisor:
         their_reports.close()
         child = Child(role, slot, process, orders, reports)
         util.register_after_fork(child, Child.close_in_fork)
-        self.children[(role, slot)] = child
+        into[(role, slot)] = child
         log.info("started %s (pid %d)", name, process.pid)
         return child
 
@@ -438,16 +475,26 @@ class Supervisor:
                 self.next_stats += self.config.stats_interval
                 self.log_stats()
 
+    def everyone(self):
+        """Every child: the running ones, and those of an upgrade under way."""
+        children = list(self.children.values())
+        return children + self.upgrade.children() if self.upgrade else children
+
     def poll(self, timeout):
-        by_reports = {c.reports: c for c in self.children.values()}
-        by_sentinel = {c.process.sentinel: c for c in self.children.values()}
+        by_reports = {c.reports: c for c in self.everyone()}
+        by_sentinel = {c.process.sentinel: c for c in self.everyone()}
         endpoints = [e for e in (self.control, self.metrics) if e is not None]
         by_endpoint = {obj: e for e in endpoints for obj in e.waitables()}
         if any(e.writing for e in endpoints):
             timeout = min(timeout, WRITE_POLL)
-        for obj in wait(list(by_reports) + list(by_sentinel) + list(by_endpoint) + [self.wake],
-                        timeout):
-            if obj is self.wake:
+        probing = self.upgrade.probe if self.upgrade else None
+        if self.upgrade is not None:
+            timeout = min(timeout, WRITE_POLL)      # its steps are checked every turn
+        waitables = list(by_reports) + list(by_sentinel) + list(by_endpoint) + [self.wake]
+        for obj in wait(waitables + ([probing.stdout] if probing else []), timeout):
+            if probing is not None and obj is probing.stdout:
+                self.on_probe()
+            elif obj is self.wake:
                 try:
                     self.wake.recv(512)
                 except OSError:
@@ -460,6 +507,8 @@ class Supervisor:
                 self.on_death(by_sentinel[obj])
         now = time.monotonic()
         self.relay.expire(now)
+        if self.upgrade is not None:
+            self.advance_upgrade(now)
         if self.metrics is not None:
             self.metrics.tick(now)
         for endpoint in endpoints:
@@ -475,6 +524,17 @@ class Supervisor:
         child.last_heartbeat = message[2] if message[0] == "heartbeat" else time.monotonic()
         if message[0] == "ready":
             child.ready = True
+            child.code = message[1] if len(message) > 1 else None
+        elif message[0] == "drained":       # an upgrade's steps (chatlib.upgrade)
+            child.drained = True
+        elif message[0] == "adopted":      # (connections, of which relayed)
+            moved, relayed = child.adopted or (0, 0)
+            child.adopted = (moved + message[1], relayed + message[2])
+            if self.upgrade is not None:
+                key = (child.role, child.slot)
+                self.upgrade.adoptions[key] = self.upgrade.adoptions.get(key, 1) - 1
+        elif message[0] == "relaying":
+            child.relaying = message[1]
         elif message[0] == "fatal":
             log.error("%s", message[1])
             self.failed = True
@@ -655,21 +715,18 @@ class Supervisor:
 
     def on_death(self, child):
         key = (child.role, child.slot)
+        if self.upgrade is not None and child in self.upgrade.children():
+            self.upgrade_death(child)
+            return
         if self.children.get(key) is not child:
             return
-        # Its reports pipe can close a moment before the process is reaped:
-        # wait for the exit status, and make sure of it if it does not come.
-        child.process.join(0.5)
-        if child.process.exitcode is None:
-            child.process.kill()
-            child.process.join()
+        how = reap(child)
         del self.children[key]
         self.relay.gone(key)
-        child.orders.close()
-        child.reports.close()
-        code = child.process.exitcode
-        how = "killed by %s" % signal.Signals(-code).name if code and code < 0 \
-            else "exited with status %s" % code
+        if child.role == "relay":
+            log.info("%s (pid %d) %s: its last TLS user has left", child.name,
+                     child.process.pid, how)
+            return
         if self.stopping or self.failed:
             return
         log.error("%s (pid %d) %s", child.name, child.process.pid, how)
@@ -715,6 +772,201 @@ class Supervisor:
                 child.process.kill()
                 child.last_heartbeat = float("inf")   # once is enough
 
+    # -- the upgrade (chatlib.upgrade: the steps and why) ----------------------
+
+    def command_upgrade(self, rest, reply):
+        if self.upgrade is not None:
+            reply([], "busy an upgrade is under way")
+            return
+        try:
+            words = shlex.split(rest)
+            config = upgraded(self.config, words)
+        except (OptionError, ValueError) as exc:
+            reply([], "refused %s" % exc)
+            return
+        modules = [self.worker_class.__module__, self.broker_class.__module__]
+        if config.tls_cert:
+            modules.append("chatlib.tls")
+        if config.redis is not None:
+            modules.append("chatlib.cluster.node")
+        self.upgrade = Upgrade(reply, config, probe.start(modules))
+        notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+        changed = [w for w in words if w.startswith("-")]   # names only: values may be secret
+        log.info("upgrade: asked by the operator%s; loading the code on disk",
+                 " (%s)" % " ".join(changed) if changed else "")
+
+    def command_version(self, rest, reply):
+        lines = ["version %s" % self.version, "since %s" % utc(self.version_since),
+                 "upgrades %d" % self.upgrades,
+                 "main pid %d since %s" % (os.getpid(), utc(time.time() - (
+                     time.monotonic() - self.started)))]
+        relays = [c for c in self.children.values() if c.role == "relay"]
+        if relays:
+            lines.append("relayed %d TLS connections in %d old processes" % (
+                sum((c.info or {}).get("relayed", c.relaying) for c in relays), len(relays)))
+        reply(lines, None)
+
+    def on_probe(self):
+        """The new code imported (or not): start the new processes beside
+        the running ones, with a fresh interpreter each (``fork`` and
+        ``forkserver`` would copy the code this process loaded long ago)."""
+        up = self.upgrade
+        found, problem = probe.outcome(up.probe)
+        up.probe = None
+        if problem:
+            self.refuse_upgrade("the new code does not start: %s" % problem)
+            return
+        running = {(c.code or {}).get("state", 1) for c in self.children.values()
+                   if c.role == "worker"}
+        if not running <= set(found["reads"]):
+            self.refuse_upgrade("the new code reads state versions %s, the running workers "
+                                "hand over %s" % (found["reads"], sorted(running)))
+            return
+        up.version = found["version"]
+        if self.ctx.get_start_method() != "spawn":
+            log.info("upgrade: processes start with spawn from now on: %s would copy "
+                     "the old code", self.ctx.get_start_method())
+            self.ctx = multiprocessing.get_context("spawn")
+        slots = list(range(up.config.workers))
+        for slot in slots:
+            self.spawn(self.worker_class, slot, config=up.config, into=up.successors)
+        self.spawn(self.broker_class, None, slots, self.moderation, self.accounts, True,
+                   config=up.config, into=up.successors)
+        listeners = [(sock.dup(), kind) for sock, kind in self.listeners]
+        try:
+            self.spawn(Acceptor, None, listeners, len(slots), self.moderation,
+                       config=up.config, into=up.successors)
+        finally:
+            for sock, _ in listeners:
+                sock.close()
+        up.phase, up.deadline = "start", time.monotonic() + READY_TIMEOUT
+
+    def advance_upgrade(self, now):
+        """The next step, once the last one is done (or, past the switch's
+        point of no return, has had its time)."""
+        up = self.upgrade
+        if up.phase == "start":
+            if all(c.ready for c in up.successors.values()):
+                self.drain()
+            elif now > up.deadline:
+                self.refuse_upgrade("the new processes did not start within %.0f s"
+                                    % READY_TIMEOUT)
+        elif up.phase == "drain":
+            if all(c.drained for c in up.old.values() if c.role == "worker") \
+                    or now > up.deadline:
+                self.hand_over()
+        elif up.phase == "move":
+            if all(n <= 0 for n in up.adoptions.values()) or now > up.deadline:
+                self.begin()
+        elif up.phase == "finish":
+            for key, child in list(up.old.items()):
+                if child.relaying:
+                    del up.old[key]
+                    self.relays += 1
+                    child.role, child.slot = "relay", self.relays
+                    self.children[("relay", child.slot)] = child
+            if not up.old:
+                self.upgraded(now)
+
+    def drain(self):
+        """The point of no return: the old acceptor stops (new connections
+        wait in the backlog), the old workers stop reading their clients,
+        the old broker retires."""
+        up = self.upgrade
+        up.phase, up.deadline = "drain", time.monotonic() + SWITCH_TIMEOUT
+        up.old = {key: c for key, c in self.children.items() if c.role != "relay"}
+        for key in up.old:
+            del self.children[key]
+        for child in up.old.values():
+            child.order({"acceptor": "stop", "worker": "pause", "broker": "retire"}[child.role])
+
+    def hand_over(self):
+        """Each old worker's connections to a new one, over a socket pair of
+        their own (fewer new workers: some take two old ones' connections)."""
+        up = self.upgrade
+        up.phase, up.deadline = "move", time.monotonic() + SWITCH_TIMEOUT
+        heirs = sorted(slot for role, slot in up.successors if role == "worker")
+        old = sorted(slot for role, slot in up.old if role == "worker")
+        for k, slot in enumerate(old):
+            heir = up.successors.get(("worker", heirs[k % len(heirs)]))
+            if heir is None:            # died since it started: its slot restarts empty
+                continue
+            ours, theirs = socket.socketpair()
+            up.old[("worker", slot)].order("export", handles=[ours])
+            heir.order("adopt", handles=[theirs])
+            ours.close()
+            theirs.close()
+            key = (heir.role, heir.slot)
+            up.adoptions[key] = up.adoptions.get(key, 0) + 1
+
+    def begin(self):
+        """The new processes take over: the broker learns the users from its
+        workers, the acceptor starts handing them connections."""
+        up = self.upgrade
+        up.phase = "finish"
+        self.children.update(up.successors)
+        self.config = up.config
+        broker = self.children.get(("broker", None))
+        if broker is not None:
+            broker.order("begin", self.moderation, self.accounts)
+        for slot in range(up.config.workers):
+            if ("worker", slot) not in self.children:
+                self.start_worker(slot)
+            self.connect(slot, "broker")
+            self.connect(slot, "acceptor")
+        up.successors = {}
+
+    def upgraded(self, now):
+        up = self.upgrade
+        moved = relayed = 0
+        for child in self.children.values():
+            if child.adopted is not None:
+                moved, relayed = moved + child.adopted[0], relayed + child.adopted[1]
+                child.adopted = None
+        line = "upgraded from %s to %s in %.2f s: %d connections moved" % (
+            self.version, up.version, now - up.started, moved)
+        if relayed:
+            line += " (%d over TLS, relayed)" % relayed
+        log.info("%s", line)
+        self.version, self.version_since = up.version, time.time()
+        self.upgrades += 1
+        self.upgrade = None
+        up.reply([line], None)
+        notify("READY=1\nSTATUS=%s" % line)
+
+    def refuse_upgrade(self, reason):
+        """Before the switch: the new processes go, the running ones never knew."""
+        up = self.upgrade
+        for child in up.successors.values():
+            child.process.kill()
+        for child in up.successors.values():
+            reap(child)
+        if up.probe is not None:
+            up.probe.kill()
+            probe.outcome(up.probe)
+        self.upgrade = None
+        log.error("upgrade refused: %s; the running processes carry on", reason)
+        up.reply([], "upgrade-failed %s" % reason)
+        notify("READY=1")
+
+    def upgrade_death(self, child):
+        up = self.upgrade
+        how = reap(child)
+        key = (child.role, child.slot)
+        if up.old.get(key) is child:
+            del up.old[key]
+            if child.role == "worker" and not child.drained:
+                log.error("upgrade: old %s (pid %d) %s before it handed over",
+                          child.name, child.process.pid, how)
+            return
+        if up.phase in ("probe", "start"):
+            self.refuse_upgrade("%s %s at start-up" % (child.name, how))
+            return
+        del up.successors[key]
+        up.adoptions.pop(key, None)
+        log.error("upgrade: new %s (pid %d) %s during the switch", child.name,
+                  child.process.pid, how)
+
     # -- stopping -------------------------------------------------------------
 
     def shutdown(self):
@@ -723,13 +975,13 @@ class Supervisor:
         self.stopping = True
         notify("STOPPING=1")
         deadline = time.monotonic() + STOP_GRACE
-        for role in ("acceptor", "worker", "broker"):
-            group = [c for c in self.children.values() if c.role == role]
+        for role in ("acceptor", "worker", "broker", "relay"):
+            group = [c for c in self.everyone() if c.role == role]
             for child in group:
                 child.order("stop")
             for child in group:
                 child.process.join(max(0.0, deadline - time.monotonic()))
-        for child in self.children.values():
+        for child in self.everyone():
             if child.process.is_alive():
                 log.warning("%s (pid %d) did not stop; killing it", child.name, child.process.pid)
                 child.process.kill()
@@ -741,6 +993,21 @@ class Supervisor:
             if endpoint is not None:
                 endpoint.close()
         log.info("stopped")
+
+
+def reap(child):
+    """Wait for a dead child's exit status (its reports pipe can close a
+    moment before it is reaped; make sure of it if it does not come), close
+    our ends of its pipes; how it ended, for the log."""
+    child.process.join(0.5)
+    if child.process.exitcode is None:
+        child.process.kill()
+        child.process.join()
+    child.orders.close()
+    child.reports.close()
+    code = child.process.exitcode
+    return "killed by %s" % signal.Signals(-code).name if code and code < 0 \
+        else "exited with status %s" % code
 
 
 def notify(message):

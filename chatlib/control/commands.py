@@ -37,6 +37,9 @@ COMMANDS = (
     Command("account password NAME", "set NAME's password (ctl asks for it)"),
     Command("account remove NAME", "NAME is not registered any more (its user stays on)"),
     Command("accounts", "registered names, when created, when last logged in"),
+    Command("upgrade [OPTIONS]", "load the code on disk into new processes and move every "
+            "connection to them; OPTIONS: server options to change (--workers 8)"),
+    Command("version", "the version running, since when, and how many upgrades"),
 )
 
 # The commands whose last argument is a password, which ctl reads itself:
