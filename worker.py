@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from multiprocessing.connection import Connection
 
-from chatlib import link, protocol
+from chatlib import link, logs, protocol
 from chatlib.channel import Channel
 from chatlib.connection import READ, WRITE, Client
 from chatlib.control.users import UserRow
@@ -612,6 +612,7 @@ class Worker(Service):
         self.log.info("upgrade: %d connections handed over%s", len(connections),
                       " (%d TLS ones relayed)" % len(relayed) if relayed else "")
         if relayed:
+            logs.set_process_title("chat-relay")
             self.relay = TlsRelay(self.sel, relayed, self.log)
             self._report(("relaying", len(relayed)))
         else:

@@ -1,0 +1,211 @@
+"""Upgrading without logging anyone out, black-box: a copy of the project
+in a temporary directory is started, changed on disk, and upgraded with
+``ctl upgrade`` while real clients chat through it.
+"""
+
+import os
+import re
+import shutil
+import threading
+
+from support import (IO_TIMEOUT, ROOT, TestCase, control, process_role, said, self_signed,
+                     session_pids, tls_client, wait_until)
+
+VERSION_LINE = re.compile(r'^__version__ = .*$', re.M)
+UPGRADE_TIMEOUT = 20
+
+
+class Upgradable(TestCase):
+    """A server run from a copy of the project (``self.app``), with its
+    control socket at ``self.path``."""
+
+    workers = 2
+    extra = ()
+
+    def setUp(self):
+        super().setUp()
+        base = self.tmpdir("upgrade")
+        self.app = os.path.join(base, "app")
+        os.mkdir(self.app)
+        for name in ("broker.py", "worker.py"):
+            shutil.copy(os.path.join(ROOT, name), self.app)
+        shutil.copytree(os.path.join(ROOT, "chatlib"), os.path.join(self.app, "chatlib"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        self.path = os.path.join(base, "run", "control.sock")
+        self.srv = self.server("--control", self.path, "--state-dir", os.path.join(base, "state"),
+                               *self.extra, broker=os.path.join(self.app, "broker.py"),
+                               workers=self.workers, **self.server_options(base))
+
+    def server_options(self, base):
+        return {}
+
+    def ctl(self, command):
+        return control(self.path, command, timeout=UPGRADE_TIMEOUT)
+
+    def upgrade(self, options=""):
+        lines, last = self.ctl(("upgrade " + options).strip())
+        self.assertEqual(last, "OK", lines)
+        return lines[0]
+
+    def change(self, path, old, new):
+        """Edit a file of the copy, as ``git pull`` would."""
+        path = os.path.join(self.app, path)
+        with open(path) as f:
+            text = f.read()
+        self.assertIn(old, text)
+        with open(path, "w") as f:
+            f.write(text.replace(old, new))
+
+    def set_version(self, version):
+        path = os.path.join(self.app, "chatlib", "__init__.py")
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(VERSION_LINE.sub('__version__ = "%s"' % version, text))
+
+    def children(self):
+        """The server's processes but the main one (not multiprocessing's helpers)."""
+        return {pid for pid in session_pids(self.srv.proc.pid)
+                if pid != self.srv.proc.pid and (process_role(pid) or "").startswith("chat-")}
+
+
+class UpgradeTest(Upgradable):
+
+    def test_users_notice_nothing(self):
+        alice, bob, carol = (self.client(self.srv, name) for name in ("alice", "bob", "carol"))
+        who = said(alice, "WHO")
+        old = self.children()
+        alice.sendraw(b"MSG hel")                 # half a line before the switch
+        self.set_version("9.9.9")
+        line = self.upgrade()
+        self.assertRegex(line, r"^upgraded from \S+ to 9\.9\.9 in [\d.]+ s: 3 connections moved$")
+        alice.sendraw(b"lo\n")
+        bob.expect("MSG alice hello")
+        carol.expect("MSG alice hello")
+        self.assertEqual(said(carol, "WHO"), who)
+        bob.send("DM carol still here")
+        carol.expect("DM bob still here")
+        self.assertIn("version 9.9.9", self.ctl("version")[0])
+        self.assertIn("upgrades 1", self.ctl("version")[0])
+        wait_until(lambda: not (old & self.children()), what="the old processes gone")
+        self.assertIn(self.srv.proc.pid, session_pids(self.srv.proc.pid))   # the same main
+        dave = self.client(self.srv, "dave")       # new connections are served
+        dave.send("MSG hi")
+        for user in (alice, bob, carol):
+            user.expect("MSG dave hi")
+            user.expect_nothing_more()
+
+    def test_numbered_lines_through_two_upgrades(self):
+        sender, reader = self.client(self.srv, "sender"), self.client(self.srv, "reader")
+        count = 300
+        done = threading.Event()
+
+        def chat():
+            for k in range(count):
+                sender.send("MSG line %d" % k)
+                if done.wait(0.005):
+                    return
+        writer = threading.Thread(target=chat)
+        writer.start()
+        try:
+            self.upgrade()
+            self.upgrade()
+        finally:
+            writer.join(IO_TIMEOUT)
+        self.assertEqual(reader.read_lines(count),
+                         ["MSG sender line %d" % k for k in range(count)])
+        reader.expect_nothing_more()
+
+    def test_more_workers_then_fewer(self):
+        users = [self.client(self.srv, "u%d" % k) for k in range(6)]
+        self.upgrade("--workers 3")
+        wait_until(lambda: len(self.children()) == 5, what="3 workers, a broker, an acceptor")
+        self.upgrade("--workers 1")
+        wait_until(lambda: len(self.children()) == 3, what="1 worker, a broker, an acceptor")
+        users[0].send("MSG after")
+        for user in users[1:]:
+            user.expect("MSG u0 after")
+        self.assertEqual(said(users[5], "WHO"), ["USER u%d" % k for k in range(6)])
+
+    def test_what_cannot_change_is_refused(self):
+        for options, reason in (("--port 1", "ERR refused --port changes"),
+                                ("--workers 0", "ERR refused argument"),
+                                ("--no-such-option", "ERR refused unrecognized")):
+            lines, last = self.ctl("upgrade " + options)
+            self.assertTrue(last.startswith(reason), last)
+
+
+class RefusedUpgradeTest(Upgradable):
+    """The new code cannot run: the old processes carry on, untouched."""
+
+    def check_refused(self, reason):
+        alice, bob = self.client(self.srv, "alice"), self.client(self.srv, "bob")
+        old = self.children()
+        lines, last = self.ctl("upgrade")
+        self.assertRegex(last, "^ERR upgrade-failed " + reason)
+        self.assertEqual(self.children(), old)
+        alice.send("MSG still here")
+        bob.expect("MSG alice still here")
+        self.assertIn("upgrades 0", self.ctl("version")[0])
+        self.assertTrue(any("upgrade refused" in line for line in self.srv.log_lines))
+
+    def test_syntax_error(self):
+        self.change("worker.py", "class Worker(Service):", "class Worker(Service)")
+        self.check_refused("the new code does not start: SyntaxError")
+
+    def test_missing_module(self):
+        os.remove(os.path.join(self.app, "chatlib", "flood.py"))
+        self.check_refused("the new code does not start: ModuleNotFoundError")
+
+    def test_a_process_that_dies_at_start(self):
+        self.change("worker.py", "    def start(self):\n", "    def start(self):\n        raise SystemExit(3)\n")
+        self.check_refused("worker-\\d exited with status 3 at start-up")
+
+    def test_a_state_it_cannot_read(self):
+        self.change(os.path.join("chatlib", "upgrade", "state.py"), "READS = (1,)", "READS = (2,)")
+        self.check_refused("the new code reads state versions \\[2\\]")
+
+    def test_one_at_a_time(self):
+        import socket
+        first = socket.socket(socket.AF_UNIX)
+        self.addCleanup(first.close)
+        first.connect(self.path)
+        first.sendall(b"upgrade\n")
+        lines, last = self.ctl("upgrade")
+        self.assertEqual(last, "ERR busy an upgrade is under way")
+        first.settimeout(UPGRADE_TIMEOUT)
+        answer = b""
+        while not answer.endswith(b"OK\n"):
+            chunk = first.recv(4096)
+            self.assertTrue(chunk, answer)
+            answer += chunk
+
+
+class TlsUpgradeTest(Upgradable):
+    """A TLS user's session stays in the old worker, which relays it."""
+
+    def server_options(self, base):
+        return {"tls": self_signed(base)}
+
+    def test_tls_user_is_relayed(self):
+        plain = self.client(self.srv, "plain")
+        secure = tls_client(self.srv.tls_port)
+        self.addCleanup(secure.close)
+        secure.login("secure")
+        secure.sendraw(b"MSG hal")
+        line = self.upgrade()
+        self.assertTrue(line.endswith("2 connections moved (1 over TLS, relayed)"), line)
+        secure.sendraw(b"f\n")
+        plain.expect("MSG secure half")
+        plain.send("MSG back")
+        secure.expect("MSG plain back")
+        wait_until(lambda: any(l.startswith("relayed 1 TLS") for l in self.ctl("version")[0]),
+                   what="the relay counted")
+        self.upgrade()                            # the plaintext end moves again
+        plain.send("DM secure again")
+        secure.expect("DM plain again")
+        secure.send("QUIT")
+        secure.read_until_eof()
+        plain.expect("INFO secure disconnected")
+        wait_until(lambda: not any(l.startswith("relayed") for l in self.ctl("version")[0]),
+                   what="the relay gone with its last user")
