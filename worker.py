@@ -597,7 +597,8 @@ class Worker(Service):
                 fd = c.sock.fileno()
             connections.append((state.record(c, port), fd))
         header = {"version": state.VERSION, "events": self.broker.unrouted(),
-                  "cursor": self.broker.cursor, "directory": self.directory,
+                  "cursor": self.broker.cursor, "routed": self.broker.routed.seen,
+                  "directory": self.directory,
                   "moderation": self.moderation}
         try:
             handover.send(pipe, header, connections)
@@ -640,6 +641,7 @@ class Worker(Service):
             return
         self.broker.outbox.extend(header["events"])
         self.broker.cursor = header["cursor"] or self.broker.cursor
+        self.broker.routed.merge(header["routed"])
         self.directory.update(header["directory"])
         self.moderation = header["moderation"]
         self.mutes = self.moderation.has_mutes

@@ -62,6 +62,12 @@ class Inbound:
     def __init__(self):
         self.seen = {}
 
+    def merge(self, seen):
+        """What another worker had seen (an upgrade moved its connections
+        here): what a new broker sends again is dropped as it would have been."""
+        for slot, number in seen.items():
+            self.seen[slot] = max(self.seen.get(slot, 0), number)
+
     def is_new(self, slot, number):
         """False for lines of a batch routed here before (a new broker
         resending it); ``slot`` None marks lines that come from no batch."""

@@ -8,8 +8,8 @@ import re
 import shutil
 import threading
 
-from support import (IO_TIMEOUT, ROOT, TestCase, control, process_role, said, self_signed,
-                     session_pids, tls_client, wait_until)
+from support import (IO_TIMEOUT, ROOT, RedisServer, TestCase, control, process_role,
+                     requires_redis, said, self_signed, session_pids, tls_client, wait_until)
 
 VERSION_LINE = re.compile(r'^__version__ = .*$', re.M)
 UPGRADE_TIMEOUT = 20
@@ -209,3 +209,68 @@ class TlsUpgradeTest(Upgradable):
         plain.expect("INFO secure disconnected")
         wait_until(lambda: not any(l.startswith("relayed") for l in self.ctl("version")[0]),
                    what="the relay gone with its last user")
+
+
+@requires_redis
+class ClusterUpgradeTest(TestCase):
+    """A node upgrades alone, keeping its node id, its lease and its place
+    on the bus: the other node sees nothing."""
+
+    timeout = 90
+
+    def setUp(self):
+        super().setUp()
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.stop)
+        self.dir = self.tmpdir("upgrade-cluster")
+
+    def node(self, node_id):
+        path = os.path.join(self.dir, node_id + ".sock")
+        srv = self.server("--redis", self.redis.url, "--node-id", node_id, "--control", path,
+                          "--state-dir", os.path.join(self.dir, node_id), workers=2)
+        srv.control = path
+        return srv
+
+    def upgrade(self, node):
+        lines, last = control(node.control, "upgrade", timeout=UPGRADE_TIMEOUT)
+        self.assertEqual(last, "OK", lines)
+
+    def test_every_node_in_turn(self):
+        a, b = self.node("A"), self.node("B")
+        ada, amy = self.client(a, "ada"), self.client(a, "amy")
+        bob = self.client(b, "bob")
+        who = said(bob, "WHO")
+        count = 200
+        done = threading.Event()
+
+        def chat(sender, tag):
+            for k in range(count):
+                sender.send("MSG %s %d" % (tag, k))
+                if done.wait(0.005):
+                    return
+        writers = [threading.Thread(target=chat, args=(ada, "a")),
+                   threading.Thread(target=chat, args=(bob, "b"))]
+        for writer in writers:
+            writer.start()
+        try:
+            self.upgrade(a)
+            self.upgrade(b)
+        finally:
+            for writer in writers:
+                writer.join(IO_TIMEOUT)
+        got = amy.read_lines(2 * count)
+        others = [line for line in got if not line.startswith(("MSG ada ", "MSG bob "))]
+        self.assertEqual(others, [])
+        bobs = [line for line in got if line.startswith("MSG bob ")]
+        self.assertEqual(len(bobs), len(set(bobs)), sorted(set(l for l in bobs if bobs.count(l) > 1)))
+        for sender, tag in (("ada", "a"), ("bob", "b")):
+            self.assertEqual([line for line in got if line.startswith("MSG %s " % sender)],
+                             ["MSG %s %s %d" % (sender, tag, k) for k in range(count)])
+        self.assertEqual(bob.read_lines(count), ["MSG ada a %d" % k for k in range(count)])
+        self.assertEqual(ada.read_lines(count), ["MSG bob b %d" % k for k in range(count)])
+        self.assertEqual(said(ada, "WHO"), who)
+        self.assertEqual(said(bob, "WHO"), who)
+        bob.send("DM amy across")
+        amy.expect("DM bob across")
+        for user in (ada, amy, bob):
+            user.expect_nothing_more()
