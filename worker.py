@@ -51,6 +51,8 @@ from chatlib.protocol import (TOO_LONG, Dm, Hangup, Login, Msg, Password, Ping, 
 from chatlib.service import Service
 from chatlib.stats import COUNTERS
 from chatlib.telnet import Answer, Interrupt
+from chatlib.upgrade import handover, state
+from chatlib.upgrade.relay import TlsRelay
 
 RECV_SIZE = 65536
 CID_STRIDE = 1 << 20       # connection ids: a count, times this, plus the worker's slot
@@ -579,8 +581,6 @@ class Worker(Service):
         """Hand every connection to our successor over ``pipe``, with its
         state (chatlib.upgrade.state); then leave, or stay as the relay of
         the TLS ones (chatlib.upgrade.relay)."""
-        from chatlib.upgrade import handover, state
-        from chatlib.upgrade.relay import TlsRelay
         pipe.setblocking(True)
         connections, relayed, moved = [], [], []
         for c in self.clients.values():
@@ -613,7 +613,7 @@ class Worker(Service):
         self.log.info("upgrade: %d connections handed over%s", len(connections),
                       " (%d TLS ones relayed)" % len(relayed) if relayed else "")
         if relayed:
-            logs.set_process_title("chat-relay")
+            logs.set_process_title("chat-tls-relay")
             self.relay = TlsRelay(self.sel, relayed, self.log)
             self._report(("relaying", len(relayed)))
         else:
@@ -622,7 +622,6 @@ class Worker(Service):
     def adopt(self, pipe):
         """A predecessor's connections, over ``pipe``: they carry on here
         as they were; its events the old broker never routed go to the new."""
-        from chatlib.upgrade import handover, state
         pipe.setblocking(True)
         try:
             header, connections = handover.receive(pipe)
@@ -657,7 +656,7 @@ class Worker(Service):
                 self.local_names[c.name.lower()] = c
             if c.out:
                 self.dirty.add(c)
-            c.watch(self.sel, WRITE if c.out else 0)
+            c.watch(self.client_sel, WRITE if c.out else 0)
         for c in list(self.clients.values()):
             if c.held and not c.waiting and c.sock is not None:
                 self.pump(c)

@@ -225,7 +225,7 @@ class Supervisor:
         self.version = __version__    # the children's code, and since when
         self.version_since = time.time()
         self.upgrades = 0
-        self.relays = 0               # old workers that stayed on as TLS relays, ever
+        self.tls_relays = 0           # old workers that stayed on as TLS relays, ever
 
     # -- the whole life -------------------------------------------------------
 
@@ -723,7 +723,7 @@ class Supervisor:
         how = reap(child)
         del self.children[key]
         self.relay.gone(key)
-        if child.role == "relay":
+        if child.role == "tls-relay":
             log.info("%s (pid %d) %s: its last TLS user has left", child.name,
                      child.process.pid, how)
             return
@@ -800,7 +800,7 @@ class Supervisor:
                  "upgrades %d" % self.upgrades,
                  "main pid %d since %s" % (os.getpid(), utc(time.time() - (
                      time.monotonic() - self.started)))]
-        relays = [c for c in self.children.values() if c.role == "relay"]
+        relays = [c for c in self.children.values() if c.role == "tls-relay"]
         if relays:
             lines.append("relayed %d TLS connections in %d old processes" % (
                 sum((c.info or {}).get("relayed", c.relaying) for c in relays), len(relays)))
@@ -862,9 +862,9 @@ class Supervisor:
             for key, child in list(up.old.items()):
                 if child.relaying:
                     del up.old[key]
-                    self.relays += 1
-                    child.role, child.slot = "relay", self.relays
-                    self.children[("relay", child.slot)] = child
+                    self.tls_relays += 1
+                    child.role, child.slot = "tls-relay", self.tls_relays
+                    self.children[("tls-relay", child.slot)] = child
             if not up.old:
                 self.upgraded(now)
 
@@ -874,7 +874,7 @@ class Supervisor:
         the old broker retires."""
         up = self.upgrade
         up.phase, up.deadline = "drain", time.monotonic() + SWITCH_TIMEOUT
-        up.old = {key: c for key, c in self.children.items() if c.role != "relay"}
+        up.old = {key: c for key, c in self.children.items() if c.role != "tls-relay"}
         for key in up.old:
             del self.children[key]
         for child in up.old.values():
@@ -975,7 +975,7 @@ class Supervisor:
         self.stopping = True
         notify("STOPPING=1")
         deadline = time.monotonic() + STOP_GRACE
-        for role in ("acceptor", "worker", "broker", "relay"):
+        for role in ("acceptor", "worker", "broker", "tls-relay"):
             group = [c for c in self.everyone() if c.role == role]
             for child in group:
                 child.order("stop")
