@@ -598,8 +598,8 @@ class Worker(Service):
             connections.append((state.record(c, port), fd))
         header = {"version": state.VERSION, "events": self.broker.unrouted(),
                   "cursor": self.broker.cursor, "routed": self.broker.routed.seen,
-                  "directory": self.directory,
-                  "moderation": self.moderation}
+                  "directory": self.directory, "moderation": self.moderation,
+                  "figures": self.figures_so_far()}
         try:
             handover.send(pipe, header, connections)
         except OSError as exc:
@@ -644,6 +644,7 @@ class Worker(Service):
         self.directory.update(header["directory"])
         self.moderation = header["moderation"]
         self.mutes = self.moderation.has_mutes
+        self.add_figures(header["figures"])
         self.now = time.monotonic()
         for fields, fd in connections:
             c = state.client(fields, socket.socket(fileno=fd), self.config.max_line,
@@ -663,6 +664,25 @@ class Worker(Service):
         self.end_turn()
         self._report(("adopted", len(connections),
                       sum(1 for fields, _ in connections if fields["relayed"])))
+
+    def figures_so_far(self):
+        """What this worker counted, for its successor to count on from:
+        the server's totals do not go back at an upgrade."""
+        return {"counters": self.counters, "logins": dict(self.logins),
+                "disconnects": dict(self.disconnects),
+                "broadcast_seconds": self.broadcast_seconds.state(),
+                "tls": self.tls.figures() if self.tls is not None else {}}
+
+    def add_figures(self, figures):
+        for key, count in figures["counters"].items():
+            if key in self.counters:
+                self.counters[key] += count
+        self.logins.update(figures["logins"])
+        self.disconnects.update(figures["disconnects"])
+        self.broadcast_seconds.add(figures["broadcast_seconds"])
+        if self.tls is not None:
+            self.tls.completed += figures["tls"].get("tls_handshakes", 0)
+            self.tls.failed += figures["tls"].get("tls_failed", 0)
 
     # -- what the broker sends ------------------------------------------------
 

@@ -65,6 +65,13 @@ class Histogram:
     def state(self):
         return HistogramState(tuple(self.counts), self.sum, sum(self.counts))
 
+    def add(self, state):
+        """Count another's observations too (a predecessor's, at an upgrade)."""
+        state = HistogramState(*state)
+        if len(state.counts) == len(self.counts):
+            self.counts = [a + b for a, b in zip(self.counts, state.counts)]
+            self.sum += state.sum
+
     @staticmethod
     def merge(states, bounds=BROADCAST_BOUNDS):
         """The sum of several processes' states (``None``: a process that
@@ -124,6 +131,10 @@ FAMILIES = (
            "Child processes replaced after they died, by role.", ("restarts",), "role"),
     Family("chat_tls_handshakes_total", COUNTER, "TLS handshakes finished, by result.",
            ("tls_handshakes",), "result"),
+    Family("chat_tls_relayed_connections", GAUGE,
+           "TLS connections old workers relay since an upgrade, until they leave.",
+           ("tls_relayed",)),
+    Family("chat_upgrades_total", COUNTER, "Upgrades done (ctl upgrade).", ("upgrades",)),
     Family("chat_cluster_redis_up", GAUGE, "1 if this node reaches Redis, else 0.",
            ("cluster", "redis_up")),
     Family("chat_cluster_nodes", GAUGE, "Nodes in the cluster, this one included.",
@@ -155,6 +166,8 @@ def render(snapshot):
          "disconnects": {"quit": n, "closed": n, ...},
          "restarts": {"acceptor": n, "worker": n, "broker": n},
          "tls_handshakes": {"ok": n, "failed": n} or None,
+         "tls_relayed": int or None,                             # now
+         "upgrades": int,
          "cluster": {"redis_up": 0 or 1, "nodes": n,             # now
                      "entries_in": n, "entries_out": n} or None,
          "broadcast_seconds": HistogramState with BROADCAST_BOUNDS,

@@ -20,9 +20,10 @@ class StatsReport:
         self.last_totals = dict.fromkeys(COUNTERS, 0)
         self.last_time = time.monotonic()
 
-    def line(self, workers, users, cluster=None):
+    def line(self, workers, users, cluster=None, relayed=None):
         """One log line; ``workers`` maps slot to that worker's last heartbeat
-        info, ``cluster`` is the broker's figures in cluster mode."""
+        info, ``cluster`` is the broker's figures in cluster mode, ``relayed``
+        the TLS connections old workers relay (with TLS)."""
         now = time.monotonic()
         elapsed = max(now - self.last_time, 1e-9)
         totals = self.totals(workers)
@@ -37,9 +38,9 @@ class StatsReport:
                    totals["deliveries"], rate["deliveries"], totals["bytes_in"],
                    totals["bytes_out"], totals["slow_cuts"], totals["flood_cuts"],
                    totals["batches"], batch)
-                + self.tls_part(workers) + self.cluster_part(cluster))
+                + self.tls_part(workers, relayed) + self.cluster_part(cluster))
 
-    def figures(self, workers, users, cluster=None):
+    def figures(self, workers, users, cluster=None, relayed=None):
         """The line's figures as (name, value) pairs, for the operator's
         ``stats`` (totals since start: no rates, which only a series shows)."""
         totals = self.totals(workers)
@@ -47,7 +48,7 @@ class StatsReport:
                  ("per-worker", ",".join(str(workers[k].get("clients", 0))
                                          for k in sorted(workers)))]
         pairs += [(key.replace("_", "-"), totals[key]) for key in COUNTERS]
-        for part in (self.tls_part(workers), self.cluster_part(cluster)):
+        for part in (self.tls_part(workers, relayed), self.cluster_part(cluster)):
             pairs += [tuple(word.split("=", 1)) for word in part.split() if "=" in word]
         return pairs
 
@@ -67,22 +68,23 @@ class StatsReport:
                    cluster["entries_in"], cluster["backlog"]))
 
     @staticmethod
-    def tls_part(workers):
+    def tls_part(workers, relayed=None):
         """With TLS: handshakes done, failed (a scanner, a plaintext client on
-        the TLS port, a timeout), and in progress, since start."""
+        the TLS port, a timeout), and in progress, since start; connections
+        relayed by old workers since an upgrade (chatlib.upgrade.relay)."""
         tls = [info for info in workers.values() if "tls_handshakes" in info]
         if not tls:
             return ""
-        return " tls-handshakes=%d tls-failed=%d tls-pending=%d" % tuple(
+        return " tls-handshakes=%d tls-failed=%d tls-pending=%d tls-relayed=%d" % (tuple(
             sum(info.get(key, 0) for info in tls)
-            for key in ("tls_handshakes", "tls_failed", "tls_pending"))
+            for key in ("tls_handshakes", "tls_failed", "tls_pending")) + (relayed or 0,))
 
     @staticmethod
     def clients(workers):
         return sum(info.get("clients", 0) for info in workers.values())
 
 
-def snapshot(workers, acceptor, users, cluster, restarts, uptime, tls):
+def snapshot(workers, acceptor, users, cluster, restarts, uptime, upgrades, relayed):
     """Every figure of one node, from its processes' last heartbeats, in
     the shape :func:`chatlib.metrics.render` takes."""
 
@@ -100,12 +102,13 @@ def snapshot(workers, acceptor, users, cluster, restarts, uptime, tls):
         "logins": summed("logins"), "messages": totals["msgs"],
         "deliveries": totals["deliveries"], "bytes_in": totals["bytes_in"],
         "bytes_out": totals["bytes_out"], "disconnects": summed("disconnects"),
-        "restarts": restarts, "uptime_seconds": uptime,
+        "restarts": restarts, "uptime_seconds": uptime, "upgrades": upgrades,
+        "tls_relayed": relayed,
         "broadcast_seconds": Histogram.merge(
             [info["broadcast_seconds"] for info in workers.values()
              if "broadcast_seconds" in info]),
         "tls_handshakes": None, "cluster": None}
-    if tls:
+    if relayed is not None:          # with TLS
         figures["tls_handshakes"] = {
             "ok": sum(info.get("tls_handshakes", 0) for info in workers.values()),
             "failed": sum(info.get("tls_failed", 0) for info in workers.values())}

@@ -678,9 +678,13 @@ class Supervisor:
         acceptor.order("sync", request)
 
     def figures_now(self):
+        """(the workers' last figures, users, the cluster's, TLS connections
+        relayed by old workers: None without TLS)."""
         broker = self.children.get(("broker", None))
         info = (broker.info or {}) if broker else {}
-        return self.workers_info(), info.get("users", 0), info.get("cluster")
+        relayed = sum((c.info or {}).get("relayed", c.relaying) for c in self.children.values()
+                      if c.role == "tls-relay") if self.config.tls_cert else None
+        return self.workers_info(), info.get("users", 0), info.get("cluster"), relayed
 
     def snapshot(self):
         """Every figure of this node, for ``metrics`` (chatlib.metrics)."""
@@ -688,20 +692,16 @@ class Supervisor:
         restarts = {}
         for (role, _), count in self.restarts.items():
             restarts[role] = restarts.get(role, 0) + count
-        workers, users, cluster = self.figures_now()
+        workers, users, cluster, relayed = self.figures_now()
         return snapshot(workers, (acceptor.info if acceptor else None) or {}, users, cluster,
-                        restarts, time.monotonic() - self.started,
-                        tls=bool(self.config.tls_cert))
+                        restarts, time.monotonic() - self.started, self.upgrades, relayed)
 
     def workers_info(self):
         return {c.slot: c.info or {} for c in self.children.values() if c.role == "worker"}
 
     def log_stats(self):
-        broker = self.children.get(("broker", None))
-        info = (broker.info or {}) if broker else {}
-        users = info.get("users", 0)
-        workers = self.workers_info()
-        log.info("%s", self.stats.line(workers, users, info.get("cluster")))
+        workers, users, cluster, relayed = self.figures_now()
+        log.info("%s", self.stats.line(workers, users, cluster, relayed))
         notify("STATUS=%d clients, %d users" % (StatsReport.clients(workers), users))
 
     def log_processes(self):
@@ -803,7 +803,7 @@ class Supervisor:
         relays = [c for c in self.children.values() if c.role == "tls-relay"]
         if relays:
             lines.append("relayed %d TLS connections in %d old processes" % (
-                sum((c.info or {}).get("relayed", c.relaying) for c in relays), len(relays)))
+                self.figures_now()[3], len(relays)))
         reply(lines, None)
 
     def on_probe(self):

@@ -116,6 +116,23 @@ class UpgradeTest(Upgradable):
                          ["MSG sender line %d" % k for k in range(count)])
         reader.expect_nothing_more()
 
+    def stat(self, name):
+        return dict(line.split(" ", 1) for line in self.ctl("stats")[0]).get(name)
+
+    def test_figures_count_on(self):
+        alice, bob = self.client(self.srv, "alice"), self.client(self.srv, "bob")
+        for k in range(5):
+            alice.send("MSG %d" % k)
+        bob.read_lines(5)
+        wait_until(lambda: self.stat("msgs") == "5", what="5 messages counted")
+        self.upgrade()
+        alice.send("MSG 5")
+        bob.expect("MSG alice 5")
+        wait_until(lambda: self.stat("msgs") == "6", what="6 messages counted")
+        metrics = self.ctl("metrics")[0]
+        self.assertIn("chat_upgrades_total 1", metrics)
+        self.assertIn('chat_logins_total{result="ok"} 2', metrics)
+
     def test_more_workers_then_fewer(self):
         users = [self.client(self.srv, "u%d" % k) for k in range(6)]
         self.upgrade("--workers 3")
@@ -201,6 +218,8 @@ class TlsUpgradeTest(Upgradable):
         secure.expect("MSG plain back")
         wait_until(lambda: any(l.startswith("relayed 1 TLS") for l in self.ctl("version")[0]),
                    what="the relay counted")
+        wait_until(lambda: {"clients 2", "tls-handshakes 1", "tls-relayed 1"}
+                   <= set(self.ctl("stats")[0]), what="the figures after the upgrade")
         self.upgrade()                            # the plaintext end moves again
         plain.send("DM secure again")
         secure.expect("DM plain again")
