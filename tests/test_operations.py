@@ -588,6 +588,27 @@ class InstallTest(TestCase):
                     self.assertLessEqual(set(before), {"INFO ops-check disconnected"})
                 self.assertEqual(s.stop(), 0)
 
+        # `pip install -U` under a running server: `ctl upgrade` loads the
+        # package's new files, and its users stay.
+        s = CommandServer([os.path.join(bin_dir, "chat-server")], workers=2, cwd=run)
+        s.env = env
+        self.launched(s).wait_ready(WAIT * 2)
+        control = s.args[s.args.index("--control") + 1]
+        with Client(s.port) as a, Client(s.port) as b:
+            a.login("ada")
+            b.login("bob")
+            with open(files[2]) as f:
+                text = f.read()
+            with open(files[2], "w") as f:
+                f.write(text.replace(chatlib.__version__, "99.0"))
+            upgraded = subprocess.run(
+                [os.path.join(bin_dir, "chat-server"), "ctl", "--control", control, "upgrade"],
+                cwd=run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+            self.assertRegex(upgraded.stdout.decode(), r"^upgraded from \S+ to 99\.0 in ")
+            a.send("MSG after")
+            b.expect("MSG ada after")
+        self.assertEqual(s.stop(), 0)
+
 
 if __name__ == "__main__":
     unittest.main()

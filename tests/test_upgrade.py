@@ -8,8 +8,9 @@ import re
 import shutil
 import threading
 
-from support import (IO_TIMEOUT, ROOT, RedisServer, TestCase, control, process_role,
-                     requires_redis, said, self_signed, session_pids, tls_client, wait_until)
+from support import (IO_TIMEOUT, ROOT, RedisServer, TestCase, control, per_start_method,
+                     process_role, requires_redis, said, self_signed, session_pids, tls_client,
+                     wait_until)
 
 VERSION_LINE = re.compile(r'^__version__ = .*$', re.M)
 UPGRADE_TIMEOUT = 20
@@ -150,6 +151,30 @@ class UpgradeTest(Upgradable):
                                 ("--no-such-option", "ERR refused unrecognized")):
             lines, last = self.ctl("upgrade " + options)
             self.assertTrue(last.startswith(reason), last)
+
+
+class StartMethodUpgradeTest(Upgradable):
+    """Under every start method the new processes run the new code (under
+    ``fork`` and ``forkserver`` they start with ``spawn`` from then on)."""
+
+    start_method = None
+
+    def server_options(self, base):
+        return {"start_method": self.start_method}
+
+    def test_chat_goes_on(self):
+        alice, bob = self.client(self.srv, "alice"), self.client(self.srv, "bob")
+        alice.sendraw(b"MSG hel")
+        self.set_version("9.9.9")
+        self.assertIn(" to 9.9.9 ", self.upgrade())
+        alice.sendraw(b"lo\n")
+        bob.expect("MSG alice hello")
+        self.assertIn(" to 9.9.9 ", self.upgrade())     # from spawned processes
+        bob.send("MSG back")
+        alice.expect("MSG bob back")
+
+
+per_start_method(globals(), StartMethodUpgradeTest)
 
 
 class RefusedUpgradeTest(Upgradable):
