@@ -161,8 +161,6 @@ class Worker(Service):
     def on_link_lost(self):
         self.log.debug("broker link lost; holding requests until a new broker")
         self.broker.lost()
-        if self.pausing:
-            self.check_drained()
 
     def congested(self):
         """True while the broker cannot take more from us: hold client lines."""
@@ -205,7 +203,9 @@ class Worker(Service):
         return info
 
     def poll_timeout(self):
-        if self.stalled:
+        if self.relay is not None:         # all it does, its selector wakes it for
+            return self.heartbeat_interval
+        if self.stalled or self.pausing:
             return PAUSED_POLL
         until = self.next_sweep if self.flood is None else min(self.next_sweep,
                                                                self.flood.next_due())
@@ -259,13 +259,12 @@ class Worker(Service):
                 if c is not None and c.held:
                     self.pump(c)
             self.end_turn()
-        if now >= self.next_sweep and not self.pausing:
+        if self.pausing:
+            if not self.drained:
+                self.check_drained(now)
+        elif now >= self.next_sweep:
             self.next_sweep = now + self.sweep_every
             self.sweep_idle(now)
-        elif self.pausing and not self.drained and now >= self.pause_deadline:
-            if self.tls is not None:
-                self.tls.close_all()       # handshakes that would not finish
-            self.check_drained()
 
     def end_turn(self):
         """Fan out this turn's MSG lines, write each socket that is due once,
@@ -566,12 +565,16 @@ class Worker(Service):
                 self.sel.unregister(c.sock)
                 c.interest = 0
         self.client_sel = None
-        self.check_drained()
+        self.check_drained(self.pause_deadline - PAUSE_TLS_WAIT)
 
-    def check_drained(self):
-        """Tell the supervisor once nothing more can come: no broker, and
-        no TLS handshake under way (a handshake cannot move)."""
-        if self.drained or self.broker.channel is not None or (
+    def check_drained(self, now):
+        """Tell the supervisor once nothing more can come: no broker, no
+        acceptor (every connection it sent us is here), and no TLS
+        handshake under way (a handshake cannot move: one that does not
+        finish within PAUSE_TLS_WAIT is closed, as a shutdown would)."""
+        if self.tls is not None and self.tls.pending and now >= self.pause_deadline:
+            self.tls.close_all()
+        if self.broker.channel is not None or self.intake.handoff is not None or (
                 self.tls is not None and self.tls.pending):
             return
         self.drained = True

@@ -92,6 +92,7 @@ class Acceptor(Service):
         self.held_count = 0                 #   over --max-per-ip, waiting for a close
         self.next_expiry = 0.0              # the first deadline among them
         self.freed = set()                  # addresses with fewer connections this turn
+        self.retiring = False               # an upgrade stops us, not a shutdown
         self.backoff = 0.0
         self.resume_at = 0.0
         self.listening = False
@@ -103,9 +104,14 @@ class Acceptor(Service):
     def finish(self):
         for listener, _ in self.listeners:
             listener.close()
+        # At an upgrade the server goes on, and their address is still at
+        # its limit: what waiting out HOLD_FOR would have told them.
+        line, reason = ((protocol.ERR_TOO_MANY_CONNECTIONS, "too many connections from this "
+                         "address") if self.retiring else
+                        (protocol.ERR_SERVER_SHUTDOWN, "server shutdown"))
         for ip, queue in self.held.items():
             for _, sock, kind in queue:
-                self.refuse(sock, protocol.ERR_SERVER_SHUTDOWN, "server shutdown", ip, kind)
+                self.refuse(sock, line, reason, ip, kind)
                 sock.close()
 
     # -- workers come and go --------------------------------------------------
@@ -125,6 +131,9 @@ class Acceptor(Service):
             self.moderation = order[1]
         elif order[0] == "sync":          # every order before it is applied
             self._report(("answer", order[1]))
+        elif order[0] == "retire":        # an upgrade: our successor takes over
+            self.retiring = True
+            self.stop()
         else:
             super().on_order(order)
 

@@ -878,7 +878,7 @@ class Supervisor:
         for key in up.old:
             del self.children[key]
         for child in up.old.values():
-            child.order({"acceptor": "stop", "worker": "pause", "broker": "retire"}[child.role])
+            child.order("pause" if child.role == "worker" else "retire")
 
     def hand_over(self):
         """Each old worker's connections to a new one, over a socket pair of

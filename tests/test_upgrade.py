@@ -8,7 +8,7 @@ import re
 import shutil
 import threading
 
-from support import (IO_TIMEOUT, ROOT, RedisServer, TestCase, control, per_start_method,
+from support import (IO_TIMEOUT, ROOT, Client, RedisServer, TestCase, control, per_start_method,
                      process_role, requires_redis, said, self_signed, session_pids, tls_client,
                      wait_until)
 
@@ -116,6 +116,29 @@ class UpgradeTest(Upgradable):
         self.assertEqual(reader.read_lines(count),
                          ["MSG sender line %d" % k for k in range(count)])
         reader.expect_nothing_more()
+
+    def test_connections_during_the_switch_are_served(self):
+        answers = []
+        done = threading.Event()
+
+        def arrive():
+            k = 0
+            while not done.is_set():
+                with Client(self.srv.port) as c:
+                    c.send("LOGIN late%d" % k, "PING")
+                    answers.append(c.read_lines(2))
+                k += 1
+        arriving = threading.Thread(target=arrive)
+        arriving.start()
+        try:
+            wait_until(lambda: answers, what="a first login")
+            self.upgrade()
+            self.upgrade()
+        finally:
+            done.set()
+            arriving.join(IO_TIMEOUT)
+        self.assertGreater(len(answers), 2)
+        self.assertEqual([a for a in answers if a != ["OK", "PONG"]], [])
 
     def stat(self, name):
         return dict(line.split(" ", 1) for line in self.ctl("stats")[0]).get(name)
