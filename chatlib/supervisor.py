@@ -917,7 +917,10 @@ class Supervisor:
         up.successors = {}
 
     def upgraded(self, now):
+        """Done: the new processes serve, the old ones are gone (or relay)."""
         up = self.upgrade
+        if self.config.log_file:
+            logs.reopen()               # as the new processes did: rotated files are left
         moved = relayed = 0
         for child in self.children.values():
             if child.adopted is not None:

@@ -447,21 +447,23 @@ class CommandLineTest(TestCase):
 
 class ReloadDocumentedTest(UnitTestCase):
     """SIGHUP (reopen the log, reload the certificate) has one way in for a
-    service, ``systemctl reload chat-server``, which the unit backs with its
-    ExecReload=, and one for a server run by hand, ``kill -HUP`` of the
-    main pid; the README, OPERATIONS and the contrib files say the same."""
+    service, ``systemctl kill -s HUP chat-server``, and one for a server run
+    by hand, ``kill -HUP`` of the main pid; ``systemctl reload`` is an
+    upgrade (``ctl upgrade``), the unit's ExecReload=. The README,
+    OPERATIONS and the contrib files say the same."""
 
-    RELOAD = "systemctl reload chat-server"
+    RELOAD = "systemctl kill -s HUP chat-server"
 
     def read(self, *path):
         with open(os.path.join(ROOT, *path), encoding="utf-8") as f:
             return f.read()
 
-    def test_the_unit_reloads_with_sighup_to_the_main_process(self):
+    def test_the_unit_reloads_with_an_upgrade(self):
         unit = self.read("contrib", "chat-server.service")
-        self.assertTrue("ExecReload=/bin/kill -HUP $MAINPID" in unit.splitlines(),
-                        "the unit has no ExecReload= sending SIGHUP to its main process")
-        self.assertFalse("no ExecReload=" in unit, "the unit says it has no ExecReload=")
+        self.assertIn("ExecReload=/usr/local/bin/chat-server ctl --port 4000 --timeout 60 upgrade",
+                      unit.splitlines())
+        self.assertIn("ExecStart=/usr/local/bin/chat-server --host 0.0.0.0 --port 4000 \\",
+                      unit.splitlines())
 
     def test_every_document_names_the_same_commands(self):
         readme = self.read("README.md")
