@@ -17,7 +17,7 @@ import time
 import unittest
 
 from support import (ROOT, BROKER, IO_TIMEOUT, START_METHODS, Client, Server, TestCase,
-                     UnitTestCase, chat_among, process_role, run_to_exit, wait_stopped)
+                     UnitTestCase, chat_among, control, process_role, run_to_exit, wait_stopped)
 
 import chatlib
 from chatlib.supervisor import notify
@@ -329,6 +329,24 @@ class NotifyTest(TestCase):
             self.assertRegex(message, r"^STATUS=")
         self.assertEqual(s.proc.wait(IO_TIMEOUT * 2), 0)
         s.wait_log(r"listening on 127\.0\.0\.1:%d$" % port)
+
+    def test_reloading_around_an_upgrade(self):
+        """``systemctl reload`` is ``ctl upgrade``: RELOADING=1 with the
+        monotonic clock when it begins, READY=1 when it is done."""
+        sock, path = self.notify_socket()
+        s = self.launched(Server(workers=1, env={"NOTIFY_SOCKET": path}))
+        self.assertIn("READY=1", self.receive(sock).split("\n"))
+        control_path = s.args[s.args.index("--control") + 1]
+        before = time.monotonic_ns() // 1000
+        lines, last = control(control_path, "upgrade", timeout=WAIT * 2)
+        self.assertEqual(last, "OK", lines)
+        reloading = self.receive(sock).split("\n")
+        self.assertEqual(reloading[0], "RELOADING=1")
+        self.assertGreaterEqual(int(reloading[1].split("=")[1]), before)
+        self.assertTrue(reloading[1].startswith("MONOTONIC_USEC="), reloading)
+        done = self.receive(sock).split("\n")
+        self.assertEqual(done[0], "READY=1")
+        self.assertRegex(done[1], r"^STATUS=upgraded from \S+ to \S+ in ")
 
     def test_ready_only_after_listening_even_when_slow(self):
         """With spawn (slow children) a login right after READY=1 succeeds,
