@@ -52,7 +52,6 @@ from chatlib.service import Service
 from chatlib.stats import COUNTERS
 from chatlib.telnet import Answer, Interrupt
 from chatlib.upgrade import handover, state
-from chatlib.upgrade.relay import TlsRelay
 
 RECV_SIZE = 65536
 CID_STRIDE = 1 << 20       # connection ids: a count, times this, plus the worker's slot
@@ -616,6 +615,7 @@ class Worker(Service):
         self.log.info("upgrade: %d connections handed over%s", len(connections),
                       " (%d TLS ones relayed)" % len(relayed) if relayed else "")
         if relayed:
+            from chatlib.upgrade.relay import TlsRelay   # OpenSSL: only where TLS is
             logs.set_process_title("chat-tls-relay")
             self.relay = TlsRelay(self.sel, relayed, self.log)
             self._report(("relaying", len(relayed)))

@@ -209,6 +209,7 @@ class Supervisor:
         self.quick_deaths = {}        # (role, slot) -> deaths soon after start, in a row
         self.restarts = {}            # (role, slot) -> times replaced
         self.started = time.monotonic()
+        self.started_at = time.time()
         self.stats = StatsReport()
         self.next_stats = float("inf")
         self.last_turn = None         # when the watch loop last checked heartbeats
@@ -778,6 +779,9 @@ class Supervisor:
         if self.upgrade is not None:
             reply([], "busy an upgrade is under way")
             return
+        if not all(c.ready for c in self.children.values()):
+            reply([], "busy a process is starting: try again")
+            return
         try:
             words = shlex.split(rest)
             config = upgraded(self.config, words)
@@ -798,8 +802,7 @@ class Supervisor:
     def command_version(self, rest, reply):
         lines = ["version %s" % self.version, "since %s" % utc(self.version_since),
                  "upgrades %d" % self.upgrades,
-                 "main pid %d since %s" % (os.getpid(), utc(time.time() - (
-                     time.monotonic() - self.started)))]
+                 "main pid %d since %s" % (os.getpid(), utc(self.started_at))]
         relays = [c for c in self.children.values() if c.role == "tls-relay"]
         if relays:
             lines.append("relayed %d TLS connections in %d old processes" % (
@@ -845,15 +848,23 @@ class Supervisor:
         """The next step, once the last one is done (or, past the switch's
         point of no return, has had its time)."""
         up = self.upgrade
-        if up.phase == "start":
+        if up.phase == "probe":
+            if now > up.deadline:
+                self.refuse_upgrade("the new code did not answer within %.0f s" % probe.TIMEOUT)
+        elif up.phase == "start":
             if all(c.ready for c in up.successors.values()):
                 self.drain()
             elif now > up.deadline:
                 self.refuse_upgrade("the new processes did not start within %.0f s"
                                     % READY_TIMEOUT)
         elif up.phase == "drain":
-            if all(c.drained for c in up.old.values() if c.role == "worker") \
-                    or now > up.deadline:
+            if now > up.deadline:
+                # A stuck broker or acceptor first: its workers then drain.
+                stuck = [c for c in up.old.values() if c.role != "worker"]
+                self.kill_old("did not retire" if stuck else "did not drain",
+                              lambda c: c in stuck if stuck else not c.drained)
+                up.deadline = now + SWITCH_TIMEOUT
+            if all(c.drained for c in up.old.values() if c.role == "worker"):
                 self.hand_over()
         elif up.phase == "move":
             if all(n <= 0 for n in up.adoptions.values()) or now > up.deadline:
@@ -865,8 +876,19 @@ class Supervisor:
                     self.tls_relays += 1
                     child.role, child.slot = "tls-relay", self.tls_relays
                     self.children[("tls-relay", child.slot)] = child
+            if now > up.deadline:
+                self.kill_old("did not exit", lambda c: True)
             if not up.old:
                 self.upgraded(now)
+
+    def kill_old(self, what, which):
+        """Past the switch's deadline: an old process that is stuck goes as
+        a crash would (its death is handled in upgrade_death)."""
+        for child in self.upgrade.old.values():
+            if which(child) and child.process.is_alive():
+                log.error("upgrade: old %s (pid %d) %s within %.0f s; killing it",
+                          child.name, child.process.pid, what, SWITCH_TIMEOUT)
+                child.process.kill()
 
     def drain(self):
         """The point of no return: the old acceptor stops (new connections
@@ -901,20 +923,28 @@ class Supervisor:
 
     def begin(self):
         """The new processes take over: the broker learns the users from its
-        workers, the acceptor starts handing them connections."""
+        workers, the acceptor starts handing them connections. One that died
+        during the switch is started again, as after a crash."""
         up = self.upgrade
-        up.phase = "finish"
+        up.phase, up.deadline = "finish", time.monotonic() + SWITCH_TIMEOUT
         self.children.update(up.successors)
+        up.successors = {}
         self.config = up.config
-        broker = self.children.get(("broker", None))
-        if broker is not None:
-            broker.order("begin", self.moderation, self.accounts)
         for slot in range(up.config.workers):
             if ("worker", slot) not in self.children:
-                self.start_worker(slot)
-            self.connect(slot, "broker")
-            self.connect(slot, "acceptor")
-        up.successors = {}
+                self.spawn(self.worker_class, slot)
+        broker = self.children.get(("broker", None))
+        if broker is None:
+            self.start_broker()
+        else:
+            broker.order("begin", self.moderation, self.accounts)
+            for slot in self.worker_slots():
+                self.connect(slot, "broker")
+        if ("acceptor", None) not in self.children:
+            self.start_acceptor()
+        else:
+            for slot in self.worker_slots():
+                self.connect(slot, "acceptor")
 
     def upgraded(self, now):
         """Done: the new processes serve, the old ones are gone (or relay)."""

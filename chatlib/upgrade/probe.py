@@ -48,8 +48,9 @@ def outcome(proc):
     if proc.returncode != 0:
         return None, (err[-1] if err else "exit status %d" % proc.returncode)
     try:
-        return json.loads(out), None
-    except ValueError:
+        found = json.loads(out)
+        return {key: found[key] for key in ("version", "reads", "writes")}, None
+    except (ValueError, KeyError, TypeError):
         return None, "the new code's probe said nothing readable"
 
 
