@@ -612,8 +612,8 @@ class Worker(Service):
         for c in list(self.lingering):
             c.close(self.sel)
         self.clients, self.users, self.local_names, self.lingering = {}, {}, {}, {}
-        self.log.info("upgrade: %d connections handed over%s", len(connections),
-                      " (%d TLS ones relayed)" % len(relayed) if relayed else "")
+        self.log.info("upgrade: connections handed over: %d%s", len(connections),
+                      " (%d over TLS, relayed from here)" % len(relayed) if relayed else "")
         if relayed:
             from chatlib.upgrade.relay import TlsRelay   # OpenSSL: only where TLS is
             logs.set_process_title("chat-tls-relay")

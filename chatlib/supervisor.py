@@ -97,6 +97,8 @@ class Upgrade:
         self.successors = {}          # (role, slot) -> Child: the new processes
         self.old = {}                 # (role, slot) -> Child: the ones they replace
         self.adoptions = {}           # (role, slot) of a successor -> hand-overs it awaits
+        self.paused = None            # when the old workers stopped reading (drain)
+        self.resumed = None           # when the new ones took over (begin)
 
     def children(self):
         return list(self.successors.values()) + list(self.old.values())
@@ -895,7 +897,8 @@ class Supervisor:
         wait in the backlog), the old workers stop reading their clients,
         the old broker retires."""
         up = self.upgrade
-        up.phase, up.deadline = "drain", time.monotonic() + SWITCH_TIMEOUT
+        up.paused = time.monotonic()
+        up.phase, up.deadline = "drain", up.paused + SWITCH_TIMEOUT
         up.old = {key: c for key, c in self.children.items() if c.role != "tls-relay"}
         for key in up.old:
             del self.children[key]
@@ -926,7 +929,8 @@ class Supervisor:
         workers, the acceptor starts handing them connections. One that died
         during the switch is started again, as after a crash."""
         up = self.upgrade
-        up.phase, up.deadline = "finish", time.monotonic() + SWITCH_TIMEOUT
+        up.resumed = time.monotonic()
+        up.phase, up.deadline = "finish", up.resumed + SWITCH_TIMEOUT
         self.children.update(up.successors)
         up.successors = {}
         self.config = up.config
@@ -956,10 +960,12 @@ class Supervisor:
             if child.adopted is not None:
                 moved, relayed = moved + child.adopted[0], relayed + child.adopted[1]
                 child.adopted = None
-        line = "upgraded from %s to %s in %.2f s: %d connections moved" % (
-            self.version, up.version, now - up.started, moved)
+        line = "upgraded from %s to %s in %.2f s: %s moved" % (
+            self.version, up.version, now - up.started, counted(moved, "connection"))
         if relayed:
             line += " (%d over TLS, relayed)" % relayed
+        log.info("upgrade: the new processes were ready %.2f s after the command; clients "
+                 "were not read for %.3f s", up.paused - up.started, up.resumed - up.paused)
         log.info("%s", line)
         self.version, self.version_since = up.version, time.time()
         self.upgrades += 1
@@ -1026,6 +1032,10 @@ class Supervisor:
             if endpoint is not None:
                 endpoint.close()
         log.info("stopped")
+
+
+def counted(number, noun):
+    return "%d %s%s" % (number, noun, "" if number == 1 else "s")
 
 
 def reap(child):
