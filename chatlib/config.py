@@ -251,6 +251,9 @@ class _RaisingParser(argparse.ArgumentParser):
     def exit(self, status=0, message=None):     # --help, --version
         raise OptionError("not an option of a running server")
 
+    def _print_message(self, message, file=None):
+        """The help goes nowhere: the caller is the server, not a terminal."""
+
 
 def upgraded(config, words):
     """The configuration an upgrade with options ``words`` runs with: the
