@@ -226,7 +226,7 @@ class Load:
             if self.spread:
                 s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 s.bind((source_address(c.idx), 0))
-            err = s.connect_ex(self.targets[c.idx % len(self.targets)])
+            err = s.connect_ex(self.target(c))
         except OSError as exc:
             err = exc.errno
         if err not in (0, 115, 36, 11, 35):     # EINPROGRESS, EAGAIN (Linux, BSD)
@@ -238,6 +238,10 @@ class Load:
         self.logins_pending += 1
         self.set_interest(c, selectors.EVENT_WRITE)
         return True
+
+    def target(self, c):
+        """The (address, port) ``c`` connects to: the (idx mod n)-th target."""
+        return self.targets[c.idx % len(self.targets)]
 
     def set_interest(self, c, want):
         if want == c.interest or c.sock is None:
@@ -1236,7 +1240,9 @@ LOADS = {"fanout": Broadcast, "slow": Broadcast, "dm": Dm, "connect": Connect, "
 
 class OverTls:
     """Mixed in before a scenario's class with ``--tls``: its clients speak
-    TLS, and the scenario sees the same plaintext as ever.
+    TLS, and the scenario sees the same plaintext as ever. (With upgrade's
+    ``--tls-share`` only some do, :func:`speaks_tls`: the others, whose
+    ``c.tls`` is None, go by the plaintext methods.)
 
     One :class:`TlsClient` per connection over the same non-blocking
     socket: the ClientHello goes once TCP is connected, LOGIN (and anything
@@ -1254,15 +1260,18 @@ class OverTls:
     def open(self, c):
         if not super().open(c):
             return False
-        c.tls = TlsClient(self.tls_context)
+        if speaks_tls(self.cfg, c.idx):
+            c.tls = TlsClient(self.tls_context)
         return True
 
     def start_session(self, c):
-        self.send_raw(c, c.tls.start())
+        if c.tls is not None:
+            self.send_raw(c, c.tls.start())
         super().start_session(c)
 
     def write(self, c, data):
-        if c.sock is None:
+        if c.tls is None:               # plaintext, or closed
+            super().write(c, data)
             return
         try:
             data = c.tls.encrypt(data)
@@ -1273,10 +1282,16 @@ class OverTls:
             self.send_raw(c, data)
 
     def half_close(self, c):
-        self.send_raw(c, c.tls.close_write())
+        if c.tls is None:
+            super().half_close(c)
+        else:
+            self.send_raw(c, c.tls.close_write())
 
     def received(self, c, data):
         tls = c.tls
+        if tls is None:
+            super().received(c, data)
+            return
         try:
             data, reply = tls.decrypt(data)
         except ssl.SSLError as exc:
@@ -1296,6 +1311,13 @@ class OverTls:
     def close(self, c):
         super().close(c)
         c.tls = None
+
+
+def speaks_tls(cfg, idx):
+    """Whether client ``idx`` speaks TLS: every one with ``--tls``; with
+    upgrade's ``--tls-share``, that share of them, spread evenly."""
+    share = 1 if cfg["tls"] else cfg.get("tls_share", 0)
+    return int((idx + 1) * share) > int(idx * share)
 
 
 def load_class(cfg):
