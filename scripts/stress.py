@@ -527,6 +527,7 @@ class Broadcast(Load):
         self.next_ack = 0
         self.next_flags = 0
         self.lat = array.array("q")
+        self.lat_sent = array.array("q")    # when each of those lines was sent
         self.slow_closed = 0
         self.line_len = len(self.msg.expected(self.sender_names[0], 0, 1))
         self.rx_buffer = bytearray(CHUNK)
@@ -596,7 +597,6 @@ class Broadcast(Load):
         if len(lines) >= BULK_LINES and not c.cut and self.bulk_check(c, lines):
             return
         nxt, parse = c.nxt, self.msg.parse
-        lat = self.lat if c.lat else None
         for line in lines:
             m = parse(line)
             if m is None:
@@ -608,8 +608,9 @@ class Broadcast(Load):
             expected = nxt.get(sender)
             if seq == expected:
                 nxt[sender] = seq + 1
-                if stamp and lat is not None:
-                    lat.append(self.now - stamp)
+                if stamp and c.lat:
+                    self.lat.append(self.now - stamp)
+                    self.lat_sent.append(stamp)
             else:
                 self.disorder(c, sender, seq, expected)
 
@@ -624,7 +625,7 @@ class Broadcast(Load):
         """
         key, at, sample, nxt = self.name_key, self.stamp_at, self.msg.sample, c.nxt
         ordered = sorted(lines, key=key)
-        done, lat, i = {}, [] if c.lat else None, 0
+        done, stamps, i = {}, [] if c.lat else None, 0
         while i < len(ordered):
             sender = key(ordered[i])
             first = nxt.get(sender, BIG)
@@ -637,8 +638,8 @@ class Broadcast(Load):
                 stamp = line[at:at + 19]
                 if not stamp.isdigit():
                     return False
-                if lat is not None and int(stamp):
-                    lat.append(self.now - int(stamp))
+                if stamps is not None and int(stamp):
+                    stamps.append(int(stamp))
                 group[g] = line[:at] + b"0" * 19 + line[at + 19:]
             joined = b"\n".join(group)
             want = self.msg.expected(sender, first, end - i)
@@ -647,8 +648,9 @@ class Broadcast(Load):
             done[sender] = first + end - i
             i = end
         nxt.update(done)
-        if lat:
-            self.lat.extend(lat)
+        if stamps:
+            self.lat.extend([self.now - stamp for stamp in stamps])
+            self.lat_sent.extend(stamps)
         return True
 
     def disorder(self, c, sender, seq, expected):

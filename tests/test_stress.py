@@ -567,6 +567,7 @@ class BulkCheck(unittest.TestCase):
         self.assertTrue(self.load.bulk_check(self.reader, lines))
         self.assertEqual([self.reader.nxt[n] for n in self.names], seqs)
         self.assertEqual(len(self.load.lat), sum((q + 4) // 5 for q in seqs))
+        self.assertEqual(set(self.load.lat_sent), {10 ** 18}, "each sample's send time")
         more = [self.line(0, seqs[0] + k) for k in range(20)]
         self.load.on_lines(self.reader, more)
         self.assertEqual(self.reader.nxt[self.names[0]], seqs[0] + 20)
