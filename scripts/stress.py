@@ -37,6 +37,16 @@ with ``--spawn-server`` the tool first registers their names through the
 same control socket (``account add``, ~40 ms of hashing each), so that
 ``logins_per_s`` measures password logins.
 
+``upgrade`` runs fanout's load at a steady rate on a server it spawns (a
+share of the clients over TLS, newcomers arriving all along) while
+``broker.py ctl upgrade`` moves every connection into new processes,
+``--upgrades`` times: nobody may be closed or sent ``INFO``, no line lost,
+doubled, reordered or cut, not even one written half before an upgrade and
+half after. Each command is timed, the lines' delays are split by whether an
+upgrade was under way, and the server's processes, descriptors and memory
+are compared before the first and after the last (an old process left is a
+failure, unless it relays TLS connections).
+
 ``dm --attack N`` and ``ping --attack N`` add N connections that guess
 the passwords of registered names, as fast as the answers come, through
 the run (see ``UnderAttack``); the scenario's figures are those a run
@@ -53,18 +63,22 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import re
 import secrets
 import selectors
+import shlex
 import shutil
 import signal
 import socket
 import ssl
 import string
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from bisect import bisect_left
-from collections import Counter
+from bisect import bisect_left, bisect_right
+from collections import Counter, namedtuple
 from operator import itemgetter
 
 if not __package__:     # run as a file, python3 scripts/stress.py: see __init__.py
@@ -77,7 +91,8 @@ from chatlib.control.server import is_last_line  # noqa: E402
 from chatlib.supervisor import raise_nofile_limit  # noqa: E402
 
 from .harness import BROKER, OPENSSL_HINT, Server, StartError, percentile, self_signed, start_cluster  # noqa: E402
-from .procfs import cpu_wait, usage  # noqa: E402
+from .procfs import (STARTTIME, cpu_wait, process_role, process_tree, socket_inodes,  # noqa: E402
+                     stat, tcp_sockets, usage)
 from .tlsclient import TlsClient, client_context  # noqa: E402
 
 CHUNK = 256 * 1024          # bytes per recv: few syscalls, lines counted in bulk
@@ -97,9 +112,15 @@ CTL_TIMEOUT = 10.0          # seconds a --ctl command may take to be answered
 CTL_AHEAD = 8               # commands sent ahead of their answers on the control socket
 CONCURRENCY = 200           # connects + logins in flight per process, by default
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+UPGRADE_TIMEOUT = 60.0      # seconds one ctl upgrade may take (the server gives up sooner)
+HALVES_TIMEOUT = 5.0        # seconds the processes get to write their first halves
+UPGRADE_SAID = re.compile(r" in ([\d.]+) s: (\d+) connections moved")
 
-# Board slots per process (shared memory the coordinator reads for progress).
-CONNECTED, SENT, RECEIVED, SLOW_CLOSED, BOARD_SLOTS = range(5)
+# Board slots per process: shared memory the coordinator reads for progress,
+# and in the upgrade scenario its word to the processes (UPGRADE_STARTING,
+# UPGRADE_DONE, RUN_OVER) and their answer (HALVES_SENT).
+CONNECTED, SENT, RECEIVED, SLOW_CLOSED, UPGRADE_STARTING, HALVES_SENT, UPGRADE_DONE, \
+    RUN_OVER, BOARD_SLOTS = range(9)
 # Client states.
 CONNECTING, LOGGING_IN, READY, LEAVING, CLOSED, GUESSING = range(6)
 
@@ -196,11 +217,15 @@ class Load:
     def on_eof(self, c):
         """The server closed ``c``: a failure unless we were leaving."""
         if c.state != LEAVING:
-            self.fail("lost-connection", c.name)
+            self.fail("lost-connection", self.about(c))
         self.close(c)
 
     def tick(self):
         """Called once per loop turn: senders, periodic checks."""
+
+    def about(self, c):
+        """``c`` as a failure's example shows it."""
+        return c.name
 
     # failure book
     def fail(self, kind, detail="", count=1):
@@ -1162,6 +1187,145 @@ class Churn(Load):
                 self.fail("unknown-user", b"%s heard of %s" % (o.name, name))
 
 
+class Upgrade(Broadcast):
+    """upgrade: fanout at a steady rate while the server upgrades itself
+    under it (:class:`Upgrades` runs ``ctl upgrade``); nobody may notice.
+
+    Fanout's oracle judges every line, so a line lost, doubled, reordered
+    or cut by a switch fails as ever; so do an INFO line and a close by the
+    server. Beside that: at each upgrade, every other sender writes the
+    first part of its next line just before the command starts and the
+    rest once it has returned, and that line must arrive whole, in its
+    place; newcomers (``--arrivals`` a second) connect, log in and stay,
+    each checking every sender's lines from the first it gets on. With
+    ``--tls-share`` some clients (:func:`speaks_tls`) go to the TLS port.
+
+    The coordinator's word comes through the board: UPGRADE_STARTING k
+    (write the first parts, then say HALVES_SENT k), UPGRADE_DONE k (write
+    the rest), RUN_OVER.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.known_senders = frozenset(self.sender_names)
+        self.newcomers = set()
+        self.arrived = 0
+        self.rests = {}             # sender -> the rest of the line it has begun
+        self.split = []             # (sender's name, seq) of each line written in two
+
+    def target(self, c):
+        if speaks_tls(self.cfg, c.idx):
+            return self.cfg["tls_target"]
+        return super().target(c)
+
+    def tick(self):
+        board, i = self.board, self.slot
+        if self.rests and board[i + UPGRADE_DONE] >= board[i + HALVES_SENT]:
+            self.write_rests()
+        if board[i + UPGRADE_STARTING] > board[i + HALVES_SENT]:
+            self.write_halves(board[i + UPGRADE_STARTING])
+        if self.running:
+            self.let_newcomers_in()
+        super().tick()
+
+    def write_halves(self, k):
+        """Upgrade ``k`` is about to start: every other sender writes the
+        first part of its next line, cut at a point that varies, and is
+        out of ``senders`` (nothing may come between the parts) until
+        :meth:`write_rests`."""
+        for c in [c for c in self.senders if (c.idx + k) % 2 == 0 and c.sock is not None]:
+            line = self.msg.batch(c.seq, 1, 0)
+            cut = 1 + (c.idx * 7 + k * 13) % (len(line) - 1)
+            self.write(c, line[:cut])
+            self.rests[c] = line[cut:]
+            self.split.append((c.name, c.seq))
+            self.senders.remove(c)
+            c.seq += 1
+            self.sent += 1
+        self.board[self.slot + HALVES_SENT] = k
+
+    def write_rests(self):
+        for c, rest in self.rests.items():
+            self.write(c, rest)
+            self.senders.append(c)
+        self.rests.clear()
+
+    def let_newcomers_in(self):
+        """This process's share of ``--arrivals`` a second, each process's
+        arrivals between the others'."""
+        cfg = self.cfg
+        due = int((cfg["arrivals"] * (self.now - self.t_start) / 1e9 + self.proc) / cfg["procs"])
+        while self.arrived < due:
+            idx = cfg["clients"] + self.arrived * cfg["procs"] + self.proc
+            self.arrived += 1
+            c = Client(idx, b"%sn%d" % (cfg["prefix"], idx))
+            if self.open(c):
+                self.clients.append(c)
+                self.newcomers.add(c)
+
+    def on_lines(self, c, lines):
+        if c in self.newcomers and len(c.nxt) < len(self.sender_names):
+            for line in lines:      # each sender's lines from the first it gets on
+                m = self.msg.parse(line)
+                if m is not None and m[0] in self.known_senders:
+                    c.nxt.setdefault(m[0], m[1])
+        super().on_lines(c, lines)
+
+    def about(self, c):
+        """Its name, how and when it came, whether it had logged in: what
+        tells whether an upgrade was under way."""
+        return b"%s (%s, %s, %s)" % (
+            c.name, b"TLS" if speaks_tls(self.cfg, c.idx) else b"plaintext",
+            b"connected %.2f s into the run" % ((c.t0 - self.t_start) / 1e9)
+            if c in self.newcomers else b"logged in at set-up",
+            b"before its OK" if c.state in (CONNECTING, LOGGING_IN) else b"logged in")
+
+    def other_line(self, c, line):
+        if line.startswith(b"INFO "):   # nobody leaves: an upgrade made it up
+            self.fail("info-line", b"%s got %r" % (c.name, line[:100]))
+        else:
+            super().other_line(c, line)
+
+    def run_window(self, t_start, t_end, begin, done=lambda: False):
+        """The run ends when the coordinator says (RUN_OVER)."""
+        super().run_window(t_start, t_end, begin, lambda: self.board[self.slot + RUN_OVER] > 0)
+        self.write_rests()              # had it ended between two parts
+
+    def phase_run(self, t_start, t_end):
+        reply = super().phase_run(t_start, t_end)
+        reply["split"] = self.split
+        return reply
+
+    def phase_finish(self, expect, deadline):
+        def caught_up():
+            return all(c.state == READY and all(c.nxt.get(name, count) >= count
+                                                for name, count in expect.items())
+                       for c in self.newcomers if c.sock is not None)
+
+        self.pump_until(deadline, caught_up)
+        reply = super().phase_finish(expect, deadline)
+        open_checkers = [c for c in self.checkers if c.sock is not None]
+        reply.update(lat_sent=self.lat_sent.tobytes(),
+                     newcomers=sum(c.state == READY for c in self.newcomers),
+                     reached={name: min([c.nxt[name] for c in open_checkers], default=BIG)
+                              for name in self.sender_names})
+        return reply
+
+    def judge(self, expect):
+        super().judge(expect)
+        for c in self.newcomers:
+            if c.sock is None:
+                continue
+            if c.state != READY:
+                self.fail("login-unanswered", self.about(c))
+                continue
+            for name, count in expect.items():
+                got = c.nxt.get(name, count)
+                if got < count:
+                    self.fail("lost", b"%s: %s seq %d..%d never came"
+                              % (c.name, name, got, count - 1), count - got)
+
+
 class UnderAttack:
     """Mixed in before a scenario's class with ``--attack N`` (dm, ping): N
     more connections, opened as the run begins, each guessing the password
@@ -1237,7 +1401,7 @@ class UnderAttack:
 
 
 LOADS = {"fanout": Broadcast, "slow": Broadcast, "dm": Dm, "connect": Connect, "churn": Churn,
-         "ping": Ping, "handshake": Handshake, "refused": Refused}
+         "ping": Ping, "handshake": Handshake, "refused": Refused, "upgrade": Upgrade}
 
 
 class OverTls:
@@ -1323,11 +1487,12 @@ def speaks_tls(cfg, idx):
 
 
 def load_class(cfg):
-    """The scenario's class, under attack with ``--attack``, over TLS with ``--tls``."""
+    """The scenario's class, under attack with ``--attack``, over TLS with
+    ``--tls`` (or ``--tls-share``)."""
     cls = LOADS[cfg["scenario"]]
     if cfg.get("attack"):
         cls = type("Attacked" + cls.__name__, (UnderAttack, cls), {})
-    if cfg.get("tls"):
+    if cfg.get("tls") or cfg.get("tls_share"):
         cls = type("Tls" + cls.__name__, (OverTls, cls), {})
     return cls
 
@@ -1372,6 +1537,14 @@ class Fleet:
 
     def total(self, slot):
         return sum(self.board[p * BOARD_SLOTS + slot] for p in range(len(self.procs)))
+
+    def lowest(self, slot):
+        return min(self.board[p * BOARD_SLOTS + slot] for p in range(len(self.procs)))
+
+    def tell(self, slot, value):
+        """Put ``value`` in ``slot`` of every process: they read it each loop turn."""
+        for p in range(len(self.procs)):
+            self.board[p * BOARD_SLOTS + slot] = value
 
     def command(self, *cmd, timeout):
         """Send a phase command to every process; their replies, in order."""
@@ -1451,6 +1624,186 @@ class Monitor:
             sys.stderr.write("\n")
 
 
+# One ``ctl upgrade``: when it started and ended (monotonic ns), ctl's exit
+# status (None: no answer in time) and what it said (its line, or its ERR).
+UpgradeRun = namedtuple("UpgradeRun", "started ended status answer")
+
+# The server's processes at one moment: {pid: (start time, title)}; their
+# open descriptors and RSS (bytes), summed; the tool's clients logged in.
+ServerTree = namedtuple("ServerTree", "processes descriptors rss connected")
+
+
+def upgrade(broker, control, options):
+    """``broker.py ctl upgrade OPTIONS`` to the server whose control socket
+    is ``control``, as an operator runs it, timed: an :data:`UpgradeRun`."""
+    command = [sys.executable, broker, "ctl", "--control", control,
+               "--timeout", str(UPGRADE_TIMEOUT), "upgrade"] + options
+    started = time.monotonic_ns()
+    try:
+        proc = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=UPGRADE_TIMEOUT + 10)
+    except subprocess.TimeoutExpired:
+        return UpgradeRun(started, time.monotonic_ns(), None,
+                          "no answer in %.0f s" % (UPGRADE_TIMEOUT + 10))
+    answer = (proc.stdout + proc.stderr).decode("utf-8", "replace").strip()
+    return UpgradeRun(started, time.monotonic_ns(), proc.returncode, answer)
+
+
+def server_tree(root, connected):
+    """A :data:`ServerTree` of the server whose main process is ``root``."""
+    processes, descriptors = {}, 0
+    for pid in process_tree(root):
+        fields = stat(pid)
+        if fields is None:
+            continue                    # gone meanwhile
+        processes[pid] = (fields[STARTTIME], process_role(pid))
+        try:
+            descriptors += len(os.listdir("/proc/%d/fd" % pid))
+        except OSError:
+            pass
+    return ServerTree(processes, descriptors, usage([root])[1], connected)
+
+
+def tls_relays(pids, tls_port):
+    """Those of ``pids`` that hold a connection accepted on ``tls_port``:
+    old workers kept on as the relays of TLS sessions."""
+    accepted = {inode for local, _, state, inode in tcp_sockets()
+                if local == tls_port and state != "0A"}         # 0A: listening
+    return [pid for pid in pids if socket_inodes(pid) & accepted]
+
+
+class Upgrades(threading.Thread):
+    """The coordinator's side of the upgrade scenario, beside the run phase.
+
+    ``--every`` s after the run begins, and after each upgrade, it tells
+    the stress processes to write their first halves, waits until they
+    have (HALVES_TIMEOUT at most), runs :func:`upgrade` and tells them to
+    write the rest; ``--every`` s after the last, the run is over. It looks
+    at the server's processes before each upgrade and at the end: whatever
+    was there before an upgrade that succeeded and is still there at the
+    end is an old process left.
+    """
+
+    def __init__(self, args, fleet, t_start):
+        super().__init__(name="upgrades", daemon=True)
+        self.args = args
+        self.fleet = fleet
+        self.t_start = t_start          # monotonic ns
+        self.stopping = threading.Event()
+        self.runs = []                  # an UpgradeRun each
+        self.trees = []                 # a ServerTree before each upgrade, and at the end
+
+    def run(self):
+        args, fleet = self.args, self.fleet
+        next_at = self.t_start / 1e9 + args.every
+        try:
+            for k in range(1, args.upgrades + 1):
+                if self.stopping.wait(max(0.0, next_at - time.monotonic())):
+                    return
+                self.trees.append(self.look())
+                fleet.tell(UPGRADE_STARTING, k)
+                deadline = time.monotonic() + HALVES_TIMEOUT
+                while fleet.lowest(HALVES_SENT) < k and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                self.runs.append(upgrade(args.broker, args.control, args.upgrade_args))
+                fleet.tell(UPGRADE_DONE, k)
+                next_at = time.monotonic() + args.every
+            if not self.stopping.wait(max(0.0, next_at - time.monotonic())):
+                self.trees.append(self.look())
+        finally:
+            fleet.tell(RUN_OVER, 1)
+
+    def look(self):
+        return server_tree(self.args.server_pid[0], self.fleet.total(CONNECTED))
+
+    def stop(self):
+        """End it early (the run failed), or wait for its end."""
+        self.stopping.set()
+        self.join(UPGRADE_TIMEOUT + 20)
+
+    def report(self, runs, fins, failures, examples):
+        """The upgrades' figures; what they broke added to ``failures``."""
+        def failed(kind, text, count=1):
+            failures[kind] += count
+            examples.setdefault(kind, [])
+            if len(examples[kind]) < SAMPLES_PER_KIND:
+                examples[kind].append(text)
+
+        said = [UPGRADE_SAID.search(r.answer) for r in self.runs]
+        figures = {"tls_clients": sum(speaks_tls(vars(self.args), i)
+                                      for i in range(self.args.clients)),
+                   "newcomers": sum(f["newcomers"] for f in fins),
+                   "upgrades_done": sum(r.status == 0 for r in self.runs),
+                   "upgrade_at_s": [round((r.started - self.t_start) / 1e9, 2) for r in self.runs],
+                   "upgrade_command_s": [round((r.ended - r.started) / 1e9, 3) for r in self.runs],
+                   "upgrade_said_s": [float(m.group(1)) if m else None for m in said],
+                   "upgrade_moved": [int(m.group(2)) if m else None for m in said]}
+        for k, r in enumerate(self.runs, 1):
+            if r.status != 0:
+                failed("upgrade-failed", "upgrade %d: exit %s: %s" % (k, r.status, r.answer))
+        figures.update(self.partial_lines(runs, fins, failed))
+        figures.update(closed_by_server=failures["lost-connection"],
+                       info_lines=failures["info-line"], lines_lost=failures["lost"],
+                       lines_doubled_or_reordered=failures["duplicate-or-reordered"],
+                       lines_cut_or_foreign=failures["unexpected-line"])
+        figures.update(self.latencies(fins))
+        if self.trees:
+            figures.update(self.processes(failed))
+        return figures
+
+    def partial_lines(self, runs, fins, failed):
+        """The lines written in two, and how many of them every checking
+        receiver got past in order: whole, in their place (one lost
+        outright is past too, and counted under ``lost``)."""
+        split = [line for r in runs for line in r["split"]]
+        reached = {}
+        for f in fins:
+            for name, seq in f["reached"].items():
+                reached[name] = min(reached.get(name, BIG), seq)
+        finished = sum(seq < reached[name] for name, seq in split)
+        if finished < len(split):
+            failed("partial-line-unfinished", "%d of %d lines written in two never came whole"
+                   % (len(split) - finished, len(split)), len(split) - finished)
+        return {"partial_lines": len(split), "partial_lines_finished": finished}
+
+    def latencies(self, fins):
+        """The delays of lines sent while an upgrade was under way, and of the others."""
+        starts = [r.started for r in self.runs]
+        during, otherwise = array.array("q"), array.array("q")
+        for f in fins:
+            delays, sent = array.array("q"), array.array("q")
+            delays.frombytes(f["lat"])
+            sent.frombytes(f["lat_sent"])
+            for delay, at in zip(delays, sent):
+                k = bisect_right(starts, at) - 1
+                (during if k >= 0 and at <= self.runs[k].ended else otherwise).append(delay)
+        figures = latency_figures("latency_during_upgrade", [during.tobytes()])
+        figures.update(latency_figures("latency_otherwise", [otherwise.tobytes()]))
+        return figures
+
+    def processes(self, failed):
+        """The server before the first upgrade and at the end; old processes
+        left. The upgrade replaces the processes that are titled ``chat-*``:
+        the main process stays, and so does multiprocessing's resource
+        tracker (a helper of ``spawn``, with which it starts the new ones)."""
+        before, after = self.trees[0], self.trees[-1]
+        old = {pid: start for tree, run in zip(self.trees, self.runs) if run.status == 0
+               for pid, (start, title) in tree.processes.items() if title.startswith("chat-")}
+        left = [pid for pid, (start, _) in after.processes.items() if old.get(pid) == start]
+        relays = tls_relays(left, self.args.tls_target[1]) if self.args.tls_share else []
+        stayed = ["%s (pid %d)" % (after.processes[pid][1], pid) for pid in left
+                  if pid not in relays]
+        for text in stayed:
+            failed("old-process-left", text)
+        return {"server_processes_before": len(before.processes),
+                "server_processes_after": len(after.processes),
+                "server_fds_before": before.descriptors, "server_fds_after": after.descriptors,
+                "server_rss_before_mb": round(before.rss / 2 ** 20, 1),
+                "server_rss_after_mb": round(after.rss / 2 ** 20, 1),
+                "connected_before": before.connected, "connected_after": after.connected,
+                "old_processes_relaying": len(relays), "old_processes_left": stayed}
+
+
 def ms(ns):
     return None if ns is None else round(ns / 1e6, 3)
 
@@ -1489,7 +1842,7 @@ def merge_counts(dicts):
 
 def scenario_expectations(scenario, runs):
     """What the finish phase must see arrive, from what the run phase sent."""
-    if scenario in ("fanout", "slow"):
+    if scenario in ("fanout", "slow", "upgrade"):
         return merge_counts(r["sent"] for r in runs)
     if scenario == "churn":
         return merge_counts(r["lives"] for r in runs)
@@ -1505,7 +1858,7 @@ TIMED_EVENTS = {"dm": ("round_trips", "rtt"), "ping": ("pongs", "rtt"),
 def scenario_figures(args, runs, fins, window):
     """The scenario's own figures from the run and finish replies."""
     lines = sum(f["lines"] for f in fins)
-    if args.scenario in ("fanout", "slow"):
+    if args.scenario in ("fanout", "slow", "upgrade"):
         sent = sum(sum(r["sent"].values()) for r in runs)
         drain = max(0, max(f["last_rx"] for f in fins) - max(r["t_stop"] for r in runs)) / 1e9
         window_lines = sum(r["window_lines"] for r in runs)
@@ -1552,12 +1905,21 @@ def drive(args, cfg, fleet, monitor, redis=None):
             result["server_kb_per_client"] = round((after[1] - before[1]) / 1024
                                                    / max(1, result["logged_in"]), 2)
     duration = args.hold if args.scenario == "connect" else args.duration
+    if args.scenario == "upgrade":      # over when the upgrades are: a bound
+        duration += args.upgrades * (UPGRADE_TIMEOUT + HALVES_TIMEOUT + 10)
     t_cmd = time.monotonic_ns()
     t_start = t_cmd + 200_000_000
     t_end = t_start + int(duration * 1e9)
     at_start = monitor.usage()
     redis_start = redis.usage() if redis else None
-    runs = fleet.command("run", t_start, t_end, timeout=duration + args.drain_timeout + 30)
+    upgrades = Upgrades(args, fleet, t_start) if args.scenario == "upgrade" else None
+    if upgrades:
+        upgrades.start()
+    try:
+        runs = fleet.command("run", t_start, t_end, timeout=duration + args.drain_timeout + 30)
+    finally:
+        if upgrades:
+            upgrades.stop()
     at_stop = monitor.usage()
     t_stop = max(r.get("t_stop", t_end) for r in runs)
     window = max(1e-3, (t_stop - t_start) / 1e9)
@@ -1583,6 +1945,8 @@ def drive(args, cfg, fleet, monitor, redis=None):
         failures.update(f["failures"])
         for kind, texts in f["examples"].items():
             examples.setdefault(kind, []).extend(texts[:SAMPLES_PER_KIND - len(examples.get(kind, []))])
+    if upgrades:
+        result.update(upgrades.report(runs, fins, failures, examples))
     return result, failures, examples
 
 
@@ -1662,9 +2026,10 @@ def config_for(args, targets, spread):
         cfg["sample"] = 50
         rng = random.Random(1)
         cfg["slow_set"] = frozenset(rng.sample(range(args.senders, args.clients), args.slow))
-    elif args.scenario == "fanout":
+    elif args.scenario in ("fanout", "upgrade"):
         cfg["slow_set"] = frozenset()
     cfg.setdefault("check", "all")
+    cfg.setdefault("window", 0)
     population = {"dm": 2 * getattr(args, "pairs", 0),
                   "churn": getattr(args, "observers", 0) + getattr(args, "clients", 0)
                   }.get(args.scenario) or args.clients
@@ -1694,7 +2059,8 @@ def spawn_args(args):
 def spawn(args, tls=None, control=None):
     """The servers --spawn-server or --spawn-cluster asks for, started: (the
     servers, the cluster or None). With ``tls`` (a certificate and its key)
-    they serve TLS only, on the port the clients go to. With ``control`` (a
+    they serve TLS: with --tls only, on the port the clients go to, else
+    on a port of its own beside (``tls_port``). With ``control`` (a
     path, for --ctl) the server's control socket is there, and its state
     directory beside it: by default a ban would be saved under the user's
     home and greet the next server on that port. Without it neither option
@@ -1702,14 +2068,14 @@ def spawn(args, tls=None, control=None):
     if args.spawn_cluster:
         cluster = start_cluster(args.spawn_cluster, workers=args.workers,
                                 extra_args=spawn_args(args), name="stress",
-                                die_with_parent=True, tls=tls, tls_only=bool(tls),
+                                die_with_parent=True, tls=tls, tls_only=args.tls,
                                 broker=args.broker)
         return cluster.nodes, cluster
     if args.spawn_server:
         extra = ["--control", control, "--state-dir",
                  os.path.join(os.path.dirname(control), "state")] if control else []
         return [Server(*spawn_args(args), *extra, host=args.host, workers=args.workers,
-                       die_with_parent=True, tls=tls, tls_only=bool(tls),
+                       die_with_parent=True, tls=tls, tls_only=args.tls,
                        broker=args.broker).start()], None
     return [], None
 
@@ -1774,6 +2140,11 @@ def shown(command):
     return " ".join(words[:3]) if takes_secret(words[:3]) else command
 
 
+def wants_tls(args):
+    """Whether the run needs a server that speaks TLS: --tls, or upgrade's --tls-share."""
+    return args.tls or getattr(args, "tls_share", 0) > 0
+
+
 def registering(args):
     """Whether the tool registers the names it needs on the server it spawns."""
     return args.spawn_server and bool(getattr(args, "password", None)
@@ -1793,12 +2164,14 @@ def run(args):
     tool_cpu0 = own_cpu()
     try:
         spawning = args.spawn_server or args.spawn_cluster
-        operator = args.ctl or registering(args)
-        if spawning and (args.tls or operator):     # the certificate, the control socket
+        operator = args.ctl or registering(args) or args.scenario == "upgrade"
+        if spawning and (wants_tls(args) or operator):  # the certificate, the control socket
             scratch = tempfile.mkdtemp(prefix="chat-stress-")
-        tls = self_signed(scratch) if spawning and args.tls else None
+        tls = self_signed(scratch) if spawning and wants_tls(args) else None
         control = os.path.join(scratch, "control.sock") if operator else None
         servers, cluster = spawn(args, tls, control)
+        if args.scenario == "upgrade":
+            args.control, args.tls_target = control, (args.host, servers[0].tls_port)
         if args.ctl:
             result["ctl"] = args.ctl
         if servers:
@@ -1918,6 +2291,11 @@ EXAMPLES = {
     "slow": "examples:\n"
             "  stress.py slow --spawn-server --clients 50 --slow 5\n"
             "  stress.py slow --port 4000 --server-pid 1234 --clients 100 --slow 10",
+    "upgrade": "examples:\n"
+               "  stress.py upgrade --spawn-server --clients 2000 --upgrades 20 --every 3\n"
+               "  stress.py upgrade --spawn-server --clients 300 --upgrades 3 --tls-share 0\n"
+               "  stress.py upgrade --spawn-server --upgrades 5 --upgrade-args='--workers 3'\n"
+               "  stress.py upgrade --spawn-server --upgrades 0      (the same load, no upgrade)",
 }
 
 
@@ -2055,6 +2433,32 @@ def build_parser():
     s.add_argument("--max-pending", type=int, default=1 << 20,
                    help="the server's --max-pending (passed on when spawning; "
                         "used for the memory bound)")
+
+    u = scenario("upgrade", "fanout at a steady rate while the spawned server upgrades "
+                            "itself K times (ctl upgrade), newcomers arriving: nobody may "
+                            "notice; each upgrade's time, delays during and outside them")
+    u.add_argument("--clients", type=int, default=2000)
+    u.add_argument("--senders", type=int, default=20)
+    u.add_argument("--rate", type=float, default=200,
+                   help="total msgs/s over all senders (default %(default)s)")
+    u.add_argument("--size", type=int, default=64, help="bytes of message text (min 32)")
+    u.add_argument("--sample", type=int, default=5,
+                   help="every Nth message carries its send time (default %(default)s)")
+    u.add_argument("--check", choices=("all", "sample"), default="all",
+                   help="as for fanout (default %(default)s)")
+    u.add_argument("--tls-share", type=float, default=0.25, metavar="F",
+                   help="this share of the clients and newcomers speak TLS, to the "
+                        "spawned server's TLS port (default %(default)s; 0: none)")
+    u.add_argument("--upgrades", type=int, default=20, metavar="K")
+    u.add_argument("--every", type=float, default=3.0, metavar="S",
+                   help="seconds of load before the first upgrade, between two, and "
+                        "after the last (default %(default)s)")
+    u.add_argument("--upgrade-args", type=shlex.split, default=[], metavar="OPTIONS",
+                   help="server options each ctl upgrade passes, e.g. "
+                        "--upgrade-args='--workers 3'")
+    u.add_argument("--arrivals", type=float, default=5,
+                   help="new connections a second all through the run, each logging "
+                        "in and staying (default %(default)s)")
     return p
 
 
@@ -2098,12 +2502,22 @@ def check_args(parser, args):
                      "server, use 'broker.py ctl' before the run")
     if args.target and (args.spawn_server or args.spawn_cluster):
         parser.error("--target names running servers: not with --spawn-*")
-    if args.tls and (args.spawn_server or args.spawn_cluster) and not shutil.which("openssl"):
+    if args.scenario == "upgrade":
+        if not args.spawn_server:
+            parser.error("upgrade: it runs 'broker.py ctl upgrade' on the server "
+                         "--spawn-server starts")
+        if args.tls:
+            parser.error("upgrade: --tls-share 1 for every client over TLS")
+        if not 0 <= args.tls_share <= 1:
+            parser.error("--tls-share is a share of the clients: 0 to 1")
+        args.duration = (args.upgrades + 1) * args.every
+    if wants_tls(args) and (args.spawn_server or args.spawn_cluster) \
+            and not shutil.which("openssl"):
         parser.error(OPENSSL_HINT)
     args.targets = args.target or [(args.host, port) for port in args.port]
     if getattr(args, "size", 64) < 32:
         parser.error("--size must be at least 32")
-    if args.scenario in ("fanout", "slow") and not 0 < args.senders <= args.clients:
+    if args.scenario in ("fanout", "slow", "upgrade") and not 0 < args.senders <= args.clients:
         parser.error("need 1 <= --senders <= --clients")
     if args.scenario == "slow" and not 0 < args.slow <= args.clients - args.senders:
         parser.error("need 1 <= --slow <= --clients - --senders")
