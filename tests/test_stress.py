@@ -28,16 +28,24 @@ COMPARE = os.path.join(support.ROOT, "scripts", "compare.py")
 
 
 def stress(*args, timeout=40, env=None):
-    """Run the tool with --json; (exit status, result dict)."""
-    proc = subprocess.run([sys.executable, STRESS] + [str(a) for a in args]
-                          + ["--json", "--procs", "2"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=timeout, start_new_session=True, env=env)
+    """Run the tool with --json; (exit status, result dict). Past
+    ``timeout`` its session is killed: its processes, the ctl it runs, and
+    with it (they die with their parent) the servers it spawned."""
+    proc = subprocess.Popen([sys.executable, STRESS] + [str(a) for a in args]
+                            + ["--json", "--procs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, env=env)
     try:
-        return proc.returncode, json.loads(proc.stdout)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    try:
+        return proc.returncode, json.loads(stdout)
     except ValueError:
         raise AssertionError("no JSON from stress.py: %r\n%s"
-                             % (proc.stdout, proc.stderr.decode(errors="replace")))
+                             % (stdout, stderr.decode(errors="replace")))
 
 
 class FaultyServer(threading.Thread):
