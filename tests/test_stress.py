@@ -249,6 +249,26 @@ class StressScenarios(support.TestCase):
         self.assertEqual(r["server_exit"], 0)
         self.assertEqual(os.listdir(own_tmp), [])
 
+    def test_upgrade(self):
+        """Two live upgrades under load, a quarter of the clients over TLS,
+        newcomers arriving: nobody notices, the lines cut in two by an
+        upgrade come whole, and no old process is left but TLS relays."""
+        status, r = stress("upgrade", "--spawn-server", "--workers", 2, "--clients", 40,
+                           "--senders", 4, "--rate", 100, "--upgrades", 2, "--every", 1,
+                           timeout=50)
+        self.assertPassed(status, r)
+        self.assertEqual((r["logged_in"], r["tls_clients"]), (40, 10))
+        self.assertEqual(r["upgrades_done"], 2)
+        self.assertEqual(len(r["upgrade_said_s"]), 2)
+        self.assertGreaterEqual(min(r["upgrade_moved"]), 40)
+        self.assertGreater(r["partial_lines"], 0)
+        self.assertEqual(r["partial_lines_finished"], r["partial_lines"])
+        self.assertGreater(r["newcomers"], 0)
+        self.assertGreater(r["latency_during_upgrade_samples"], 0)
+        self.assertEqual(r["old_processes_left"], [])
+        self.assertGreater(r["old_processes_relaying"], 0)
+        self.assertEqual(r["server_exit"], 0)
+
     def test_slow_consumers_are_cut(self):
         status, r = stress("slow", "--spawn-server", "--clients", 12, "--slow", 2,
                            "--max-pending", 65536)
@@ -509,6 +529,15 @@ class OracleCanFail(support.TestCase):
         self.assertEqual(status, 1)
         self.assertEqual(set(r["failures"]), {"not-refused"}, r["failures"])
         self.assertEqual(r["refusals"], 0)
+
+    def test_a_refused_upgrade_is_a_failure(self):
+        """ctl upgrade's ERR fails the run, saying it; the processes that
+        stay because of it are no old processes left."""
+        status, r = stress("upgrade", "--spawn-server", "--clients", 10, "--senders", 2,
+                           "--upgrades", 1, "--every", 0.5, "--upgrade-args=--bogus")
+        self.assertEqual((status, r["failures"]), (1, {"upgrade-failed": 1}), r)
+        self.assertIn("ERR refused", r["examples"]["upgrade-failed"][0])
+        self.assertEqual((r["upgrades_done"], r["old_processes_left"]), (0, []))
 
     def test_duplicates_and_reordering_are_reported(self):
         for fault in ("duplicate", "reorder"):
