@@ -48,7 +48,7 @@ from chatlib.service import Service
 KICKED = "kicked"
 UNAVAILABLE = "cluster unavailable"
 
-RETIRE_TIMEOUT = 1.0  # seconds a retiring broker waits for Redis to confirm what it routed
+RETIRE_TIMEOUT = 3.0  # seconds a retiring broker waits for what it routed to be confirmed
 RETIRE_POLL = 0.002   # ...looking this often
 LAZY_DELAY = 0.02   # seconds an acknowledgement or a new name waits for a batch to ride on
 NO_ORIGIN = (link.SEQ, None)

@@ -52,6 +52,7 @@ class Channel:
         self.inbox = bytearray(RECV_SIZE)   # what was read, from a frame's start
         self.filled = 0               # bytes of it in use
         self.closed = False
+        self.unwritable = False       # the peer is gone: nothing more to send it
         self.reading = True
         self.frames_out = 0           # counters for statistics
         self.bytes_out = 0
@@ -64,7 +65,7 @@ class Channel:
 
     def send(self, batch):
         """Frame and write one batch; what does not fit waits for writability."""
-        if self.closed:
+        if self.closed or self.unwritable:
             return
         body = pickle.dumps(batch, _DUMP)
         self.frames_out += 1
@@ -92,7 +93,7 @@ class Channel:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self._lost()
+            self._peer_gone()
             return
         self.pending_bytes -= sent
         if not self.pending_bytes:
@@ -156,6 +157,17 @@ class Channel:
                 inbox.extend(bytes(need - len(inbox)))
         if batches:
             self.on_batches(batches)
+
+    def _peer_gone(self):
+        """A write found the peer gone (EPIPE, ECONNRESET). What it sent
+        before it went is still in our buffer, a retiring broker's last
+        lines and acknowledgements among them: read on to the end, whatever
+        the backpressure said; only then is the link lost."""
+        self.unwritable = True
+        self.pending = []
+        self.pending_bytes = 0
+        self.reading = True
+        self._update()
 
     def _lost(self):
         self.close()

@@ -57,6 +57,21 @@ class Pair(UnitTestCase):
         self.left.set_reading(True)
         self.pump(lambda: len(self.got) == 8 and not self.right.congested)
 
+    def test_what_a_peer_sent_before_it_went_is_read(self):
+        """A send that finds the peer gone (EPIPE) must not drop what the
+        peer had sent before it left: a retiring broker's last lines and
+        acknowledgements (chatlib.upgrade)."""
+        self.left.set_reading(False)
+        self.right.set_reading(False)
+        self.right.send([("A", 1)])
+        self.right.send([("M", b"last")])
+        self.left.send([("M", b"never read")])      # in the right's buffer, unread
+        self.right.close()
+        self.left.send([("M", b"too late")])        # fails: the peer is gone
+        self.left.set_reading(True)
+        self.pump(lambda: self.lost == ["left"])
+        self.assertEqual(self.got, [[("A", 1)], [("M", b"last")]])
+
     def test_loss_is_reported_once(self):
         self.left.close()
         self.pump(lambda: self.lost == ["right"])
