@@ -228,6 +228,10 @@ def build_parser(parser_class=argparse.ArgumentParser):
     t.add_argument("--tls-handshake-timeout", type=_seconds, default=None, metavar="S",
                    help="seconds a TLS handshake may take before the connection is "
                         "dropped (default: %g)" % DEFAULT_TLS_HANDSHAKE_TIMEOUT)
+    t.add_argument("--max-tls-relays", type=_non_negative_int, default=16, metavar="N",
+                   help="an upgrade leaves each old worker with TLS users running, "
+                        "as the relay of their sessions, until they leave; one that "
+                        "could make more than N such processes is refused")
     p.add_argument("--version", action="version",
                    version="%s %s" % (PRODUCT, __version__))
     return p

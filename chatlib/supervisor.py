@@ -790,6 +790,14 @@ class Supervisor:
         except (OptionError, ValueError) as exc:
             reply([], "refused %s" % exc)
             return
+        relays = len([c for c in self.children.values() if c.role == "tls-relay"])
+        if config.tls_cert and relays + len(self.worker_slots()) > config.max_tls_relays:
+            reason = ("%d TLS relays run, and each worker could add one: over --max-tls-relays "
+                      "%d (wait for their users to leave, or raise it: ctl upgrade "
+                      "--max-tls-relays N)" % (relays, config.max_tls_relays))
+            log.error("upgrade refused: %s; the running processes carry on", reason)
+            reply([], "upgrade-failed " + reason)
+            return
         modules = [self.worker_class.__module__, self.broker_class.__module__]
         if config.tls_cert:
             modules.append("chatlib.tls")

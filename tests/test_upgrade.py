@@ -277,6 +277,17 @@ class TlsUpgradeTest(Upgradable):
         wait_until(lambda: not any(l.startswith("relayed") for l in self.ctl("version")[0]),
                    what="the relay gone with its last user")
 
+    def test_relays_are_bounded(self):
+        secure = tls_client(self.srv.tls_port)
+        self.addCleanup(secure.close)
+        secure.login("secure")
+        self.upgrade("--max-tls-relays 2")        # 0 relays + 2 workers: may be 2
+        lines, last = self.ctl("upgrade")         # 1 relay + 2 workers: 3
+        self.assertTrue(last.startswith("ERR upgrade-failed 1 TLS relays run"), last)
+        self.upgrade("--max-tls-relays 3")
+        secure.send("PING")
+        secure.expect("PONG")
+
 
 @requires_redis
 class ClusterUpgradeTest(TestCase):
