@@ -2048,11 +2048,14 @@ def config_for(args, targets, spread):
 
 
 def spawn_args(args):
-    """Server options for a load test: no flood control, no per-address cap."""
+    """Server options for a load test: no flood control, no per-address cap;
+    for upgrades, room for every TLS relay they leave (its cost is measured)."""
     extra = ["--rate", "0", "--max-per-ip", "0", "--idle-timeout", "600",
              "--login-timeout", "0"]
     if args.scenario == "slow":
         extra += ["--max-pending", str(args.max_pending)]
+    if args.scenario == "upgrade":
+        extra += ["--max-tls-relays", str(args.upgrades * max(args.workers, 8) + 1)]
     return extra + args.server_arg
 
 
