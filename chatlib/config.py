@@ -273,6 +273,7 @@ def upgraded(config, words):
     for name, value in vars(after).items():
         if name not in FIXED_BY_UPGRADE:
             setattr(new, name, value)
+    new.upgraded = True             # for completed(), in the new processes
     return new
 
 

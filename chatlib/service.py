@@ -181,6 +181,10 @@ def prefer_batching():
 
 
 def run_service(service_cls, config, *args):
-    """Process target: build the service in the child and run it."""
-    from chatlib.config import completed
-    service_cls(completed(config), *args).main()
+    """Process target: build the service in the child and run it. After an
+    upgrade the options come from older code: what they lack gets this
+    code's defaults (which takes argparse: only then)."""
+    if getattr(config, "upgraded", False):
+        from chatlib.config import completed
+        config = completed(config)
+    service_cls(config, *args).main()
