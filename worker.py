@@ -56,7 +56,8 @@ from chatlib.upgrade import handover, state
 RECV_SIZE = 65536
 CID_STRIDE = 1 << 20       # connection ids: a count, times this, plus the worker's slot
 PAUSE_TLS_WAIT = 0.5       # an upgrade waits this long for TLS handshakes under way
-PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
+PAUSED_POLL = 0.005        # while the broker link is congested, or an upgrade
+                           # waits for handshakes, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
 BROADCAST_EVERY = 0.005    # under load, broadcast lines are written at most this often
@@ -113,17 +114,14 @@ class Worker(Service):
         self.stopping = False
         self.lingering = {}        # Client -> when to close it, cut but draining
         self.tls = None            # chatlib.tls.TlsServer, with --tls-cert
-        self.client_sel = None     # the selector clients are watched on: None
-                                   # while an upgrade takes them (pause)
-        self.pausing = False       # an upgrade: stopped reading, the broker retiring
-        self.drained = False       # ...and its link is gone: ready to hand over
+        self.pausing = False       # an upgrade: no acceptor, the broker retiring
+        self.drained = False       # ...both gone: ready to hand over
         self.relay = None          # chatlib.upgrade.relay.TlsRelay, after the hand-over
 
     # -- set-up and control ---------------------------------------------------
 
     def start(self):
         cfg = self.config
-        self.client_sel = self.sel
         self.intake = Intake(self.sel, self.on_connection, self.log)
         shortest = min(cfg.idle_timeout, cfg.login_timeout or cfg.idle_timeout)
         if cfg.tls_cert:
@@ -204,7 +202,7 @@ class Worker(Service):
     def poll_timeout(self):
         if self.relay is not None:         # all it does, its selector wakes it for
             return self.heartbeat_interval
-        if self.stalled or self.pausing:
+        if self.stalled or (self.pausing and not self.drained):
             return PAUSED_POLL
         until = self.next_sweep if self.flood is None else min(self.next_sweep,
                                                                self.flood.next_due())
@@ -258,10 +256,9 @@ class Worker(Service):
                 if c is not None and c.held:
                     self.pump(c)
             self.end_turn()
-        if self.pausing:
-            if not self.drained:
-                self.check_drained(now)
-        elif now >= self.next_sweep:
+        if self.pausing and not self.drained:
+            self.check_drained(now)
+        if now >= self.next_sweep:
             self.next_sweep = now + self.sweep_every
             self.sweep_idle(now)
 
@@ -338,7 +335,7 @@ class Worker(Service):
         cid, self.next_cid = self.next_cid * CID_STRIDE + self.slot, self.next_cid + 1
         c = Client(sock, cid, ip, self.config.max_line, since, self.config.burst)
         self.clients[cid] = c
-        c.watch(self.client_sel, 0)
+        c.watch(self.sel, 0)
         return c
 
     def tls_ready(self, handshake, stream):
@@ -366,7 +363,7 @@ class Worker(Service):
         if not data:
             # Half-close: finish what it sent, deliver the answers, then close.
             c.closing = c.closing or "closed by client"
-            c.update_interest(self.client_sel)
+            c.update_interest(self.sel)
             self.dirty.add(c)
             return
         if c.name is None and not c.reader.buffered and protocol.looks_like_tls(data):
@@ -375,7 +372,7 @@ class Worker(Service):
             # 0xff bytes it would take for telnet's commands.
             self.owe(c, protocol.ERR_NOT_A_CHAT_CLIENT)
             c.closing = HANGUP_REASON
-            c.update_interest(self.client_sel)
+            c.update_interest(self.sel)
             return
         lines = c.reader.feed(data)
         if lines:
@@ -430,7 +427,7 @@ class Worker(Service):
         elif fresh and flood is not None:
             flood.caught_up(c)
         if c.sock is not None:
-            c.update_interest(self.client_sel)
+            c.update_interest(self.sel)
 
     def run_lines(self, c, lines):
         """Run lines in order until one needs the broker; return the rest."""
@@ -554,23 +551,21 @@ class Worker(Service):
     # -- the upgrade (chatlib.upgrade) ----------------------------------------
 
     def pause(self):
-        """Stop reading the clients; their output goes on being written.
-        The broker retires meanwhile: once its link is gone, everything it
-        routed to us is here, and what it acknowledged of ours is known."""
+        """The acceptor and the broker are leaving: once both links are
+        closed, every connection the one sent us is here, and everything
+        the other routed to us is in our clients' output, what it
+        acknowledged of ours known. The clients are served meanwhile: their
+        lines for other workers wait for the new broker, as when a broker
+        restarts."""
         self.pausing = True
         self.pause_deadline = time.monotonic() + PAUSE_TLS_WAIT
-        for c in self.clients.values():
-            if c.interest:
-                self.sel.unregister(c.sock)
-                c.interest = 0
-        self.client_sel = None
-        self.check_drained(self.pause_deadline - PAUSE_TLS_WAIT)
+        self.check_drained(self.now)
 
     def check_drained(self, now):
         """Tell the supervisor once nothing more can come: no broker, no
-        acceptor (every connection it sent us is here), and no TLS
-        handshake under way (a handshake cannot move: one that does not
-        finish within PAUSE_TLS_WAIT is closed, as a shutdown would)."""
+        acceptor, and no TLS handshake under way (a handshake cannot move:
+        one that does not finish within PAUSE_TLS_WAIT is closed, as a
+        shutdown would)."""
         if self.tls is not None and self.tls.pending and now >= self.pause_deadline:
             self.tls.close_all()
         if self.broker.channel is not None or self.intake.handoff is not None or (
@@ -586,6 +581,7 @@ class Worker(Service):
         pipe.setblocking(True)
         connections, relayed, moved = [], [], []
         for c in self.clients.values():
+            c.leave(self.sel)
             port = self.peer(c)[1]
             if not isinstance(c.sock, socket.socket):   # a TLS stream
                 c.consume(c.sock.covered)      # encrypted already: the relay sends it
@@ -660,7 +656,7 @@ class Worker(Service):
                 self.local_names[c.name.lower()] = c
             if c.out:
                 self.dirty.add(c)
-            c.watch(self.client_sel, WRITE if c.out else 0)
+            c.watch(self.sel, WRITE if c.out else 0)
         for c in list(self.clients.values()):
             if c.held and not c.waiting and c.sock is not None:
                 self.pump(c)
@@ -865,7 +861,7 @@ class Worker(Service):
             self.drop(c, c.closing)
             return
         # Output left over means the socket is full: wait until it is writable.
-        c.watch(self.client_sel, WRITE if c.out else 0)
+        c.watch(self.sel, WRITE if c.out else 0)
 
     # -- closing --------------------------------------------------------------
 
@@ -881,14 +877,14 @@ class Worker(Service):
             return
         self.forget(c, reason)
         c.closing = reason
-        c.watch(self.client_sel, WRITE)
+        c.watch(self.sel, WRITE)
         self.lingering[c] = self.now + LINGER
 
     def drop(self, c, reason):
         """Close the connection and forget it; the broker announces the user."""
         self.forget(c, reason)
         self.lingering.pop(c, None)
-        c.close(self.client_sel)
+        c.close(self.sel)
 
     def forget(self, c, reason):
         """Take ``c`` out of service (once): no more lines in or out but its last."""

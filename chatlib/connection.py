@@ -129,8 +129,6 @@ class Client:
     def watch(self, sel, write):
         """Register on ``sel`` for what the connection waits for: reading,
         unless it has lines held or is closing; and ``write`` (WRITE or 0)."""
-        if sel is None:            # an upgrade is taking it: watched by nobody
-            return
         want = (0 if (self.held is not None or self.closing) else READ) | write
         have = self.interest
         if want == have:
@@ -147,11 +145,15 @@ class Client:
         """Re-derive the read interest; keep waiting for writability if we were."""
         self.watch(sel, self.interest & WRITE)
 
-    def close(self, sel):
-        """Leave ``sel`` and close the socket (the worker forgets the rest)."""
+    def leave(self, sel):
+        """Leave ``sel``, keeping the socket (an upgrade hands it over)."""
         if self.interest:
             sel.unregister(self.sock)
             self.interest = 0
+
+    def close(self, sel):
+        """Leave ``sel`` and close the socket (the worker forgets the rest)."""
+        self.leave(sel)
         try:
             self.sock.close()
         except OSError:
