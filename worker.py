@@ -55,9 +55,7 @@ from chatlib.upgrade import handover, state
 
 RECV_SIZE = 65536
 CID_STRIDE = 1 << 20       # connection ids: a count, times this, plus the worker's slot
-PAUSE_TLS_WAIT = 0.5       # an upgrade waits this long for TLS handshakes under way
-PAUSED_POLL = 0.005        # while the broker link is congested, or an upgrade
-                           # waits for handshakes, look again this often
+PAUSED_POLL = 0.005        # while the broker link is congested, look again this often
 OUTBOX_LIMIT = 10000       # events kept for the broker while there is none
 LINGER = 2.0               # seconds a cut connection may take to drain its last line
 BROADCAST_EVERY = 0.005    # under load, broadcast lines are written at most this often
@@ -114,8 +112,9 @@ class Worker(Service):
         self.stopping = False
         self.lingering = {}        # Client -> when to close it, cut but draining
         self.tls = None            # chatlib.tls.TlsServer, with --tls-cert
-        self.pausing = False       # an upgrade: no acceptor, the broker retiring
-        self.drained = False       # ...both gone: ready to hand over
+        self.pausing = False       # an upgrade: the acceptor leaving, then the broker
+        self.quiet = False         # ...the acceptor gone, no TLS handshake under way
+        self.drained = False       # ...the broker gone too: ready to hand over
         self.relay = None          # chatlib.upgrade.relay.TlsRelay, after the hand-over
 
     # -- set-up and control ---------------------------------------------------
@@ -202,7 +201,7 @@ class Worker(Service):
     def poll_timeout(self):
         if self.relay is not None:         # all it does, its selector wakes it for
             return self.heartbeat_interval
-        if self.stalled or (self.pausing and not self.drained):
+        if self.stalled:
             return PAUSED_POLL
         until = self.next_sweep if self.flood is None else min(self.next_sweep,
                                                                self.flood.next_due())
@@ -257,7 +256,7 @@ class Worker(Service):
                     self.pump(c)
             self.end_turn()
         if self.pausing and not self.drained:
-            self.check_drained(now)
+            self.check_drained()
         if now >= self.next_sweep:
             self.next_sweep = now + self.sweep_every
             self.sweep_idle(now)
@@ -551,28 +550,25 @@ class Worker(Service):
     # -- the upgrade (chatlib.upgrade) ----------------------------------------
 
     def pause(self):
-        """The acceptor and the broker are leaving: once both links are
-        closed, every connection the one sent us is here, and everything
-        the other routed to us is in our clients' output, what it
-        acknowledged of ours known. The clients are served meanwhile: their
+        """An upgrade begins: the acceptor is leaving. Once its pipe is closed
+        (every connection it sent us is here) and no TLS handshake is under
+        way (a handshake cannot move; the usual timeout bounds it), we are
+        quiet. Then the broker retires: once its link is closed, everything
+        it routed to us is in our clients' output and what it acknowledged
+        of ours is known: drained. The clients are served all along; their
         lines for other workers wait for the new broker, as when a broker
         restarts."""
         self.pausing = True
-        self.pause_deadline = time.monotonic() + PAUSE_TLS_WAIT
-        self.check_drained(self.now)
+        self.check_drained()
 
-    def check_drained(self, now):
-        """Tell the supervisor once nothing more can come: no broker, no
-        acceptor, and no TLS handshake under way (a handshake cannot move:
-        one that does not finish within PAUSE_TLS_WAIT is closed, as a
-        shutdown would)."""
-        if self.tls is not None and self.tls.pending and now >= self.pause_deadline:
-            self.tls.close_all()
-        if self.broker.channel is not None or self.intake.handoff is not None or (
+    def check_drained(self):
+        if not self.quiet and self.intake.handoff is None and not (
                 self.tls is not None and self.tls.pending):
-            return
-        self.drained = True
-        self._report(("drained",))
+            self.quiet = True
+            self._report(("quiet",))
+        if self.quiet and self.broker.channel is None:
+            self.drained = True
+            self._report(("drained",))
 
     def export(self, pipe):
         """Hand every connection to our successor over ``pipe``, with its

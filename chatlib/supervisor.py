@@ -97,8 +97,9 @@ class Upgrade:
         self.successors = {}          # (role, slot) -> Child: the new processes
         self.old = {}                 # (role, slot) -> Child: the ones they replace
         self.adoptions = {}           # (role, slot) of a successor -> hand-overs it awaits
-        self.paused = None            # when the old workers stopped reading (drain)
-        self.resumed = None           # when the new ones took over (begin)
+        self.ready_at = None          # when the new processes were ready (drain)
+        self.paused = None            # when lines between workers began to wait,
+        self.resumed = None           # and when they went on (begin)
 
     def children(self):
         return list(self.successors.values()) + list(self.old.values())
@@ -118,7 +119,8 @@ class Child:
         self.ready = False
         self.info = None
         self.code = None              # {"version", "state"}: what it runs, from its ready
-        self.drained = False          # an upgrade: an old worker ready to hand over,
+        self.quiet = False            # an upgrade: an old worker taking no more connections,
+        self.drained = False          # one ready to hand over,
         self.adopted = None           # a new one that took its predecessor's (count),
         self.relaying = 0             # an old one still relaying TLS connections
 
@@ -528,7 +530,9 @@ class Supervisor:
         if message[0] == "ready":
             child.ready = True
             child.code = message[1] if len(message) > 1 else None
-        elif message[0] == "drained":       # an upgrade's steps (chatlib.upgrade)
+        elif message[0] == "quiet":         # an upgrade's steps (chatlib.upgrade)
+            child.quiet = True
+        elif message[0] == "drained":
             child.drained = True
         elif message[0] == "adopted":      # (connections, of which relayed)
             moved, relayed = child.adopted or (0, 0)
@@ -867,12 +871,15 @@ class Supervisor:
             elif now > up.deadline:
                 self.refuse_upgrade("the new processes did not start within %.0f s"
                                     % READY_TIMEOUT)
+        elif up.phase == "quiesce":
+            if now > up.deadline:
+                self.kill_old("did not let go of its connections",
+                              lambda c: c.role == "acceptor" or not c.quiet)
+            if all(c.quiet for c in up.old.values() if c.role == "worker"):
+                self.retire_broker()
         elif up.phase == "drain":
             if now > up.deadline:
-                # A stuck broker or acceptor first: its workers then drain.
-                stuck = [c for c in up.old.values() if c.role != "worker"]
-                self.kill_old("did not retire" if stuck else "did not drain",
-                              lambda c: c in stuck if stuck else not c.drained)
+                self.kill_old("did not retire", lambda c: c.role == "broker")
                 up.deadline = now + SWITCH_TIMEOUT
             if all(c.drained for c in up.old.values() if c.role == "worker"):
                 self.hand_over()
@@ -901,17 +908,30 @@ class Supervisor:
                 child.process.kill()
 
     def drain(self):
-        """The point of no return: the old acceptor stops (new connections
-        wait in the backlog), the old workers stop reading their clients,
-        the old broker retires."""
+        """The point of no return: the old acceptor retires (new connections
+        wait in the backlog), and the old workers finish their TLS
+        handshakes under way, serving their clients (a handshake gets its
+        usual timeout)."""
         up = self.upgrade
-        up.paused = time.monotonic()
-        up.phase, up.deadline = "drain", up.paused + SWITCH_TIMEOUT
+        up.ready_at = time.monotonic()
+        up.phase, up.deadline = "quiesce", up.ready_at + SWITCH_TIMEOUT + (
+            self.config.tls_handshake_timeout if self.config.tls_cert else 0)
         up.old = {key: c for key, c in self.children.items() if c.role != "tls-relay"}
         for key in up.old:
             del self.children[key]
         for child in up.old.values():
-            child.order("pause" if child.role == "worker" else "retire")
+            if child.role != "broker":
+                child.order("pause" if child.role == "worker" else "retire")
+
+    def retire_broker(self):
+        """No connection can come any more: the old broker retires; lines
+        between workers wait for the new one from now on."""
+        up = self.upgrade
+        up.paused = time.monotonic()
+        up.phase, up.deadline = "drain", up.paused + SWITCH_TIMEOUT
+        for child in up.old.values():
+            if child.role == "broker":
+                child.order("retire")
 
     def hand_over(self):
         """Each old worker's connections to a new one, over a socket pair of
@@ -972,8 +992,9 @@ class Supervisor:
             self.version, up.version, now - up.started, counted(moved, "connection"))
         if relayed:
             line += " (%d over TLS, relayed)" % relayed
-        log.info("upgrade: the new processes were ready %.2f s after the command; clients "
-                 "were not read for %.3f s", up.paused - up.started, up.resumed - up.paused)
+        log.info("upgrade: the new processes were ready %.2f s after the command; lines "
+                 "between workers waited %.3f s for the new broker", up.ready_at - up.started,
+                 up.resumed - up.paused)
         log.info("%s", line)
         self.version, self.version_since = up.version, time.time()
         self.upgrades += 1
