@@ -287,7 +287,7 @@ class WrongPort(TlsCase):
         raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
         closed_within(raw, 3.0)
         raw.close()
-        self.wait_stats(s, r"tls-handshakes=0 tls-failed=1 tls-pending=0$")
+        self.wait_stats(s, r"tls-handshakes=0 tls-failed=1 tls-pending=0 tls-relayed=0$")
         self.assertNotIn("TLS connection", s.log())
 
     def test_tls_client_on_the_plaintext_port(self):
@@ -342,7 +342,7 @@ class Limits(TlsCase):
                 if time.monotonic() - start > 4:
                     break
         self.assertLess(time.monotonic() - start, 3.0)
-        self.wait_stats(s, r"tls-failed=2 tls-pending=0$")
+        self.wait_stats(s, r"tls-failed=2 tls-pending=0 tls-relayed=0$")
         # One who completes in time is served.
         c = self.tls_client(s, "fast")
         c.send("PING")
