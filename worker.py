@@ -578,8 +578,9 @@ class Worker(Service):
         connections, relayed, moved = [], [], []
         for c in self.clients.values():
             c.leave(self.sel)
-            port = self.peer(c)[1]
+            relayed_port = None
             if not isinstance(c.sock, socket.socket):   # a TLS stream
+                relayed_port = self.peer(c)[1]
                 c.consume(c.sock.covered)      # encrypted already: the relay sends it
                 c.sock.covered = 0
                 ours, theirs = socket.socketpair()
@@ -589,7 +590,7 @@ class Worker(Service):
             else:
                 moved.append(c.sock)
                 fd = c.sock.fileno()
-            connections.append((state.record(c, port), fd))
+            connections.append((state.record(c, relayed_port), fd))
         header = {"version": state.VERSION, "events": self.broker.unrouted(),
                   "cursor": self.broker.cursor, "routed": self.broker.routed.seen,
                   "directory": self.directory, "moderation": self.moderation,
@@ -658,7 +659,7 @@ class Worker(Service):
                 self.pump(c)
         self.end_turn()
         self._report(("adopted", len(connections),
-                      sum(1 for fields, _ in connections if fields["relayed"])))
+                      sum(1 for fields, _ in connections if fields["relayed_port"] is not None)))
 
     def figures_so_far(self):
         """What this worker counted, for its successor to count on from:
@@ -770,13 +771,14 @@ class Worker(Service):
     def peer(c):
         """(address, port, TLS or not), for the operator; the port costs a
         system call, made only when asked (a LOGIN, the operator's ``users``)."""
-        if c.port is not None:
-            return c.ip, c.port, over_tls(c)
+        if c.relayed_port is not None:
+            return c.ip, c.relayed_port, True
+        tls = over_tls(c)
         try:
-            port = getattr(c.sock, "sock", c.sock).getpeername()[1]
-        except (OSError, IndexError):
+            port = (c.sock.sock if tls else c.sock).getpeername()[1]
+        except OSError:
             port = 0
-        return c.ip, port, over_tls(c)
+        return c.ip, port, tls
 
     def vouched(self, until):
         """Cluster mode: the node's lease holds until ``until``; users'
@@ -906,4 +908,4 @@ class Worker(Service):
 def over_tls(c):
     """Is ``c`` a TLS connection? Its socket is then a chatlib.tls.TlsStream,
     or a socket pair to the old worker that relays it (chatlib.upgrade)."""
-    return c.relayed or not isinstance(c.sock, socket.socket)
+    return c.relayed_port is not None or not isinstance(c.sock, socket.socket)

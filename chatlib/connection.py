@@ -33,7 +33,7 @@ class Client:
                  "out", "out_bytes", "midline", "connected", "last_line", "held",
                  "waiting", "request", "closing", "interest", "tokens",
                  "refilled", "throttled_since", "logged_in_at", "bytes_in", "bytes_out",
-                 "port", "relayed")
+                 "relayed_port")
 
     def __init__(self, sock, cid, ip, max_line, now, burst):
         self.sock = sock
@@ -59,8 +59,8 @@ class Client:
         self.logged_in_at = None   # wall-clock time of the login, for the operator
         self.bytes_in = 0          # received and sent on this connection
         self.bytes_out = 0
-        self.port = None           # the peer's port, where the socket cannot say:
-        self.relayed = False       # a TLS connection an old worker relays (chatlib.upgrade)
+        self.relayed_port = None   # a TLS connection an old worker relays (chatlib.upgrade):
+                                   # its peer's port, which a socket pair cannot say
 
     # -- writing --------------------------------------------------------------
 

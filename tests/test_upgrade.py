@@ -257,6 +257,7 @@ class TlsUpgradeTest(Upgradable):
         secure = tls_client(self.srv.tls_port)
         self.addCleanup(secure.close)
         secure.login("secure")
+        before = [l for l in self.ctl("users")[0] if l.startswith("secure ")]
         secure.sendraw(b"MSG hal")
         line = self.upgrade()
         self.assertTrue(line.endswith("2 connections moved (1 over TLS, relayed)"), line)
@@ -268,6 +269,9 @@ class TlsUpgradeTest(Upgradable):
                    what="the relay counted")
         wait_until(lambda: {"clients 2", "tls-handshakes 1", "tls-relayed 1"}
                    <= set(self.ctl("stats")[0]), what="the figures after the upgrade")
+        after = [l for l in self.ctl("users")[0] if l.startswith("secure ")]
+        self.assertRegex(after[0], r" from=127\.0\.0\.1:[1-9]\d* tls=yes ")
+        self.assertEqual(after[0].split()[:5], before[0].split()[:5])
         self.upgrade()                            # the plaintext end moves again
         plain.send("DM secure again")
         secure.expect("DM plain again")

@@ -37,7 +37,7 @@ class StateRecord(UnitTestCase):
         c.last_line, c.tokens, c.refilled, c.throttled_since = 101.0, 2.5, 100.5, 99.0
         c.waiting, c.request = True, (link.WHO, c.cid)
         c.bytes_in, c.bytes_out = 30, 40
-        fields = state.record(c, 5555)
+        fields = state.record(c)
         d = state.client(fields, socket.socket(), MAX_LINE, 5)
         self.addCleanup(d.sock.close)
         for name in ("cid", "ip", "name", "name_b", "login_stamp", "logged_in_at", "held",
@@ -45,13 +45,14 @@ class StateRecord(UnitTestCase):
                      "throttled_since", "waiting", "request", "bytes_in", "bytes_out"):
             self.assertEqual(getattr(d, name), getattr(c, name), name)
         self.assertEqual(d.out, [b"MSG bob hi\nMSG bob th"])
-        self.assertEqual((d.port, d.relayed), (5555, False))
+        self.assertIsNone(d.relayed_port)
+        self.assertEqual(state.record(c, 5555)["relayed_port"], 5555)   # relayed from now on
         self.assertEqual(d.reader.feed(b"lo\n"), [b"MSG hello"])   # the half line goes on
 
     def test_a_line_too_long_stays_too_long(self):
         c, _ = self.client()
         c.reader.feed(b"x" * (MAX_LINE + 5))                     # discarding till its end
-        d = state.client(state.record(c, 1), socket.socket(), MAX_LINE, 5)
+        d = state.client(state.record(c), socket.socket(), MAX_LINE, 5)
         self.addCleanup(d.sock.close)
         self.assertEqual(d.reader.feed(b"yy\nPING\n"), [TOO_LONG, b"PING"])
 
@@ -70,7 +71,7 @@ class StateRecord(UnitTestCase):
                     check(item)
             else:
                 self.assertIsInstance(value, plain)
-        check(state.record(c, 1))
+        check(state.record(c, 4000))
 
 
 class HandOver(UnitTestCase):

@@ -10,8 +10,6 @@ Times are ``time.monotonic()`` values, one clock for every process of a
 host, so deadlines carry over as they are.
 """
 
-import socket
-
 from chatlib.connection import Client
 from chatlib.protocol import TOO_LONG
 from chatlib.telnet import INTERRUPT, Answer
@@ -22,16 +20,17 @@ READS = (1,)
 # Fields copied as they are, between a Client and its record.
 _PLAIN_FIELDS = ("cid", "ip", "name", "login_stamp", "midline", "connected", "last_line",
                  "waiting", "request", "closing", "tokens", "refilled", "throttled_since",
-                 "logged_in_at", "bytes_in", "bytes_out", "port", "relayed")
+                 "logged_in_at", "bytes_in", "bytes_out", "relayed_port")
 
 
-def record(c, port):
-    """``c``'s state; ``port``: its peer's port (the socket of a connection
-    relayed is a socket pair: the record says so, and where it is from)."""
+def record(c, relayed_port=None):
+    """``c``'s state; ``relayed_port``: its peer's port, when its TLS
+    session stays behind from now on (its socket in the new worker is a
+    socket pair, which cannot say)."""
     fields = {name: getattr(c, name) for name in _PLAIN_FIELDS}
-    fields.update(port=port, relayed=c.relayed or not isinstance(c.sock, socket.socket),
-                  out=b"".join(c.out),
-                  reader=c.reader.state(), held=_held_out(c.held))
+    fields.update(out=b"".join(c.out), reader=c.reader.state(), held=_held_out(c.held))
+    if relayed_port is not None:
+        fields["relayed_port"] = relayed_port
     return fields
 
 
