@@ -22,7 +22,7 @@ import pickle
 import selectors
 import socket
 
-from chatlib.connection import IOV_MAX, drop_sent
+from chatlib.connection import IOV_MAX, drop_sent, set_interest
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
@@ -112,15 +112,8 @@ class Channel:
         if self.closed:
             return
         events = (READ if self.reading else 0) | (WRITE if self.pending else 0)
-        if events == self.events:
-            return
-        if not events:
-            self.sel.unregister(self.sock)
-        elif not self.events:
-            self.sel.register(self.sock, events, self.on_ready)
-        else:
-            self.sel.modify(self.sock, events, self.on_ready)
-        self.events = events
+        if events != self.events:
+            self.events = set_interest(self.sel, self.sock, self.events, events, self.on_ready)
 
     def _read(self):
         """Read into one buffer kept for the channel's life, and unpickle

@@ -130,16 +130,8 @@ class Client:
         """Register on ``sel`` for what the connection waits for: reading,
         unless it has lines held or is closing; and ``write`` (WRITE or 0)."""
         want = (0 if (self.held is not None or self.closing) else READ) | write
-        have = self.interest
-        if want == have:
-            return
-        if not want:
-            sel.unregister(self.sock)
-        elif not have:
-            sel.register(self.sock, want, self)
-        else:
-            sel.modify(self.sock, want, self)
-        self.interest = want
+        if want != self.interest:
+            self.interest = set_interest(sel, self.sock, self.interest, want, self)
 
     def update_interest(self, sel):
         """Re-derive the read interest; keep waiting for writability if we were."""
@@ -159,6 +151,20 @@ class Client:
         except OSError:
             pass
         self.sock = None
+
+
+def set_interest(sel, fileobj, have, want, data):
+    """Make ``fileobj``'s registration on ``sel`` ``want`` (events, 0 for
+    none) where it was ``have``; return ``want``."""
+    if want == have:
+        return have
+    if not want:
+        sel.unregister(fileobj)
+    elif not have:
+        sel.register(fileobj, want, data)
+    else:
+        sel.modify(fileobj, want, data)
+    return want
 
 
 def drop_sent(buffers, sent):

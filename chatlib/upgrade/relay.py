@@ -16,6 +16,7 @@ import selectors
 import socket
 import ssl
 
+from chatlib.connection import set_interest
 from chatlib.tls import send_some
 
 READ = selectors.EVENT_READ
@@ -130,29 +131,18 @@ class Relayed:
         sel = self.relay.sel
         want = ((READ if not self.client_ended and len(self.to_plain) < LIMIT else 0)
                 | (WRITE if self.stream.backlog else 0))
-        self.stream_interest = _watch(sel, self.stream.sock, self.stream_interest, want,
-                                      self.on_stream)
+        self.stream_interest = set_interest(sel, self.stream.sock, self.stream_interest, want,
+                                            self.on_stream)
         want = ((READ if not self.worker_ended and len(self.to_client) < LIMIT else 0)
                 | (WRITE if self.to_plain else 0))
-        self.plain_interest = _watch(sel, self.plain, self.plain_interest, want, self.on_plain)
+        self.plain_interest = set_interest(sel, self.plain, self.plain_interest, want,
+                                           self.on_plain)
 
     def close(self):
         sel = self.relay.sel
-        _watch(sel, self.stream.sock, self.stream_interest, 0, None)
-        _watch(sel, self.plain, self.plain_interest, 0, None)
+        set_interest(sel, self.stream.sock, self.stream_interest, 0, None)
+        set_interest(sel, self.plain, self.plain_interest, 0, None)
         self.stream_interest = self.plain_interest = 0
         self.stream.close()
         self.plain.close()
         self.relay.gone(self)
-
-
-def _watch(sel, sock, have, want, callback):
-    if want == have:
-        return have
-    if not want:
-        sel.unregister(sock)
-    elif not have:
-        sel.register(sock, want, callback)
-    else:
-        sel.modify(sock, want, callback)
-    return want
