@@ -574,6 +574,7 @@ class Worker(Service):
         """Hand every connection to our successor over ``pipe``, with its
         state (chatlib.upgrade.state); then leave, or stay as the relay of
         the TLS ones (chatlib.upgrade.relay)."""
+        self.end_turn()                # this turn's lines: fanned out here, queued for the broker
         pipe.setblocking(True)
         connections, relayed, moved = [], [], []
         for c in self.clients.values():
@@ -605,12 +606,13 @@ class Worker(Service):
         for c in list(self.lingering):
             c.close(self.sel)
         self.clients, self.users, self.local_names, self.lingering = {}, {}, {}, {}
+        self.dirty, self.stalled, self.unvouched = set(), set(), set()
         self.log.info("upgrade: connections handed over: %d%s", len(connections),
                       " (%d over TLS, relayed from here)" % len(relayed) if relayed else "")
         if relayed:
             from chatlib.upgrade.relay import TlsRelay   # OpenSSL: only where TLS is
             logs.set_process_title("chat-tls-relay")
-            self.relay = TlsRelay(self.sel, relayed, self.log)
+            self.relay = TlsRelay(self.sel, relayed)
             self._report(("relaying", len(relayed)))
         else:
             self.running = False
@@ -658,6 +660,7 @@ class Worker(Service):
             if c.held and not c.waiting and c.sock is not None:
                 self.pump(c)
         self.end_turn()
+        self.report_heartbeat(time.monotonic())    # the figures, predecessors' included
         self._report(("adopted", len(connections),
                       sum(1 for fields, _ in connections if fields["relayed_port"] is not None)))
 

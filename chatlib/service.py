@@ -78,8 +78,8 @@ class Service:
                 now = time.monotonic()
                 self.tick(now)
                 if now >= self._next_heartbeat:
-                    self._next_heartbeat = now + self.heartbeat_interval
-                    self._report(("heartbeat", self.heartbeat_info(), now))
+                    self.report_heartbeat(now)
+            self.report_heartbeat(time.monotonic())    # the last figures, for the totals
         finally:
             self.finish()
         logging.shutdown()
@@ -108,6 +108,11 @@ class Service:
             self.reports.send(message)
         except OSError:
             self._on_parent_gone()
+
+    def report_heartbeat(self, now):
+        """I am alive, and my figures (``heartbeat_info``) as of ``now``."""
+        self._next_heartbeat = now + self.heartbeat_interval
+        self._report(("heartbeat", self.heartbeat_info(), now))
 
     def report_ready(self):
         """Tell the supervisor we can serve (it says ``listening on`` once all

@@ -45,6 +45,7 @@ import shlex
 import signal
 import socket
 import time
+from collections import Counter
 from functools import partial
 from multiprocessing import resource_tracker, util
 from multiprocessing.connection import wait
@@ -53,10 +54,10 @@ from multiprocessing.reduction import send_handle
 from chatlib import __version__, logs, statefile
 from chatlib.accounts import ACCOUNTS_FILE, Accounts
 from chatlib.acceptor import Acceptor
+from chatlib.config import OptionError, upgraded
 from chatlib.control import commands
 from chatlib.control.relay import Relay
 from chatlib.control.server import ControlError, ControlServer, default_socket_path
-from chatlib.config import OptionError, upgraded
 from chatlib.control.users import user_line, utc
 from chatlib.handoff import PLAIN, TLS, inherited_by_fork
 from chatlib.metrics import MetricsEndpoint, render
@@ -103,6 +104,11 @@ class Upgrade:
 
     def children(self):
         return list(self.successors.values()) + list(self.old.values())
+
+    @property
+    def switching(self):
+        """Between the old processes letting go and the new ones taking over."""
+        return self.phase in ("quiesce", "drain", "move")
 
 
 class Child:
@@ -231,6 +237,8 @@ class Supervisor:
         self.version_since = time.time()
         self.upgrades = 0
         self.tls_relays = 0           # old workers that stayed on as TLS relays, ever
+        self.retired_accepted = 0     # what acceptors replaced by an upgrade counted:
+        self.retired_refused = Counter()   # the totals go on from there
 
     # -- the whole life -------------------------------------------------------
 
@@ -614,6 +622,10 @@ class Supervisor:
         if not commands.known(name):
             reply([], "unknown-command %s (try help)" % name)
             return
+        if self.upgrade is not None and self.upgrade.switching \
+                and name not in commands.ANSWERED_BY_MAIN:
+            reply([], "busy an upgrade is switching processes: try again in a moment")
+            return
         handler = getattr(self, "command_" + name, None)
         if handler is not None:
             handler(rest, reply)
@@ -684,10 +696,20 @@ class Supervisor:
                                  lambda parts, complete: (lines, None), time.monotonic())
         acceptor.order("sync", request)
 
+    def reporting(self):
+        """The children whose figures are the server's: the running ones
+        and, while an upgrade switches, the old ones until the new take
+        over (the new ones count on from their predecessors' figures)."""
+        up = self.upgrade
+        if up is not None and up.switching:
+            return {(c.role, c.slot): c for c in list(self.children.values()) +
+                    list(up.old.values())}
+        return self.children
+
     def figures_now(self):
         """(the workers' last figures, users, the cluster's, TLS connections
         relayed by old workers: None without TLS)."""
-        broker = self.children.get(("broker", None))
+        broker = self.reporting().get(("broker", None))
         info = (broker.info or {}) if broker else {}
         relayed = sum((c.info or {}).get("relayed", c.relaying) for c in self.children.values()
                       if c.role == "tls-relay") if self.config.tls_cert else None
@@ -695,16 +717,21 @@ class Supervisor:
 
     def snapshot(self):
         """Every figure of this node, for ``metrics`` (chatlib.metrics)."""
-        acceptor = self.children.get(("acceptor", None))
+        acceptor = self.reporting().get(("acceptor", None))
+        counted = (acceptor.info if acceptor else None) or {}
+        refused = Counter(self.retired_refused)
+        refused.update(counted.get("refused", {}))
+        counted = {"accepted": counted.get("accepted", 0) + self.retired_accepted,
+                   "refused": dict(refused)}
         restarts = {}
         for (role, _), count in self.restarts.items():
             restarts[role] = restarts.get(role, 0) + count
         workers, users, cluster, relayed = self.figures_now()
-        return snapshot(workers, (acceptor.info if acceptor else None) or {}, users, cluster,
-                        restarts, time.monotonic() - self.started, self.upgrades, relayed)
+        return snapshot(workers, counted, users, cluster, restarts,
+                        time.monotonic() - self.started, self.upgrades, relayed)
 
     def workers_info(self):
-        return {c.slot: c.info or {} for c in self.children.values() if c.role == "worker"}
+        return {c.slot: c.info or {} for c in self.reporting().values() if c.role == "worker"}
 
     def log_stats(self):
         workers, users, cluster, relayed = self.figures_now()
@@ -1023,6 +1050,9 @@ class Supervisor:
         key = (child.role, child.slot)
         if up.old.get(key) is child:
             del up.old[key]
+            if child.role == "acceptor" and child.info:
+                self.retired_accepted += child.info["accepted"]
+                self.retired_refused.update(child.info["refused"])
             if child.role == "worker" and not child.drained:
                 log.error("upgrade: old %s (pid %d) %s before it handed over",
                           child.name, child.process.pid, how)

@@ -156,6 +156,7 @@ class UpgradeTest(Upgradable):
         metrics = self.ctl("metrics")[0]
         self.assertIn("chat_upgrades_total 1", metrics)
         self.assertIn('chat_logins_total{result="ok"} 2', metrics)
+        self.assertIn("chat_connections_accepted_total 2", metrics)   # the old acceptor's
 
     def test_more_workers_then_fewer(self):
         users = [self.client(self.srv, "u%d" % k) for k in range(6)]

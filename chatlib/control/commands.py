@@ -42,6 +42,10 @@ COMMANDS = (
     Command("version", "the version running, since when, and how many upgrades"),
 )
 
+# The commands the main process answers alone, even while an upgrade
+# switches processes (the others need the broker or the workers).
+ANSWERED_BY_MAIN = frozenset(("help", "stats", "metrics", "version", "upgrade"))
+
 # The commands whose last argument is a password, which ctl reads itself:
 # never on its command line, where ps shows it to every user of the host.
 _SECRET_FORMS = (("account", "add"), ("account", "password"))

@@ -28,10 +28,9 @@ LIMIT = 256 * 1024      # bytes either way before the relay stops reading the ot
 class TlsRelay:
     """Every relayed connection of one old worker, on its selector."""
 
-    def __init__(self, sel, pairs, log):
+    def __init__(self, sel, pairs):
         """``pairs``: [(Client over a chatlib.tls.TlsStream, our end of its pair)]."""
         self.sel = sel
-        self.log = log
         self.connections = set()
         for c, plain in pairs:
             plain.setblocking(False)
