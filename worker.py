@@ -10,7 +10,9 @@ the routing: where each line goes, and when. The parts it drives:
 * :mod:`chatlib.intake`: new connections from the acceptor, and the notes back;
 * :mod:`chatlib.tls`: TLS connections, their handshakes on this loop;
 * :mod:`chatlib.link`, :mod:`chatlib.delivery`: what the broker link carries,
-  and how nothing on it is lost or doubled.
+  and how nothing on it is lost or doubled;
+* :mod:`chatlib.upgrade`: at an upgrade, every connection and its state
+  handed to a worker of the new code (and TLS sessions relayed to it).
 
 The hot path, per loop turn:
 
