@@ -112,8 +112,7 @@ class Channel:
         if self.closed:
             return
         events = (READ if self.reading else 0) | (WRITE if self.pending else 0)
-        if events != self.events:
-            self.events = set_interest(self.sel, self.sock, self.events, events, self.on_ready)
+        self.events = set_interest(self.sel, self.sock, self.events, events, self.on_ready)
 
     def _read(self):
         """Read into one buffer kept for the channel's life, and unpickle

@@ -130,7 +130,7 @@ class Client:
         """Register on ``sel`` for what the connection waits for: reading,
         unless it has lines held or is closing; and ``write`` (WRITE or 0)."""
         want = (0 if (self.held is not None or self.closing) else READ) | write
-        if want != self.interest:
+        if want != self.interest:          # on the hot path: most calls change nothing
             self.interest = set_interest(sel, self.sock, self.interest, want, self)
 
     def update_interest(self, sel):

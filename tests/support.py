@@ -14,6 +14,7 @@ find and kill the whole process tree it started, including processes a
 has a timeout, and :class:`TestCase` adds a per-test alarm on top.
 """
 
+import json
 import os
 import select
 import shutil
@@ -107,6 +108,19 @@ class UnitTestCase(TestCase):
     """A unit test: code in this process alone, with no server, no Redis and
     no network (a socket pair at most). ``python3 tests/unit.py`` runs these
     alone, in seconds."""
+
+    def assert_damage_refused(self, load, good, damages):
+        """A state file's loader (``load``, e.g. ``Accounts.from_json``)
+        refuses each of ``damages`` (a function that spoils a copy of the
+        good object ``good``, and the ValueError's message as a pattern),
+        and anything but an object."""
+        for damage, message in damages:
+            obj = json.loads(json.dumps(good))
+            damage(obj)
+            with self.assertRaisesRegex(ValueError, message):
+                load(obj)
+        with self.assertRaisesRegex(ValueError, "not a JSON object"):
+            load([])
 
 
 class SocketClient(Client):

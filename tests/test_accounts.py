@@ -211,8 +211,7 @@ class WholeState(UnitTestCase):
         self.assertEqual(Accounts.from_json({"version": 1}).ops(), [])
 
     def test_a_bad_file_is_refused_saying_where(self):
-        good = sample().to_json()
-        for damage, message in [
+        self.assert_damage_refused(Accounts.from_json, sample().to_json(), [
                 (lambda o: o["accounts"][1].update(name="al ice"), r"^accounts\[1\]: bad name"),
                 (lambda o: o["accounts"][1].update(key="Alice"), r"^accounts\[1\]: bad key"),
                 (lambda o: o["accounts"][0].update(key="eve"),
@@ -227,13 +226,7 @@ class WholeState(UnitTestCase):
                  r"^accounts\[2\]: a second account 'bob'"),
                 (lambda o: o["accounts"].append("bob"), r"^accounts\[2\]: not an object"),
                 (lambda o: o.update(accounts={}), r"^accounts: not a list"),
-                (lambda o: o.update(version=2), r"^version 2")]:
-            obj = json.loads(json.dumps(good))
-            damage(obj)
-            with self.assertRaisesRegex(ValueError, message):
-                Accounts.from_json(obj)
-        with self.assertRaisesRegex(ValueError, "not a JSON object"):
-            Accounts.from_json([])
+                (lambda o: o.update(version=2), r"^version 2")])
 
     def test_pickling_keeps_the_state_and_is_small(self):
         a = sample()

@@ -289,21 +289,14 @@ class WholeState(UnitTestCase):
                                           "reason": "", "since": NOW + 1})
 
     def test_a_bad_file_is_refused_saying_where(self):
-        good = sample().to_json()
-        for damage, message in [
+        self.assert_damage_refused(Moderation.from_json, sample().to_json(), [
                 (lambda o: o["bans"][2].update(target="10.0.0.0/99"),
                  r"bans\[2\]: bad target '10.0.0.0/99'"),
                 (lambda o: o["bans"][0].pop("since"), r"bans\[0\]: bad since None"),
                 (lambda o: o["mutes"][0].update(expires="soon"), r"mutes\[0\]: bad expiry 'soon'"),
                 (lambda o: o["mutes"].append([]), r"mutes\[1\]: not an object"),
                 (lambda o: o.update(bans={}), r"bans: not a list"),
-                (lambda o: o.update(version=2), r"version 2")]:
-            obj = json.loads(json.dumps(good))
-            damage(obj)
-            with self.assertRaisesRegex(ValueError, message):
-                Moderation.from_json(obj)
-        with self.assertRaisesRegex(ValueError, "not a JSON object"):
-            Moderation.from_json([])
+                (lambda o: o.update(version=2), r"version 2")])
 
     def test_a_hand_written_entry_is_made_canonical(self):
         m = Moderation.from_json({"version": 1, "bans": [{"target": "Bob", "since": 1}]})

@@ -6,6 +6,7 @@ in a temporary directory is started, changed on disk, and upgraded with
 import os
 import re
 import shutil
+import socket
 import threading
 
 from support import (IO_TIMEOUT, ROOT, Client, RedisServer, TestCase, control, per_start_method,
@@ -232,11 +233,11 @@ class RefusedUpgradeTest(Upgradable):
         self.check_refused("the new code reads state versions \\[2\\]")
 
     def test_one_at_a_time(self):
-        import socket
         first = socket.socket(socket.AF_UNIX)
         self.addCleanup(first.close)
         first.connect(self.path)
         first.sendall(b"upgrade\n")
+        self.srv.wait_log(r"upgrade: asked by the operator")    # the first is under way
         lines, last = self.ctl("upgrade")
         self.assertEqual(last, "ERR busy an upgrade is under way")
         first.settimeout(UPGRADE_TIMEOUT)
